@@ -1,0 +1,106 @@
+//! Artifacts: what flows along the edges of a pipeline.
+//!
+//! An artifact is described by a manifest; its digest is BLAKE3 over the manifest's canonical JSON
+//! (serde_json with sorted map keys and fixed field order). A dataset's manifest is its ordered list
+//! of shard digests, so two datasets with the same records in the same shards have the same digest
+//! however they were made: that is what makes early cutoff work.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{ArtifactDigest, Digest, hash_with_context};
+
+/// One shard of a dataset: canonical JSONL bytes stored under `digest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRef {
+    pub digest: Digest,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// One file of a folder artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Path inside the folder, `/`-separated.
+    pub path: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// An output of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Artifact {
+    /// Records, as ordered shards of canonical JSONL.
+    Dataset { shards: Vec<ShardRef> },
+    /// A folder of files. `model` when it holds a `config.json` (a Hugging Face model folder).
+    /// `external` names where the files live when they were not copied into the store (a `model`
+    /// stage's folder); otherwise the files are store objects.
+    Folder { model: bool, external: Option<PathBuf>, files: Vec<FileRef> },
+    /// A file written outside the store (by `write`).
+    File { path: PathBuf, digest: Digest, size: u64, records: u64 },
+    /// A small JSON value.
+    Metrics { value: serde_json::Value },
+}
+
+impl Artifact {
+    /// The digest of the manifest. Where an external folder lives is not part of it: the same
+    /// model files are the same model wherever they are.
+    pub fn digest(&self) -> ArtifactDigest {
+        let json = match self {
+            Artifact::Folder { model, external: Some(_), files } => {
+                serde_json::to_vec(&Artifact::Folder { model: *model, external: None, files: files.clone() })
+            }
+            other => serde_json::to_vec(other),
+        }
+        .expect("artifact manifests always serialize");
+        ArtifactDigest(hash_with_context("ladle artifact manifest v1", &[&json]))
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Artifact::Dataset { .. } => "dataset",
+            Artifact::Folder { model: true, .. } => "model",
+            Artifact::Folder { .. } => "folder",
+            Artifact::File { .. } => "file",
+            Artifact::Metrics { .. } => "metrics",
+        }
+    }
+
+    /// Store objects this artifact needs to be served.
+    pub fn objects(&self) -> Vec<Digest> {
+        match self {
+            Artifact::Dataset { shards } => shards.iter().map(|s| s.digest).collect(),
+            Artifact::Folder { external: None, files, .. } => files.iter().map(|f| f.digest).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn records(&self) -> Option<u64> {
+        match self {
+            Artifact::Dataset { shards } => Some(shards.iter().map(|s| s.records).sum()),
+            Artifact::File { records, .. } => Some(*records),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(b: &[u8], n: u64) -> ShardRef {
+        ShardRef { digest: Digest::of(b), records: n, bytes: b.len() as u64 }
+    }
+
+    #[test]
+    fn dataset_digest_depends_on_shards_and_their_order() {
+        let a = Artifact::Dataset { shards: vec![shard(b"1", 1), shard(b"2", 1)] };
+        let b = Artifact::Dataset { shards: vec![shard(b"2", 1), shard(b"1", 1)] };
+        let a2 = Artifact::Dataset { shards: vec![shard(b"1", 1), shard(b"2", 1)] };
+        assert_ne!(a.digest(), b.digest());
+        assert_eq!(a.digest(), a2.digest());
+        assert_eq!(a.records(), Some(2));
+    }
+}

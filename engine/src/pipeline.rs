@@ -1,0 +1,568 @@
+//! Pipeline files: parsing, validation and the stage graph.
+//!
+//! Everything that can be wrong with a pipeline file is found here, before anything runs, and
+//! reported once with `file:line:column` and the stage: syntax, types, unknown kinds and
+//! parameters, dangling or missing ports, ports fed the wrong kind of artifact, cycles.
+//! The graph is a petgraph `DiGraph`; its order is deterministic (Kahn's algorithm, ties broken by
+//! the order stages are written in the file), so plans, graphs and runs print the same each time.
+
+pub mod params;
+pub mod value;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::error::{Error, Location, PipelineError};
+use crate::registry::Registry;
+use crate::stage::{Accepts, Arity, Produces, Stage, StageKind};
+use params::{FileDep, Params, closest};
+use value::{LineIndex, Value, convert_table};
+
+/// A stage as declared and configured.
+pub struct StageDecl {
+    pub name: String,
+    pub kind: Arc<dyn StageKind>,
+    pub at: Location,
+    /// Port → indices (into `Pipeline::stages`) of the stages feeding it, in written order.
+    pub inputs: BTreeMap<String, Vec<usize>>,
+    pub stage: Arc<dyn Stage>,
+    pub key_params: serde_json::Value,
+    pub files: Vec<FileDep>,
+}
+
+pub struct Pipeline {
+    pub name: String,
+    /// The pipeline file, absolute.
+    pub path: PathBuf,
+    /// The folder relative paths resolve against.
+    pub dir: PathBuf,
+    pub stages: Vec<StageDecl>,
+    pub graph: DiGraph<usize, String>,
+    /// Stage indices in a deterministic topological order.
+    pub order: Vec<usize>,
+}
+
+impl Pipeline {
+    pub fn load(path: &Path, registry: &Registry) -> Result<Pipeline, Error> {
+        let bytes = std::fs::read(path).map_err(|e| Error::PipelineFile {
+            path: path.to_path_buf(),
+            message: format!("cannot read the pipeline file: {e}"),
+        })?;
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Self::parse(&abs, &bytes, registry)
+    }
+
+    pub fn parse(path: &Path, bytes: &[u8], registry: &Registry) -> Result<Pipeline, Error> {
+        let file_error = |message: String| Error::PipelineFile { path: path.to_path_buf(), message };
+        let source = std::str::from_utf8(bytes).map_err(|e| {
+            file_error(format!(
+                "not a text file: invalid UTF-8 at byte {}\n  hint: a pipeline file is TOML text; did you pass a data or binary file?",
+                e.valid_up_to()
+            ))
+        })?;
+        if source.contains('\0') {
+            return Err(file_error(
+                "not a text file (it holds NUL bytes)\n  hint: a pipeline file is TOML text".into(),
+            ));
+        }
+        if source.trim().is_empty() {
+            return Err(file_error(
+                "the pipeline file is empty\n  hint: it needs a [pipeline] table with a `name`, and [stages.NAME] tables".into(),
+            ));
+        }
+        let lines = LineIndex::new(path, source);
+        let err = |offset: usize, stage: Option<&str>, message: String, hint: Option<String>| -> Error {
+            PipelineError { location: lines.locate(offset), stage: stage.map(str::to_string), message, hint }.into()
+        };
+        let doc = toml::de::DeTable::parse(source).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            err(offset, None, format!("invalid TOML: {}", e.message().trim()), None)
+        })?;
+        let root = doc.get_ref();
+
+        let mut name = None;
+        let mut stage_tables = None;
+        for (key, value) in root.iter() {
+            match key.get_ref().as_ref() {
+                "pipeline" => {
+                    let Some(table) = value.get_ref().as_table() else {
+                        return Err(err(key.span().start, None, "`pipeline` must be a table: [pipeline]".into(), None));
+                    };
+                    for (k, v) in table.iter() {
+                        match k.get_ref().as_ref() {
+                            "name" => match v.get_ref().as_str() {
+                                Some(s) if !s.trim().is_empty() => name = Some(s.to_string()),
+                                _ => {
+                                    return Err(err(
+                                        v.span().start,
+                                        None,
+                                        "`pipeline.name` must be a non-empty string".into(),
+                                        None,
+                                    ));
+                                }
+                            },
+                            "description" => {
+                                if !v.get_ref().is_str() {
+                                    return Err(err(
+                                        v.span().start,
+                                        None,
+                                        "`pipeline.description` must be a string".into(),
+                                        None,
+                                    ));
+                                }
+                            }
+                            other => {
+                                return Err(err(
+                                    k.span().start,
+                                    None,
+                                    format!("unknown key `{other}` in [pipeline]"),
+                                    Some("[pipeline] takes `name` and `description`".into()),
+                                ));
+                            }
+                        }
+                    }
+                }
+                "stages" => {
+                    let Some(table) = value.get_ref().as_table() else {
+                        return Err(err(
+                            key.span().start,
+                            None,
+                            "`stages` must hold tables: [stages.NAME]".into(),
+                            None,
+                        ));
+                    };
+                    stage_tables = Some(table);
+                }
+                other => {
+                    let hint = closest(other, ["pipeline", "stages"]).map(|c| format!("did you mean `{c}`?"));
+                    return Err(err(
+                        key.span().start,
+                        None,
+                        format!("unknown top-level key `{other}`"),
+                        hint.or(Some("a pipeline file has a [pipeline] table and [stages.NAME] tables".into())),
+                    ));
+                }
+            }
+        }
+        let name = name.ok_or_else(|| {
+            err(
+                0,
+                None,
+                "missing [pipeline] table with a `name`".into(),
+                Some("start the file with:\n    [pipeline]\n    name = \"my-pipeline\"".into()),
+            )
+        })?;
+        let stage_tables = match stage_tables {
+            Some(t) if !t.is_empty() => t,
+            _ => {
+                return Err(err(
+                    0,
+                    None,
+                    "the pipeline declares no stages".into(),
+                    Some("add stages as [stages.NAME] tables with a `kind`".into()),
+                ));
+            }
+        };
+
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let names: Vec<String> = stage_tables.iter().map(|(k, _)| k.get_ref().to_string()).collect();
+        let index_of: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+
+        // First pass: kinds and ports.
+        struct Pending<'t> {
+            name: String,
+            at: Location,
+            kind: Arc<dyn StageKind>,
+            inputs: BTreeMap<String, Vec<usize>>,
+            input_at: BTreeMap<String, Location>,
+            params: BTreeMap<String, value::Param>,
+            _t: std::marker::PhantomData<&'t ()>,
+        }
+        let mut pending = Vec::new();
+        for (key, value) in stage_tables.iter() {
+            let stage = key.get_ref().to_string();
+            let at = lines.locate(key.span().start);
+            if stage.is_empty() || !stage.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(err(
+                    key.span().start,
+                    Some(&stage),
+                    "a stage name may hold only letters, digits, `_` and `-`".into(),
+                    None,
+                ));
+            }
+            let Some(table) = value.get_ref().as_table() else {
+                return Err(err(
+                    key.span().start,
+                    Some(&stage),
+                    format!("a stage must be a table, found {}", value.get_ref().type_str()),
+                    Some(format!("write it as [stages.{stage}] with a `kind`")),
+                ));
+            };
+            let mut entries = convert_table(table, &lines);
+            let kind_param = entries.remove("kind").ok_or_else(|| {
+                err(
+                    key.span().start,
+                    Some(&stage),
+                    "missing `kind`".into(),
+                    Some(format!("known kinds: {}", registry.names().collect::<Vec<_>>().join(", "))),
+                )
+            })?;
+            let Value::String(kind_name) = &kind_param.value else {
+                return Err(PipelineError {
+                    location: kind_param.at.clone(),
+                    stage: Some(stage),
+                    message: format!("`kind` must be a string, found {}", kind_param.value.type_name()),
+                    hint: None,
+                }
+                .into());
+            };
+            let Some(kind) = registry.get(kind_name) else {
+                let hint = match closest(kind_name, registry.names()) {
+                    Some(c) => {
+                        format!("did you mean `{c}`? known kinds: {}", registry.names().collect::<Vec<_>>().join(", "))
+                    }
+                    None => format!("known kinds: {}", registry.names().collect::<Vec<_>>().join(", ")),
+                };
+                return Err(PipelineError {
+                    location: kind_param.at.clone(),
+                    stage: Some(stage),
+                    message: format!("unknown stage kind `{kind_name}`"),
+                    hint: Some(hint),
+                }
+                .into());
+            };
+            let mut inputs = BTreeMap::new();
+            let mut input_at = BTreeMap::new();
+            for port in kind.ports() {
+                let Some(p) = entries.remove(port.name) else {
+                    if port.required {
+                        return Err(PipelineError {
+                            location: at.clone(),
+                            stage: Some(stage),
+                            message: format!("missing input port `{}` of a `{}` stage", port.name, kind.name()),
+                            hint: Some(format!(
+                                "connect it to the stage whose output it reads: {} = \"STAGE\"",
+                                port.name
+                            )),
+                        }
+                        .into());
+                    }
+                    continue;
+                };
+                let refs: Vec<(String, Location)> = match (&p.value, port.arity) {
+                    (Value::String(s), _) => vec![(s.clone(), p.at.clone())],
+                    (Value::Array(items), Arity::Many) => {
+                        let mut v = Vec::new();
+                        for item in items {
+                            let Value::String(s) = &item.value else {
+                                return Err(PipelineError {
+                                    location: item.at.clone(),
+                                    stage: Some(stage),
+                                    message: format!(
+                                        "input port `{}` must list stage names (strings), found {}",
+                                        port.name,
+                                        item.value.type_name()
+                                    ),
+                                    hint: None,
+                                }
+                                .into());
+                            };
+                            v.push((s.clone(), item.at.clone()));
+                        }
+                        if v.is_empty() {
+                            return Err(PipelineError {
+                                location: p.at.clone(),
+                                stage: Some(stage),
+                                message: format!("input port `{}` lists no stages", port.name),
+                                hint: None,
+                            }
+                            .into());
+                        }
+                        v
+                    }
+                    (other, Arity::One) => {
+                        return Err(PipelineError {
+                            location: p.at.clone(),
+                            stage: Some(stage),
+                            message: format!(
+                                "input port `{}` must name one stage (a string), found {}",
+                                port.name,
+                                other.type_name()
+                            ),
+                            hint: None,
+                        }
+                        .into());
+                    }
+                    (other, Arity::Many) => {
+                        return Err(PipelineError {
+                            location: p.at.clone(),
+                            stage: Some(stage),
+                            message: format!(
+                                "input port `{}` must name stages (a string or an array of strings), found {}",
+                                port.name,
+                                other.type_name()
+                            ),
+                            hint: None,
+                        }
+                        .into());
+                    }
+                };
+                let mut idx = Vec::new();
+                for (r, loc) in refs {
+                    if r == stage {
+                        return Err(PipelineError {
+                            location: loc,
+                            stage: Some(stage),
+                            message: format!(
+                                "input port `{}` reads the stage's own output: a stage cannot depend on itself",
+                                port.name
+                            ),
+                            hint: None,
+                        }
+                        .into());
+                    }
+                    let Some(&i) = index_of.get(r.as_str()) else {
+                        let hint = closest(&r, names.iter().map(String::as_str))
+                            .map(|c| format!("did you mean `{c}`?"))
+                            .unwrap_or_else(|| format!("stages in this file: {}", names.join(", ")));
+                        return Err(PipelineError {
+                            location: loc,
+                            stage: Some(stage),
+                            message: format!("input port `{}` refers to a stage `{r}` that does not exist", port.name),
+                            hint: Some(hint),
+                        }
+                        .into());
+                    };
+                    idx.push(i);
+                }
+                input_at.insert(port.name.to_string(), p.at.clone());
+                inputs.insert(port.name.to_string(), idx);
+            }
+            if let Some(table_name) = kind.port_table()
+                && let Some(table) = entries.remove(table_name)
+            {
+                let Value::Table(ports) = &table.value else {
+                    return Err(PipelineError {
+                        location: table.at.clone(),
+                        stage: Some(stage),
+                        message: format!(
+                            "`{table_name}` must be a table of input ports: {table_name} = {{ data = \"STAGE\" }}"
+                        ),
+                        hint: None,
+                    }
+                    .into());
+                };
+                for (port, p) in ports {
+                    let refs: Vec<(String, Location)> = match &p.value {
+                        Value::String(s) => vec![(s.clone(), p.at.clone())],
+                        Value::Array(items)
+                            if items.iter().all(|i| matches!(i.value, Value::String(_))) && !items.is_empty() =>
+                        {
+                            items
+                                .iter()
+                                .map(|i| match &i.value {
+                                    Value::String(s) => (s.clone(), i.at.clone()),
+                                    _ => unreachable!(),
+                                })
+                                .collect()
+                        }
+                        other => {
+                            return Err(PipelineError { location: p.at.clone(), stage: Some(stage), message: format!("input port `{port}` in `{table_name}` must name a stage (a string or an array of strings), found {}", other.type_name()), hint: None }.into());
+                        }
+                    };
+                    if !port.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                        return Err(PipelineError {
+                            location: p.at.clone(),
+                            stage: Some(stage),
+                            message: format!("input port name `{port}` may hold only letters, digits, `_` and `-`"),
+                            hint: None,
+                        }
+                        .into());
+                    }
+                    let mut idx = Vec::new();
+                    for (r, loc) in refs {
+                        if r == stage {
+                            return Err(PipelineError {
+                                location: loc,
+                                stage: Some(stage),
+                                message: format!(
+                                    "input port `{port}` reads the stage's own output: a stage cannot depend on itself"
+                                ),
+                                hint: None,
+                            }
+                            .into());
+                        }
+                        let Some(&i) = index_of.get(r.as_str()) else {
+                            let hint = closest(&r, names.iter().map(String::as_str))
+                                .map(|c| format!("did you mean `{c}`?"))
+                                .unwrap_or_else(|| format!("stages in this file: {}", names.join(", ")));
+                            return Err(PipelineError {
+                                location: loc,
+                                stage: Some(stage),
+                                message: format!("input port `{port}` refers to a stage `{r}` that does not exist"),
+                                hint: Some(hint),
+                            }
+                            .into());
+                        };
+                        idx.push(i);
+                    }
+                    input_at.insert(port.clone(), p.at.clone());
+                    inputs.insert(port.clone(), idx);
+                }
+            }
+            pending.push(Pending {
+                name: stage,
+                at,
+                kind: kind.clone(),
+                inputs,
+                input_at,
+                params: entries,
+                _t: std::marker::PhantomData,
+            });
+        }
+
+        // Graph and cycles, before configuring (configuring may touch the filesystem).
+        let mut graph = DiGraph::<usize, String>::new();
+        let nodes: Vec<NodeIndex> = (0..pending.len()).map(|i| graph.add_node(i)).collect();
+        for (i, p) in pending.iter().enumerate() {
+            for (port, sources) in &p.inputs {
+                for &s in sources {
+                    graph.add_edge(nodes[s], nodes[i], port.clone());
+                }
+            }
+        }
+        if petgraph::algo::is_cyclic_directed(&graph) {
+            let scc = petgraph::algo::tarjan_scc(&graph).into_iter().find(|c| c.len() > 1).unwrap_or_default();
+            let mut members: Vec<usize> = scc.iter().map(|n| graph[*n]).collect();
+            members.sort_unstable();
+            let first = members.first().copied().unwrap_or(0);
+            let cycle = describe_cycle(&pending.iter().map(|p| p.inputs.clone()).collect::<Vec<_>>(), &members, &names);
+            return Err(PipelineError {
+                location: pending[first].at.clone(),
+                stage: Some(names[first].clone()),
+                message: format!("the stages form a cycle: {cycle}"),
+                hint: Some("a pipeline is a DAG: break the cycle by reading from an earlier stage".into()),
+            }
+            .into());
+        }
+        let order = kahn_order(&graph, &nodes);
+
+        // Configure each stage.
+        let mut stages = Vec::new();
+        let mut input_at = Vec::new();
+        for p in pending {
+            let mut params = Params::new(&p.name, &p.at, &dir, p.params).with_ports(p.inputs.keys().cloned().collect());
+            let stage = p.kind.configure(&mut params)?;
+            let (key_params, files) = params.finish(p.kind.name())?;
+            input_at.push(p.input_at);
+            stages.push(StageDecl { name: p.name, kind: p.kind, at: p.at, inputs: p.inputs, stage, key_params, files });
+        }
+
+        // Ports fed the wrong kind of artifact.
+        for (p, at) in stages.iter().zip(&input_at) {
+            for spec in p.kind.ports() {
+                let Some(sources) = p.inputs.get(spec.name) else { continue };
+                for &s in sources {
+                    let produces = stages[s].stage.produces();
+                    let ok = match spec.accepts {
+                        Accepts::Any => true,
+                        Accepts::Dataset => produces == Produces::Dataset,
+                        Accepts::Model => matches!(produces, Produces::Model | Produces::Folder),
+                    };
+                    if !ok {
+                        let want = match spec.accepts {
+                            Accepts::Dataset => "a dataset",
+                            Accepts::Model => "a model",
+                            Accepts::Any => "anything",
+                        };
+                        return Err(PipelineError {
+                            location: at[spec.name].clone(),
+                            stage: Some(p.name.clone()),
+                            message: format!(
+                                "input port `{}` needs {want}, but stage `{}` (kind `{}`) does not produce one",
+                                spec.name,
+                                stages[s].name,
+                                stages[s].kind.name()
+                            ),
+                            hint: None,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        Ok(Pipeline { name, path: path.to_path_buf(), dir, stages, graph, order })
+    }
+
+    pub fn index_of(&self, stage: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == stage)
+    }
+
+    /// Looks a stage up by name, with a suggestion when it is not there.
+    pub fn stage_named(&self, stage: &str) -> Result<usize, Error> {
+        self.index_of(stage).ok_or_else(|| {
+            let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+            let hint = closest(stage, names.iter().copied())
+                .map(|c| format!("did you mean `{c}`?"))
+                .unwrap_or_else(|| format!("its stages: {}", names.join(", ")));
+            Error::Usage(format!("pipeline `{}` has no stage `{stage}`\n  hint: {hint}", self.name))
+        })
+    }
+
+    /// The stage and everything it depends on, transitively.
+    pub fn with_ancestors(&self, stage: usize) -> Vec<bool> {
+        let mut keep = vec![false; self.stages.len()];
+        let mut todo = vec![stage];
+        while let Some(s) = todo.pop() {
+            if !keep[s] {
+                keep[s] = true;
+                todo.extend(self.stages[s].inputs.values().flatten().copied());
+            }
+        }
+        keep
+    }
+}
+
+fn kahn_order(graph: &DiGraph<usize, String>, nodes: &[NodeIndex]) -> Vec<usize> {
+    let mut indegree: Vec<usize> =
+        nodes.iter().map(|n| graph.neighbors_directed(*n, petgraph::Direction::Incoming).count()).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len()).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut order = Vec::new();
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for next in graph.neighbors_directed(nodes[i], petgraph::Direction::Outgoing) {
+            let j = graph[next];
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.push(Reverse(j));
+            }
+        }
+    }
+    order
+}
+
+/// Walks a cycle among `members` and names it, `a → b → a`.
+fn describe_cycle(inputs: &[BTreeMap<String, Vec<usize>>], members: &[usize], names: &[String]) -> String {
+    let Some(&start) = members.first() else { return String::new() };
+    let mut path = vec![start];
+    let mut cur = start;
+    for _ in 0..members.len() {
+        let next = inputs[cur].values().flatten().copied().find(|s| members.contains(s));
+        match next {
+            Some(n) if n == start => break,
+            Some(n) if !path.contains(&n) => {
+                path.push(n);
+                cur = n;
+            }
+            _ => break,
+        }
+    }
+    path.push(start);
+    // `inputs` point from reader to source; print in data-flow order.
+    path.reverse();
+    path.iter().map(|&i| format!("`{}`", names[i])).collect::<Vec<_>>().join(" → ")
+}

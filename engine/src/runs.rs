@@ -1,0 +1,128 @@
+//! Run records, folded from events and kept in the store (`ladle runs`).
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{Event, EventSink};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    Cached,
+    Ran,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub kind: String,
+    pub status: StageStatus,
+    pub shards_total: u64,
+    pub shards_computed: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub records: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub artifact: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Still running — or, read back by a later process, interrupted.
+    Running,
+    Ok,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: u64,
+    pub pipeline: String,
+    pub pipeline_file: String,
+    pub started_unix: u64,
+    pub status: RunStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub seconds: Option<f64>,
+    /// Peak resident memory of the process, where the OS reports it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peak_rss_bytes: Option<u64>,
+    pub stages: Vec<StageRecord>,
+}
+
+/// Folds stage events into a [`RunRecord`] and forwards every event to `next`.
+pub struct RunRecorder {
+    pub record: Mutex<RunRecord>,
+    next: Arc<dyn EventSink>,
+}
+
+impl RunRecorder {
+    pub fn new(record: RunRecord, next: Arc<dyn EventSink>) -> Self {
+        RunRecorder { record: Mutex::new(record), next }
+    }
+
+    pub fn into_record(self) -> RunRecord {
+        self.record.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl EventSink for RunRecorder {
+    fn emit(&self, event: &Event) {
+        let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = |stage: &str, kind: &str, status| StageRecord {
+            stage: stage.to_string(),
+            kind: kind.to_string(),
+            status,
+            shards_total: 0,
+            shards_computed: 0,
+            records: None,
+            artifact: None,
+            seconds: None,
+            error: None,
+        };
+        match event {
+            Event::StageCached { stage, kind, artifact, records, shards_total } => rec.stages.push(StageRecord {
+                artifact: Some(artifact.clone()),
+                records: *records,
+                shards_total: *shards_total,
+                ..entry(stage, kind, StageStatus::Cached)
+            }),
+            Event::StageFinished { stage, kind, artifact, records, shards_total, shards_computed, seconds, .. } => {
+                rec.stages.push(StageRecord {
+                    artifact: Some(artifact.clone()),
+                    records: *records,
+                    shards_total: *shards_total,
+                    shards_computed: *shards_computed,
+                    seconds: Some(*seconds),
+                    ..entry(stage, kind, StageStatus::Ran)
+                })
+            }
+            Event::StageFailed { stage, kind, error, shards_total, shards_computed } => rec.stages.push(StageRecord {
+                error: Some(error.clone()),
+                shards_total: *shards_total,
+                shards_computed: *shards_computed,
+                ..entry(stage, kind, StageStatus::Failed)
+            }),
+            Event::StageSkipped { stage, kind, reason } => {
+                rec.stages.push(StageRecord { error: Some(reason.clone()), ..entry(stage, kind, StageStatus::Skipped) })
+            }
+            _ => {}
+        }
+        drop(rec);
+        self.next.emit(event);
+    }
+}
+
+/// Peak resident set size of this process (Linux: VmHWM).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,520 @@
+//! The scheduler: walks the graph and hands ready stages to tokio; nothing else.
+//!
+//! A stage is ready when all its inputs are. Its key is computed from its inputs' *output*
+//! digests, so a stage whose upstream reran but produced the same output stays cached (early
+//! cutoff). Map stages run shard by shard: each shard is looked up in the shard cache, or computed
+//! on a blocking thread holding one of the run's `-j` work slots, then committed on its own (object
+//! fsynced, index entry flushed) — a crash loses only the shards in flight. A failed stage does not
+//! stop independent branches; its dependants are skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::artifact::{Artifact, ShardRef};
+use crate::context::StageContext;
+use crate::digest::{ArtifactDigest, StageKey};
+use crate::error::{Error, Result, StageError};
+use crate::events::{Event, EventSink};
+use crate::key::{KeyParts, shard_key};
+use crate::pipeline::Pipeline;
+use crate::resolve::key_parts;
+use crate::runs::{RunRecord, RunRecorder, RunStatus, peak_rss_bytes};
+use crate::stage::{Execution, Inputs, ShardInput, ShardMapper};
+use crate::store::{LastRun, Store};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Work slots: shards and stages computing at once.
+    pub jobs: usize,
+    /// Stages to recompute even when cached (their shards too).
+    pub force: BTreeSet<String>,
+    /// Run only this stage and what it needs.
+    pub only: Option<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            force: BTreeSet::new(),
+            only: None,
+        }
+    }
+}
+
+/// Everything a stage task needs, shared with its shard tasks.
+struct StageEnv {
+    pipeline: Arc<Pipeline>,
+    idx: usize,
+    store: Store,
+    sink: Arc<dyn EventSink>,
+    slots: Arc<Semaphore>,
+    key: StageKey,
+    run: u64,
+}
+
+impl StageEnv {
+    fn ctx(&self) -> StageContext<'_> {
+        StageContext {
+            stage: &self.pipeline.stages[self.idx].name,
+            store: &self.store,
+            key: self.key,
+            pipeline_dir: &self.pipeline.dir,
+            events: &*self.sink,
+            slots: self.slots.clone(),
+        }
+    }
+    fn name(&self) -> String {
+        self.pipeline.stages[self.idx].name.clone()
+    }
+    fn kind(&self) -> String {
+        self.pipeline.stages[self.idx].kind.name().to_string()
+    }
+}
+
+type Output = (ArtifactDigest, Arc<Artifact>);
+
+/// Runs what is not cached. Returns the run record (also kept in the store); a failed stage makes
+/// its status `Failed`, it is not an `Err`. `Err` is for what stops the run as a whole.
+pub fn run(
+    pipeline: Arc<Pipeline>,
+    store: &Store,
+    options: &RunOptions,
+    sink: Arc<dyn EventSink>,
+) -> Result<RunRecord> {
+    for name in options.force.iter().chain(options.only.iter()) {
+        pipeline.stage_named(name)?;
+    }
+    let started = Instant::now();
+    let id = store.next_run_id()?;
+    let record = RunRecord {
+        id,
+        pipeline: pipeline.name.clone(),
+        pipeline_file: pipeline.path.display().to_string(),
+        started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        status: RunStatus::Running,
+        seconds: None,
+        peak_rss_bytes: None,
+        stages: Vec::new(),
+    };
+    store.put_run(&record)?;
+    let recorder = Arc::new(RunRecorder::new(record, sink.clone()));
+    let selected: Vec<bool> = match &options.only {
+        Some(name) => pipeline.with_ancestors(pipeline.stage_named(name)?),
+        None => vec![true; pipeline.stages.len()],
+    };
+    recorder.emit(&Event::RunStarted {
+        run: id,
+        pipeline: pipeline.name.clone(),
+        stages: pipeline.order.iter().filter(|&&i| selected[i]).map(|&i| pipeline.stages[i].name.clone()).collect(),
+    });
+    let jobs = options.jobs.max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(jobs * 2 + 4)
+        .enable_time()
+        .build()
+        .map_err(|e| Error::io("cannot start the scheduler's runtime", e))?;
+    let sink_for_stages: Arc<dyn EventSink> = recorder.clone();
+    let fatal =
+        runtime.block_on(schedule(pipeline.clone(), store.clone(), options, selected, sink_for_stages, id, jobs));
+    runtime.shutdown_background();
+    let mut record = Arc::try_unwrap(recorder)
+        .map(RunRecorder::into_record)
+        .unwrap_or_else(|r| r.record.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    let any_failed = record
+        .stages
+        .iter()
+        .any(|s| matches!(s.status, crate::runs::StageStatus::Failed | crate::runs::StageStatus::Skipped));
+    record.status = if fatal.is_err() || any_failed { RunStatus::Failed } else { RunStatus::Ok };
+    record.seconds = Some(started.elapsed().as_secs_f64());
+    record.peak_rss_bytes = peak_rss_bytes();
+    // Stages in the order they were declared, for stable summaries.
+    record.stages.sort_by_key(|s| pipeline.index_of(&s.stage).unwrap_or(usize::MAX));
+    store.put_run(&record)?;
+    fatal?;
+    sink.emit(&Event::Summary(record.clone()));
+    Ok(record)
+}
+
+async fn schedule(
+    pipeline: Arc<Pipeline>,
+    store: Store,
+    options: &RunOptions,
+    selected: Vec<bool>,
+    sink: Arc<dyn EventSink>,
+    run_id: u64,
+    jobs: usize,
+) -> Result<()> {
+    let n = pipeline.stages.len();
+    let slots = Arc::new(Semaphore::new(jobs));
+    let sources: Vec<BTreeSet<usize>> =
+        pipeline.stages.iter().map(|s| s.inputs.values().flatten().copied().collect()).collect();
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, srcs) in sources.iter().enumerate() {
+        for &s in srcs {
+            dependants[s].push(i);
+        }
+    }
+    let mut waiting: Vec<usize> = sources.iter().map(BTreeSet::len).collect();
+    let mut outputs: Vec<Option<Output>> = vec![None; n];
+    let mut set: JoinSet<(usize, std::result::Result<Output, ()>)> = JoinSet::new();
+
+    let spawn = |set: &mut JoinSet<_>, i: usize, outputs: &[Option<Output>]| {
+        let decl = &pipeline.stages[i];
+        let mut inputs = Inputs::default();
+        let mut digests = BTreeMap::new();
+        for (port, srcs) in &decl.inputs {
+            let outs: Vec<&Output> = srcs.iter().filter_map(|s| outputs[*s].as_ref()).collect();
+            inputs.ports.insert(port.clone(), outs.iter().map(|o| (*o.1).clone()).collect());
+            digests.insert(port.clone(), outs.iter().map(|o| o.0).collect());
+        }
+        let task = StageTask {
+            pipeline: pipeline.clone(),
+            idx: i,
+            store: store.clone(),
+            sink: sink.clone(),
+            slots: slots.clone(),
+            forced: options.force.contains(&decl.name),
+            run: run_id,
+        };
+        set.spawn(async move { (i, task.execute(inputs, digests).await) });
+    };
+
+    for &i in &pipeline.order {
+        if selected[i] && waiting[i] == 0 {
+            spawn(&mut set, i, &outputs);
+        }
+    }
+    let mut fatal = None;
+    while let Some(joined) = set.join_next().await {
+        let (i, outcome) = match joined {
+            Ok(r) => r,
+            Err(e) => {
+                fatal = Some(Error::Internal(format!("a stage task panicked: {e}")));
+                continue;
+            }
+        };
+        let ok = outcome.is_ok();
+        outputs[i] = outcome.ok();
+        let mut finished = vec![(i, ok)];
+        while let Some((done, _ok)) = finished.pop() {
+            for &j in &dependants[done] {
+                if !selected[j] {
+                    continue;
+                }
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    let all_ok = sources[j].iter().all(|s| outputs[*s].is_some());
+                    if all_ok {
+                        spawn(&mut set, j, &outputs);
+                    } else {
+                        let failed: Vec<&str> = sources[j]
+                            .iter()
+                            .filter(|s| outputs[**s].is_none())
+                            .map(|s| pipeline.stages[*s].name.as_str())
+                            .collect();
+                        sink.emit(&Event::StageSkipped {
+                            stage: pipeline.stages[j].name.clone(),
+                            kind: pipeline.stages[j].kind.name().to_string(),
+                            reason: format!(
+                                "not run: its input from {} did not complete",
+                                failed.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                            ),
+                        });
+                        finished.push((j, false));
+                    }
+                }
+            }
+        }
+    }
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+struct StageTask {
+    pipeline: Arc<Pipeline>,
+    idx: usize,
+    store: Store,
+    sink: Arc<dyn EventSink>,
+    slots: Arc<Semaphore>,
+    forced: bool,
+    run: u64,
+}
+
+impl StageTask {
+    async fn execute(
+        self,
+        inputs: Inputs,
+        digests: BTreeMap<String, Vec<ArtifactDigest>>,
+    ) -> std::result::Result<Output, ()> {
+        let started = Instant::now();
+        let name = self.pipeline.stages[self.idx].name.clone();
+        let kind = self.pipeline.stages[self.idx].kind.name().to_string();
+        let fail = |sink: &Arc<dyn EventSink>, error: String, shards: (u64, u64)| {
+            sink.emit(&Event::StageFailed {
+                stage: name.clone(),
+                kind: kind.clone(),
+                error,
+                shards_total: shards.0,
+                shards_computed: shards.1,
+            });
+        };
+        // Key: digests of referenced files may need hashing (big models): off the async threads.
+        let parts = {
+            let (pipeline, store, idx) = (self.pipeline.clone(), self.store.clone(), self.idx);
+            tokio::task::spawn_blocking(move || key_parts(&pipeline.stages[idx], digests, &store)).await
+        };
+        let parts = match parts {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                fail(&self.sink, e.to_string(), (0, 0));
+                return Err(());
+            }
+            Err(e) => {
+                fail(&self.sink, format!("internal error: {e}"), (0, 0));
+                return Err(());
+            }
+        };
+        let key = parts.stage_key();
+        let env = Arc::new(StageEnv {
+            pipeline: self.pipeline.clone(),
+            idx: self.idx,
+            store: self.store.clone(),
+            sink: self.sink.clone(),
+            slots: self.slots.clone(),
+            key,
+            run: self.run,
+        });
+        let previous = self.store.get_last(&self.pipeline.path, &name).ok().flatten();
+
+        if !self.forced {
+            match self.store.get_action(&key) {
+                Ok(Some((digest, artifact)))
+                    if self.pipeline.stages[self.idx].stage.still_valid(&artifact, &env.ctx()) =>
+                {
+                    let shards_total = match &artifact {
+                        Artifact::Dataset { shards } => shards.len() as u64,
+                        _ => 0,
+                    };
+                    if let Err(e) = remember(&env, &parts, digest) {
+                        fail(&self.sink, e.to_string(), (0, 0));
+                        return Err(());
+                    }
+                    self.sink.emit(&Event::StageCached {
+                        stage: name,
+                        kind,
+                        artifact: digest.to_hex(),
+                        records: artifact.records(),
+                        shards_total,
+                    });
+                    return Ok((digest, Arc::new(artifact)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    fail(&self.sink, e.to_string(), (0, 0));
+                    return Err(());
+                }
+            }
+        }
+
+        let inputs = Arc::new(inputs);
+        let result = match self.pipeline.stages[self.idx].stage.execution() {
+            Execution::Map { port, .. } => run_map(env.clone(), inputs, &parts, port, self.forced).await,
+            Execution::Whole(_) => {
+                self.sink.emit(&Event::StageStarted { stage: name.clone(), kind: kind.clone(), shards_total: None });
+                let permit = self.slots.clone().acquire_owned().await;
+                let env2 = env.clone();
+                let joined = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    let Execution::Whole(stage) = env2.pipeline.stages[env2.idx].stage.execution() else {
+                        unreachable!()
+                    };
+                    stage.run(&env2.ctx(), &inputs).map_err(|e| e.to_string())
+                })
+                .await;
+                match joined {
+                    Ok(Ok(a)) => {
+                        let n = match &a {
+                            Artifact::Dataset { shards } => shards.len() as u64,
+                            _ => 0,
+                        };
+                        Ok((a, n, n))
+                    }
+                    Ok(Err(e)) => Err((e, (0, 0))),
+                    Err(e) => Err((format!("internal error: the stage panicked: {e}"), (0, 0))),
+                }
+            }
+        };
+        let (artifact, shards_total, shards_computed) = match result {
+            Ok(r) => r,
+            Err((e, shards)) => {
+                fail(&self.sink, e, shards);
+                return Err(());
+            }
+        };
+        let commit = || -> Result<ArtifactDigest> {
+            let digest = self.store.put_artifact(&artifact)?;
+            self.store.put_action(&key, &digest)?;
+            remember(&env, &parts, digest)?;
+            self.store.flush()?;
+            Ok(digest)
+        };
+        match commit() {
+            Ok(digest) => {
+                self.sink.emit(&Event::StageFinished {
+                    stage: name,
+                    kind,
+                    artifact: digest.to_hex(),
+                    records: artifact.records(),
+                    shards_total,
+                    shards_computed,
+                    unchanged: previous.is_some_and(|p| p.artifact == digest),
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+                Ok((digest, Arc::new(artifact)))
+            }
+            Err(e) => {
+                fail(&self.sink, e.to_string(), (shards_total, shards_computed));
+                Err(())
+            }
+        }
+    }
+}
+
+fn remember(env: &StageEnv, parts: &KeyParts, artifact: ArtifactDigest) -> Result<()> {
+    let last = LastRun { parts: parts.clone(), key: env.key, artifact, run: env.run };
+    env.store.put_last(&env.pipeline.path, &env.pipeline.stages[env.idx].name, &last)
+}
+
+type MapResult = std::result::Result<(Artifact, u64, u64), (String, (u64, u64))>;
+
+async fn run_map(
+    env: Arc<StageEnv>,
+    inputs: Arc<Inputs>,
+    parts: &KeyParts,
+    port: &'static str,
+    forced: bool,
+) -> MapResult {
+    let shards: Vec<ShardRef> = match inputs.dataset(port) {
+        Ok(s) => s.to_vec(),
+        Err(e) => return Err((e.to_string(), (0, 0))),
+    };
+    let total = shards.len() as u64;
+    env.sink.emit(&Event::StageStarted { stage: env.name(), kind: env.kind(), shards_total: Some(total) });
+    let map_key = parts.map_key(port);
+    let mut first_record = Vec::with_capacity(shards.len());
+    let mut acc = 0u64;
+    for s in &shards {
+        first_record.push(acc);
+        acc += s.records;
+    }
+    let mapper: Arc<OnceLock<std::result::Result<Arc<dyn ShardMapper>, StageError>>> = Arc::new(OnceLock::new());
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut results: Vec<Option<ShardRef>> = vec![None; shards.len()];
+    let mut errors: Vec<(usize, String)> = Vec::new();
+    let mut done = 0u64;
+    let mut computed = 0u64;
+    let mut set: JoinSet<(usize, std::result::Result<ShardRef, String>)> = JoinSet::new();
+
+    let handle =
+        |joined: std::result::Result<(usize, std::result::Result<ShardRef, String>), tokio::task::JoinError>,
+         results: &mut Vec<Option<ShardRef>>,
+         errors: &mut Vec<(usize, String)>,
+         done: &mut u64,
+         computed: &mut u64| {
+            match joined {
+                Ok((i, Ok(r))) => {
+                    results[i] = Some(r);
+                    *done += 1;
+                    *computed += 1;
+                    env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: false, done: *done, total });
+                }
+                Ok((i, Err(e))) => errors.push((i, e)),
+                Err(e) => errors.push((usize::MAX, format!("internal error: a shard task panicked: {e}"))),
+            }
+        };
+
+    for (i, shard) in shards.iter().enumerate() {
+        let sk = shard_key(&map_key, &shard.digest);
+        if !forced {
+            match env.store.get_shard(&sk) {
+                Ok(Some(out)) => {
+                    results[i] = Some(out);
+                    done += 1;
+                    env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: true, done, total });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    errors.push((i, e.to_string()));
+                    break;
+                }
+            }
+        }
+        let permit = env.slots.clone().acquire_owned().await.expect("the work-slot semaphore is never closed");
+        while let Some(j) = set.try_join_next() {
+            handle(j, &mut results, &mut errors, &mut done, &mut computed);
+        }
+        if failed.load(Ordering::Relaxed) || !errors.is_empty() {
+            break;
+        }
+        let (env2, inputs2, mapper2, failed2, shard, first) =
+            (env.clone(), inputs.clone(), mapper.clone(), failed.clone(), *shard, first_record[i]);
+        set.spawn_blocking(move || {
+            let _permit = permit;
+            let r = compute_shard(&env2, &inputs2, &mapper2, i, first, &shard, &sk);
+            if r.is_err() {
+                failed2.store(true, Ordering::Relaxed);
+            }
+            (i, r)
+        });
+    }
+    while let Some(j) = set.join_next().await {
+        handle(j, &mut results, &mut errors, &mut done, &mut computed);
+    }
+    if let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i) {
+        return Err((e, (total, computed)));
+    }
+    let out: Vec<ShardRef> = results.into_iter().flatten().filter(|s| s.records > 0).collect();
+    Ok((Artifact::Dataset { shards: out }, total, computed))
+}
+
+fn compute_shard(
+    env: &StageEnv,
+    inputs: &Inputs,
+    mapper: &OnceLock<std::result::Result<Arc<dyn ShardMapper>, StageError>>,
+    index: usize,
+    first_record: u64,
+    shard: &ShardRef,
+    key: &crate::digest::ShardKey,
+) -> std::result::Result<ShardRef, String> {
+    let ctx = env.ctx();
+    let mapper = mapper
+        .get_or_init(|| {
+            let Execution::Map { stage, .. } = env.pipeline.stages[env.idx].stage.execution() else { unreachable!() };
+            stage.prepare(&ctx, inputs)
+        })
+        .as_ref()
+        .map_err(|e| e.to_string())?;
+    let bytes = env.store.get(&shard.digest).map_err(|e| e.to_string())?;
+    let mapped = mapper.map_shard(&ShardInput { index, first_record, jsonl: &bytes }).map_err(|e| match e.record {
+        Some(r) => format!("record {} (shard {index}, line {} of the shard): {e}", first_record + r, r + 1),
+        None => format!("shard {index}: {e}"),
+    })?;
+    let commit = || -> Result<ShardRef> {
+        let digest = env.store.put(&mapped.jsonl)?;
+        let out = ShardRef { digest, records: mapped.records, bytes: mapped.jsonl.len() as u64 };
+        env.store.put_shard(key, &out)?;
+        env.store.flush()?;
+        Ok(out)
+    };
+    commit().map_err(|e| e.to_string())
+}

@@ -1,0 +1,149 @@
+//! The contract between the engine and stage implementations.
+//!
+//! The engine knows stages only through these traits and the [`Registry`](crate::Registry). A
+//! [`StageKind`] declares its input ports and turns parameters into a configured [`Stage`]. A stage
+//! is either a *map* stage — a function of one shard at a time, which the engine caches, commits
+//! and parallelizes shard by shard — or a *whole* stage that sees its inputs entire.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::artifact::{Artifact, ShardRef};
+use crate::context::StageContext;
+use crate::error::{PipelineError, StageError};
+use crate::pipeline::params::Params;
+
+/// How many stages a port connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arity {
+    /// `port = "stage"`
+    One,
+    /// `port = ["a", "b"]` (a single string is accepted too)
+    Many,
+}
+
+/// What a port accepts, checked before anything runs where the producer's kind tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepts {
+    Dataset,
+    Model,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PortSpec {
+    pub name: &'static str,
+    pub arity: Arity,
+    pub required: bool,
+    pub accepts: Accepts,
+}
+
+impl PortSpec {
+    pub const fn dataset(name: &'static str) -> Self {
+        PortSpec { name, arity: Arity::One, required: true, accepts: Accepts::Dataset }
+    }
+}
+
+/// What a stage kind produces, so ports can be checked before a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Produces {
+    Dataset,
+    Model,
+    /// Decided at run time (an `exec` stage makes a model when its folder holds a config.json).
+    Folder,
+    File,
+}
+
+/// A kind of stage: `read`, `select`, `exec`, ...
+pub trait StageKind: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// One line for `ladle` help texts.
+    fn about(&self) -> &'static str;
+    fn ports(&self) -> &'static [PortSpec];
+    /// A parameter whose table names further input ports chosen by the user
+    /// (`inputs = { data = "captions", base = "model" }` for `exec`).
+    fn port_table(&self) -> Option<&'static str> {
+        None
+    }
+    /// Reads and checks parameters; every parameter not read is reported as unknown.
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError>;
+}
+
+/// A configured stage.
+pub trait Stage: Send + Sync {
+    /// What the stage outputs, so ports can be checked before anything runs.
+    fn produces(&self) -> Produces;
+    /// Bumped when the implementation changes what it outputs; part of the cache key.
+    fn version(&self) -> u32 {
+        1
+    }
+    fn execution(&self) -> Execution<'_>;
+    /// Whether an output cached earlier can still be served as is (`write` checks that its file
+    /// is still there, unchanged).
+    fn still_valid(&self, _artifact: &Artifact, _ctx: &StageContext<'_>) -> bool {
+        true
+    }
+}
+
+pub enum Execution<'a> {
+    /// Maps each shard of the dataset on `port` to one output shard.
+    Map {
+        port: &'static str,
+        stage: &'a dyn MapStage,
+    },
+    Whole(&'a dyn WholeStage),
+}
+
+/// A stage that maps shards. `prepare` runs once per stage run, and only when some shard is not
+/// cached (load a model here, not per shard).
+pub trait MapStage: Send + Sync {
+    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError>;
+}
+
+pub trait ShardMapper: Send + Sync {
+    /// Maps one shard of canonical JSONL to canonical JSONL (see [`crate::records`]).
+    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError>;
+}
+
+pub struct ShardInput<'a> {
+    /// Position of the shard in the dataset.
+    pub index: usize,
+    /// Position of the shard's first record in the dataset.
+    pub first_record: u64,
+    pub jsonl: &'a [u8],
+}
+
+pub struct MappedShard {
+    pub jsonl: Vec<u8>,
+    pub records: u64,
+}
+
+pub trait WholeStage: Send + Sync {
+    fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError>;
+}
+
+/// The artifacts connected to a stage's ports.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    pub ports: BTreeMap<String, Vec<Artifact>>,
+}
+
+impl Inputs {
+    pub fn all(&self, port: &str) -> &[Artifact] {
+        self.ports.get(port).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn one(&self, port: &str) -> Result<&Artifact, StageError> {
+        self.all(port).first().ok_or_else(|| StageError::internal(format!("input port `{port}` is not connected")))
+    }
+
+    /// The shards of the dataset on `port`.
+    pub fn dataset(&self, port: &str) -> Result<&[ShardRef], StageError> {
+        match self.one(port)? {
+            Artifact::Dataset { shards } => Ok(shards),
+            other => {
+                Err(StageError::input(format!("input `{port}` must be a dataset, but it is a {}", other.kind_name())))
+            }
+        }
+    }
+}

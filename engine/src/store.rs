@@ -1,0 +1,404 @@
+//! The content-addressed store (`.ladle/` beside the pipeline file by default).
+//!
+//! Layout:
+//! ```text
+//! .ladle/
+//!   lock            held (flock) by the one process using the store; holds its pid
+//!   index/          sled: the index (trees below)
+//!   objects/ab/...  objects over INLINE_MAX bytes, named by their BLAKE3 digest, read-only
+//!   tmp/            objects and outputs being written
+//!   quarantine/     objects `verify` or a reader found corrupt
+//!   work/           inputs materialized for `exec` stages
+//! ```
+//! Index trees: `objects` (digest → inline bytes or the size of a file object), `actions` (stage
+//! key → artifact digest), `artifacts` (artifact digest → manifest), `shards` (shard key → output
+//! shard), `memo` (external path → size, mtime, inode, digest), `runs` (run id → run record),
+//! `last` (pipeline + stage → key parts of its last run, for `plan`), `logs` (stage key → log).
+//!
+//! Commit order makes crashes harmless: an object is written to `tmp/`, fsynced and renamed into
+//! place before it is indexed, and an artifact is indexed before the action that produces it, so
+//! the index never names something that is not there. A file renamed into `objects/` but never
+//! indexed (a crash in between) is an orphan `ladle gc` removes.
+
+mod maintenance;
+mod memo;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+pub use maintenance::{GcReport, VerifyReport};
+
+use crate::artifact::{Artifact, ShardRef};
+use crate::digest::{ArtifactDigest, Digest, ShardKey, StageKey};
+use crate::error::{Error, Result};
+use crate::key::KeyParts;
+use crate::runs::RunRecord;
+
+/// Objects up to this size live inside the index; larger ones are files.
+pub const INLINE_MAX: usize = 64 * 1024;
+
+const INLINE_TAG: u8 = 0;
+const FILE_TAG: u8 = 1;
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    db: sled::Db,
+    objects: sled::Tree,
+    actions: sled::Tree,
+    artifacts: sled::Tree,
+    shards: sled::Tree,
+    memo: sled::Tree,
+    runs: sled::Tree,
+    last: sled::Tree,
+    logs: sled::Tree,
+    tmp_counter: AtomicU64,
+    _lock: File,
+}
+
+/// What the `last` tree remembers of a stage's most recent successful run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastRun {
+    pub parts: KeyParts,
+    pub key: StageKey,
+    pub artifact: ArtifactDigest,
+    pub run: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, taking its lock. A second process fails at
+    /// once with [`Error::StoreBusy`].
+    pub fn open(root: &Path) -> Result<Store> {
+        for dir in ["", "objects", "tmp", "quarantine", "work"] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d)
+                .map_err(|e| Error::io(format!("cannot create the store folder {}", d.display()), e))?;
+        }
+        let lock_path = root.join("lock");
+        let mut lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = lock.read_to_string(&mut pid);
+                let pid = pid.trim().to_string();
+                return Err(Error::StoreBusy { store: root.to_path_buf(), pid: (!pid.is_empty()).then_some(pid) });
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("cannot lock {}", lock_path.display()), e));
+            }
+        }
+        lock.set_len(0)
+            .and_then(|_| write!(lock, "{}", std::process::id()))
+            .map_err(|e| Error::io("cannot write the store's lock file", e))?;
+
+        let index_path = root.join("index");
+        let db = sled::Config::new()
+            .path(&index_path)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|source| Error::Index { path: index_path.clone(), source })?;
+        let tree = |name: &str| db.open_tree(name).map_err(|source| Error::Index { path: index_path.clone(), source });
+        let inner = Inner {
+            root: root.to_path_buf(),
+            objects: tree("objects")?,
+            actions: tree("actions")?,
+            artifacts: tree("artifacts")?,
+            shards: tree("shards")?,
+            memo: tree("memo")?,
+            runs: tree("runs")?,
+            last: tree("last")?,
+            logs: tree("logs")?,
+            db,
+            tmp_counter: AtomicU64::new(0),
+            _lock: lock,
+        };
+        // Leftovers of a crashed run are never referenced: clear them.
+        let _ = fs::remove_dir_all(root.join("tmp"));
+        let _ = fs::create_dir_all(root.join("tmp"));
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn index_err(&self, source: sled::Error) -> Error {
+        Error::Index { path: self.inner.root.join("index"), source }
+    }
+
+    /// Makes everything indexed so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.db.flush().map(|_| ()).map_err(|e| self.index_err(e))
+    }
+
+    /// A fresh path under `tmp/` (nothing is created).
+    pub fn temp_path(&self, what: &str) -> PathBuf {
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.inner.root.join("tmp").join(format!("{}-{}-{what}", std::process::id(), n))
+    }
+
+    fn object_file(&self, d: &Digest) -> PathBuf {
+        let hex = d.to_hex();
+        self.inner.root.join("objects").join(&hex[..2]).join(&hex[2..])
+    }
+
+    // ---- objects -------------------------------------------------------------------------
+
+    /// Stores `bytes`, returning their digest. Idempotent.
+    pub fn put(&self, bytes: &[u8]) -> Result<Digest> {
+        let d = Digest::of(bytes);
+        if self.has_object(&d)? {
+            return Ok(d);
+        }
+        if bytes.len() <= INLINE_MAX {
+            let mut v = Vec::with_capacity(bytes.len() + 1);
+            v.push(INLINE_TAG);
+            v.extend_from_slice(bytes);
+            self.inner.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
+        } else {
+            let tmp = self.temp_path("object");
+            let write = || -> std::io::Result<()> {
+                let mut f = File::create(&tmp)?;
+                f.write_all(bytes)?;
+                f.sync_all()
+            };
+            write().map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+            self.adopt_file(&tmp, &d, bytes.len() as u64)?;
+        }
+        Ok(d)
+    }
+
+    /// Moves a finished file (written under `tmp/` or elsewhere on the same disk) into the store.
+    pub fn put_file(&self, path: &Path) -> Result<(Digest, u64)> {
+        let (d, size) = hash_file(path)?;
+        if self.has_object(&d)? {
+            return Ok((d, size));
+        }
+        if size as usize <= INLINE_MAX {
+            let bytes = fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+            self.put(&bytes)?;
+        } else {
+            File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("cannot sync {}", path.display()), e))?;
+            self.adopt_file(path, &d, size)?;
+        }
+        Ok((d, size))
+    }
+
+    fn adopt_file(&self, from: &Path, d: &Digest, size: u64) -> Result<()> {
+        let dest = self.object_file(d);
+        let parent = dest.parent().expect("object paths have a parent");
+        fs::create_dir_all(parent).map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+        if fs::rename(from, &dest).is_err() {
+            // Another filesystem: copy, then sync.
+            fs::copy(from, &dest)
+                .and_then(|_| File::open(&dest)?.sync_all())
+                .map_err(|e| Error::io(format!("cannot copy {} into the store", from.display()), e))?;
+        }
+        let mut perms = fs::metadata(&dest).map_err(|e| Error::io("cannot stat a new object", e))?.permissions();
+        perms.set_readonly(true);
+        let _ = fs::set_permissions(&dest, perms);
+        let mut v = vec![FILE_TAG];
+        v.extend_from_slice(&size.to_le_bytes());
+        self.inner.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
+        Ok(())
+    }
+
+    /// Whether the object is indexed and, for a file object, its file exists.
+    pub fn has_object(&self, d: &Digest) -> Result<bool> {
+        match self.inner.objects.get(d.0).map_err(|e| self.index_err(e))? {
+            None => Ok(false),
+            Some(v) if v.first() == Some(&FILE_TAG) => Ok(self.object_file(d).exists()),
+            Some(_) => Ok(true),
+        }
+    }
+
+    /// Reads an object, verifying its digest. A corrupt object is quarantined and reported.
+    pub fn get(&self, d: &Digest) -> Result<Vec<u8>> {
+        let entry = self.inner.objects.get(d.0).map_err(|e| self.index_err(e))?;
+        let bytes = match entry {
+            None => return Err(Error::MissingObject { digest: d.to_hex() }),
+            Some(v) if v.first() == Some(&INLINE_TAG) => v[1..].to_vec(),
+            Some(_) => {
+                let path = self.object_file(d);
+                match fs::read(&path) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        let _ = self.inner.objects.remove(d.0);
+                        return Err(Error::MissingObject { digest: d.to_hex() });
+                    }
+                    Err(e) => return Err(Error::io(format!("cannot read object {}", path.display()), e)),
+                }
+            }
+        };
+        if Digest::of(&bytes) != *d {
+            self.quarantine(d)?;
+            return Err(Error::Corrupt { digest: d.to_hex() });
+        }
+        Ok(bytes)
+    }
+
+    /// The file holding a large object, for hard-linking into a materialized folder.
+    pub fn object_path(&self, d: &Digest) -> Result<Option<PathBuf>> {
+        match self.inner.objects.get(d.0).map_err(|e| self.index_err(e))? {
+            Some(v) if v.first() == Some(&FILE_TAG) => Ok(Some(self.object_file(d))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Moves a corrupt object aside and forgets it, so nothing serves it and a rerun recomputes it.
+    pub fn quarantine(&self, d: &Digest) -> Result<()> {
+        let path = self.object_file(d);
+        if path.exists() {
+            let dest = self.inner.root.join("quarantine").join(d.to_hex());
+            fs::rename(&path, &dest).map_err(|e| Error::io(format!("cannot quarantine {}", path.display()), e))?;
+        }
+        self.inner.objects.remove(d.0).map_err(|e| self.index_err(e))?;
+        self.flush()
+    }
+
+    // ---- artifacts, actions, shards --------------------------------------------------------
+
+    pub fn put_artifact(&self, artifact: &Artifact) -> Result<ArtifactDigest> {
+        let d = artifact.digest();
+        let json = serde_json::to_vec(artifact).map_err(|e| Error::Internal(e.to_string()))?;
+        self.inner.artifacts.insert(d.0, json).map_err(|e| self.index_err(e))?;
+        Ok(d)
+    }
+
+    pub fn get_artifact(&self, d: &ArtifactDigest) -> Result<Option<Artifact>> {
+        match self.inner.artifacts.get(d.0).map_err(|e| self.index_err(e))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("unreadable artifact manifest {d}: {e}"))),
+        }
+    }
+
+    /// Whether every object of `artifact` is present (a cached output can be served).
+    pub fn artifact_complete(&self, artifact: &Artifact) -> Result<bool> {
+        for d in artifact.objects() {
+            if !self.has_object(&d)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records that `key` produced `artifact` (the artifact must be stored first).
+    pub fn put_action(&self, key: &StageKey, artifact: &ArtifactDigest) -> Result<()> {
+        self.inner.actions.insert(key.0, &artifact.0).map_err(|e| self.index_err(e))?;
+        Ok(())
+    }
+
+    /// The artifact `key` produced, if it is indexed and all its objects are present.
+    pub fn get_action(&self, key: &StageKey) -> Result<Option<(ArtifactDigest, Artifact)>> {
+        let Some(v) = self.inner.actions.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
+        let Ok(raw) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
+        let d = ArtifactDigest(raw);
+        match self.get_artifact(&d)? {
+            Some(a) if self.artifact_complete(&a)? => Ok(Some((d, a))),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn put_shard(&self, key: &ShardKey, shard: &ShardRef) -> Result<()> {
+        let json = serde_json::to_vec(shard).map_err(|e| Error::Internal(e.to_string()))?;
+        self.inner.shards.insert(key.0, json).map_err(|e| self.index_err(e))?;
+        Ok(())
+    }
+
+    /// A cached output shard, if its object is present.
+    pub fn get_shard(&self, key: &ShardKey) -> Result<Option<ShardRef>> {
+        let Some(v) = self.inner.shards.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
+        let Ok(shard) = serde_json::from_slice::<ShardRef>(&v) else { return Ok(None) };
+        Ok(self.has_object(&shard.digest)?.then_some(shard))
+    }
+
+    // ---- logs, last runs, run records -------------------------------------------------------
+
+    pub fn put_log(&self, key: &StageKey, log: &[u8]) -> Result<()> {
+        let d = self.put(log)?;
+        self.inner.logs.insert(key.0, &d.0).map_err(|e| self.index_err(e))?;
+        Ok(())
+    }
+
+    pub fn get_log(&self, key: &StageKey) -> Result<Option<Vec<u8>>> {
+        let Some(v) = self.inner.logs.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
+        let Ok(raw) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
+        match self.get(&Digest(raw)) {
+            Ok(b) => Ok(Some(b)),
+            Err(Error::MissingObject { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn last_key(pipeline: &Path, stage: &str) -> Vec<u8> {
+        let mut k = pipeline.to_string_lossy().as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(stage.as_bytes());
+        k
+    }
+
+    pub fn put_last(&self, pipeline: &Path, stage: &str, last: &LastRun) -> Result<()> {
+        let json = serde_json::to_vec(last).map_err(|e| Error::Internal(e.to_string()))?;
+        self.inner.last.insert(Self::last_key(pipeline, stage), json).map_err(|e| self.index_err(e))?;
+        Ok(())
+    }
+
+    pub fn get_last(&self, pipeline: &Path, stage: &str) -> Result<Option<LastRun>> {
+        let Some(v) = self.inner.last.get(Self::last_key(pipeline, stage)).map_err(|e| self.index_err(e))? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&v).ok())
+    }
+
+    pub fn next_run_id(&self) -> Result<u64> {
+        let last = self.inner.runs.last().map_err(|e| self.index_err(e))?;
+        let prev = last.and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0);
+        Ok(prev + 1)
+    }
+
+    pub fn put_run(&self, record: &RunRecord) -> Result<()> {
+        let json = serde_json::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
+        self.inner.runs.insert(record.id.to_be_bytes(), json).map_err(|e| self.index_err(e))?;
+        self.flush()
+    }
+
+    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+        let mut out = Vec::new();
+        for item in self.inner.runs.iter() {
+            let (_, v) = item.map_err(|e| self.index_err(e))?;
+            if let Ok(r) = serde_json::from_slice(&v) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// BLAKE3 of a file's content, streamed (memory-mapped where the OS allows), and its size.
+pub fn hash_file(path: &Path) -> Result<(Digest, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    let f = File::open(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    let size = f.metadata().map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?.len();
+    hasher.update_reader(f).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    Ok((Digest(*hasher.finalize().as_bytes()), size))
+}

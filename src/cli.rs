@@ -1,0 +1,292 @@
+//! Command-line definitions (what was typed) and their dispatch (what it means).
+
+mod graph;
+mod render;
+mod show;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ladle_engine::events::EventSink;
+use ladle_engine::plan::PlanStatus;
+use ladle_engine::runs::RunStatus;
+use ladle_engine::{Pipeline, RunOptions, Store};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ladle",
+    version,
+    about = "Cached, resumable data-curation and model-building pipelines for vision-language models"
+)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct StoreArg {
+    /// The store to use [default: .ladle/ beside the pipeline file; env: LADLE_STORE]
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run what is not cached
+    Run {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Work slots: shards and stages computing at once [default: number of cores]
+        #[arg(short = 'j', long = "jobs", value_name = "N")]
+        jobs: Option<usize>,
+        /// Print one JSON object per event, ending with a summary
+        #[arg(long)]
+        json: bool,
+        /// Recompute this stage even if cached (repeatable)
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Run only this stage and what it needs
+        #[arg(long, value_name = "STAGE")]
+        stage: Option<String>,
+    },
+    /// Say what a run would do, and why
+    Plan {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph
+    Graph {
+        pipeline: PathBuf,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Show a stage's output: digest, counts, schema, a sample, its log
+    Show {
+        pipeline: PathBuf,
+        stage: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// How many records to print
+        #[arg(short = 'n', long, default_value_t = 3)]
+        sample: usize,
+    },
+    /// Write a stage's output outside the store (.jsonl/.parquet for a dataset, a folder for a model)
+    Export {
+        pipeline: PathBuf,
+        stage: String,
+        #[arg(short = 'o', long = "output", value_name = "PATH")]
+        output: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List the runs kept in a store
+    Runs {
+        /// A pipeline file whose store to read
+        pipeline: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what no retained run references
+    Gc {
+        pipeline: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArg,
+        /// How many of the most recent runs keep their outputs (besides each stage's latest)
+        #[arg(long, default_value_t = 10)]
+        keep_runs: usize,
+    },
+    /// Re-hash every object in the store; quarantine corrupt ones
+    Verify {
+        pipeline: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+pub enum Outcome {
+    Success,
+    StageFailed,
+}
+
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// Where the store is: --store, then LADLE_STORE, then `.ladle/` beside the pipeline file (or in
+/// the current folder when there is none).
+fn store_dir(arg: &StoreArg, pipeline: Option<&Path>) -> PathBuf {
+    if let Some(s) = &arg.store {
+        return s.clone();
+    }
+    if let Some(s) = std::env::var_os("LADLE_STORE").filter(|s| !s.is_empty()) {
+        return PathBuf::from(s);
+    }
+    let dir = pipeline
+        .and_then(|p| std::path::absolute(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    dir.join(".ladle")
+}
+
+fn load(pipeline: &Path) -> Result<Pipeline> {
+    Ok(Pipeline::load(pipeline, &ladle_stages::registry())?)
+}
+
+fn open_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store> {
+    Ok(Store::open(&store_dir(arg, pipeline))?)
+}
+
+fn open_existing_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store> {
+    let dir = store_dir(arg, pipeline);
+    if !dir.join("index").exists() {
+        bail!("there is no store at {}\n  hint: run a pipeline first, or pass --store DIR", dir.display());
+    }
+    Ok(Store::open(&dir)?)
+}
+
+pub fn dispatch(args: Args) -> Result<Outcome> {
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        Cmd::Run { pipeline, store, jobs, json, force, stage } => {
+            let p = Arc::new(load(&pipeline)?);
+            let store = open_store(&store, Some(&pipeline))?;
+            let options = RunOptions {
+                jobs: jobs.unwrap_or(RunOptions::default().jobs).max(1),
+                force: force.into_iter().collect(),
+                only: stage,
+            };
+            let sink: Arc<dyn EventSink> = render::sink(json);
+            let record = ladle_engine::run(p, &store, &options, sink.clone())?;
+            drop(sink);
+            Ok(if record.status == RunStatus::Ok { Outcome::Success } else { Outcome::StageFailed })
+        }
+        Cmd::Plan { pipeline, store, json } => {
+            let p = load(&pipeline)?;
+            let store = open_store(&store, Some(&pipeline))?;
+            let entries = ladle_engine::plan::plan(&p, &store, &[])?;
+            if json {
+                for e in &entries {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+            } else {
+                let width = entries.iter().map(|e| e.stage.len()).max().unwrap_or(0);
+                for e in &entries {
+                    let status = match e.status {
+                        PlanStatus::Cached => "cached",
+                        PlanStatus::Run => "run",
+                        PlanStatus::Maybe => "maybe",
+                    };
+                    let why = if e.reasons.is_empty() { String::new() } else { format!("  {}", e.reasons.join("; ")) };
+                    writeln!(out, "{:<width$}  {:<6}  {:<8}{why}", e.stage, status, e.kind)?;
+                }
+            }
+            Ok(Outcome::Success)
+        }
+        Cmd::Graph { pipeline, format } => {
+            let p = load(&pipeline)?;
+            write!(out, "{}", graph::render(&p, format))?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Show { pipeline, stage, store, sample } => {
+            let p = load(&pipeline)?;
+            let store = open_existing_store(&store, Some(&pipeline))?;
+            show::show(&p, &store, &stage, sample, &mut out)?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Export { pipeline, stage, output, store } => {
+            let p = load(&pipeline)?;
+            let store = open_existing_store(&store, Some(&pipeline))?;
+            let n = show::export(&p, &store, &stage, &output)?;
+            writeln!(out, "wrote {} ({n})", output.display())?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Runs { pipeline, store, json } => {
+            let store = open_existing_store(&store, pipeline.as_deref())?;
+            let runs = store.runs()?;
+            for r in &runs {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(r)?)?;
+                    continue;
+                }
+                let status = match r.status {
+                    RunStatus::Ok => "ok",
+                    RunStatus::Failed => "failed",
+                    RunStatus::Running => "interrupted",
+                };
+                let count = |s| r.stages.iter().filter(|x| x.status == s).count();
+                use ladle_engine::runs::StageStatus as S;
+                writeln!(
+                    out,
+                    "run {:>4}  {:<11}  {:<24}  {} ran, {} cached, {} failed  {}",
+                    r.id,
+                    status,
+                    r.pipeline,
+                    count(S::Ran),
+                    count(S::Cached),
+                    count(S::Failed),
+                    r.seconds.map(|s| format!("{s:.2} s")).unwrap_or_default()
+                )?;
+            }
+            if runs.is_empty() && !json {
+                writeln!(out, "no runs yet")?;
+            }
+            Ok(Outcome::Success)
+        }
+        Cmd::Gc { pipeline, store, keep_runs } => {
+            let store = open_existing_store(&store, pipeline.as_deref())?;
+            let r = store.gc(keep_runs)?;
+            writeln!(
+                out,
+                "kept the latest output of every stage and {} recent run(s); removed {} artifact(s) and {} object(s), freed {}",
+                r.runs_kept,
+                r.artifacts_removed,
+                r.objects_removed,
+                human_bytes(r.bytes_freed)
+            )?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Verify { pipeline, store } => {
+            let store = open_existing_store(&store, pipeline.as_deref())?;
+            let r = store.verify().context("verify failed")?;
+            writeln!(out, "checked {} object(s), {}", r.objects, human_bytes(r.bytes))?;
+            for d in &r.corrupt {
+                writeln!(out, "corrupt: {d} (quarantined; a later run recomputes it)")?;
+            }
+            for d in &r.missing {
+                writeln!(out, "missing: {d} (forgotten; a later run recomputes it)")?;
+            }
+            if r.corrupt.is_empty() && r.missing.is_empty() {
+                writeln!(out, "all objects intact")?;
+                Ok(Outcome::Success)
+            } else {
+                Ok(Outcome::StageFailed)
+            }
+        }
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

@@ -1,0 +1,139 @@
+//! `ladle show` and `ladle export`: a stage's current output, looked at or written out.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use ladle_engine::records::{json_type, lines, parse_record};
+use ladle_engine::{Artifact, Pipeline, Store};
+
+fn current(
+    p: &Pipeline,
+    store: &Store,
+    stage: &str,
+) -> Result<(ladle_engine::StageKey, ladle_engine::ArtifactDigest, std::sync::Arc<Artifact>)> {
+    let idx = p.stage_named(stage)?;
+    match ladle_engine::plan::current_output(p, store, idx)? {
+        Some(o) => Ok(o),
+        None => bail!(
+            "stage `{stage}` has no output for its current inputs and parameters\n  hint: run it first: ladle run {} --stage {stage}",
+            p.path.display()
+        ),
+    }
+}
+
+pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut impl Write) -> Result<()> {
+    let (key, digest, artifact) = current(p, store, stage)?;
+    writeln!(out, "stage:    {stage}")?;
+    writeln!(out, "kind:     {}", p.stages[p.stage_named(stage)?].kind.name())?;
+    writeln!(out, "output:   {} ({})", digest, artifact.kind_name())?;
+    match &*artifact {
+        Artifact::Dataset { shards } => {
+            let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
+            writeln!(
+                out,
+                "records:  {} in {} shard(s), {}",
+                artifact.records().unwrap_or(0),
+                shards.len(),
+                super::human_bytes(bytes)
+            )?;
+            // Schema: field → JSON types seen, over the first shard.
+            let mut schema: BTreeMap<String, std::collections::BTreeSet<&'static str>> = BTreeMap::new();
+            let mut examples = Vec::new();
+            if let Some(first) = shards.first() {
+                let bytes = store.get(&first.digest)?;
+                for line in lines(&bytes) {
+                    let r = parse_record(line).map_err(anyhow::Error::msg)?;
+                    for (k, v) in &r {
+                        schema.entry(k.clone()).or_default().insert(json_type(v));
+                    }
+                    if examples.len() < sample {
+                        examples.push(r);
+                    }
+                }
+            }
+            writeln!(out, "schema:   (from the first shard)")?;
+            for (k, types) in &schema {
+                writeln!(out, "  {k}: {}", types.iter().copied().collect::<Vec<_>>().join(" | "))?;
+            }
+            if !examples.is_empty() {
+                writeln!(out, "sample:")?;
+                for r in examples {
+                    writeln!(out, "  {}", serde_json::to_string(&r)?)?;
+                }
+            }
+        }
+        Artifact::Folder { files, external, .. } => {
+            if let Some(root) = external {
+                writeln!(out, "folder:   {}", root.display())?;
+            }
+            writeln!(out, "files:    {}", files.len())?;
+            for f in files {
+                writeln!(out, "  {:<40} {:>10}  {}", f.path, super::human_bytes(f.size), f.digest.short())?;
+            }
+        }
+        Artifact::File { path, size, records, .. } => {
+            writeln!(out, "file:     {} ({}, {records} records)", path.display(), super::human_bytes(*size))?;
+        }
+        Artifact::Metrics { value } => writeln!(out, "metrics:  {}", serde_json::to_string_pretty(value)?)?,
+    }
+    if let Some(log) = store.get_log(&key)? {
+        writeln!(out, "log:")?;
+        for line in String::from_utf8_lossy(&log).lines() {
+            writeln!(out, "  | {line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the stage's output to `dest`; returns a short description of what was written.
+pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<String> {
+    let (_, _, artifact) = current(p, store, stage)?;
+    match &*artifact {
+        Artifact::Dataset { shards } => {
+            let ext = dest.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            match ext.as_str() {
+                "jsonl" | "ndjson" => {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(dest)?);
+                    for s in shards {
+                        f.write_all(&store.get(&s.digest)?)?;
+                    }
+                    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                }
+                "parquet" => {
+                    ladle_stages::parquet_io::write_from_store(store, shards, dest)?;
+                }
+                _ => bail!(
+                    "cannot tell the format of {} from its extension\n  hint: name it .jsonl or .parquet",
+                    dest.display()
+                ),
+            }
+            Ok(format!("{} records", artifact.records().unwrap_or(0)))
+        }
+        Artifact::Folder { files, external, .. } => {
+            std::fs::create_dir_all(dest)?;
+            for f in files {
+                let target = dest.join(&f.path);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                match external {
+                    Some(root) => {
+                        std::fs::copy(root.join(&f.path), &target)?;
+                    }
+                    None => std::fs::write(&target, store.get(&f.digest)?)?,
+                }
+            }
+            Ok(format!("{} files", files.len()))
+        }
+        Artifact::File { path, .. } => {
+            std::fs::copy(path, dest)?;
+            Ok("1 file".into())
+        }
+        Artifact::Metrics { value } => {
+            std::fs::write(dest, serde_json::to_vec_pretty(value)?)?;
+            Ok("metrics".into())
+        }
+    }
+}

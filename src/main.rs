@@ -1,0 +1,22 @@
+//! The `ladle` binary. This file parses arguments, calls into `cli`, and maps the result to an
+//! exit status (0 success, 1 a stage failed, 2 usage, input or internal error; a closed pipe is
+//! success). It must not grow: put behaviour in `cli/` or the library crates.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    match cli::dispatch(args) {
+        Ok(cli::Outcome::Success) => ExitCode::SUCCESS,
+        Ok(cli::Outcome::StageFailed) => ExitCode::from(1),
+        Err(e) if cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! `exec`: an external program as a stage (a trainer, an evaluator, a filter in any language).
+//!
+//! Two modes:
+//! - **folder** (default): `command` runs once, with `{in.PORT}` replaced by each input
+//!   materialized (a dataset as a JSONL file, a model or folder as a folder) and `{out}` by an
+//!   empty folder the command fills. The folder becomes the output artifact — a model when it
+//!   holds a config.json. The same paths are in `LADLE_IN_<PORT>` and `LADLE_OUT`.
+//! - **per shard** (`per_shard = true`): a map stage. For each shard of input `data`, `command`
+//!   gets the shard's records as JSONL on stdin and prints records as JSONL on stdout: an escape
+//!   hatch for filters written in any language, cached and resumable shard by shard.
+//!
+//! `deps = [paths]` (its scripts) enter the cache key by content. The command runs in the
+//! pipeline file's folder. stdout and stderr are kept in the store (`ladle show`); a non-zero exit
+//! or a time-out fails the stage with the end of that log.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ladle_engine::error::{PipelineError, StageError};
+use ladle_engine::pipeline::params::Params;
+use ladle_engine::records::{lines, parse_record, write_record};
+use ladle_engine::stage::{
+    Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind, WholeStage,
+};
+use ladle_engine::{Artifact, FileRef, StageContext};
+use wait_timeout::ChildExt;
+
+pub struct ExecKind;
+
+impl StageKind for ExecKind {
+    fn name(&self) -> &'static str {
+        "exec"
+    }
+    fn about(&self) -> &'static str {
+        "an external program: fills a folder ({out}), or filters shards as JSONL (per_shard)"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        &[]
+    }
+    fn port_table(&self) -> Option<&'static str> {
+        Some("inputs")
+    }
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        let command = params.string_list("command")?.ok_or_else(|| {
+            params.missing(
+                "command",
+                "the program and its arguments, e.g. [\"python\", \"train.py\", \"{in.data}\", \"{out}\"]",
+            )
+        })?;
+        if command.is_empty() || command[0].is_empty() {
+            return Err(params.error("command", "`command` is empty: give the program and its arguments"));
+        }
+        let per_shard = params.bool("per_shard")?.unwrap_or(false);
+        let ports: Vec<String> = params.ports().to_vec();
+        for arg in &command {
+            for placeholder in placeholders(arg) {
+                match placeholder.strip_prefix("in.") {
+                    Some(port) if ports.iter().any(|p| p == port) => {}
+                    Some(port) => {
+                        let mut e = params
+                            .error("command", format!("`{{in.{port}}}` names an input port this stage does not have"));
+                        e.hint = Some(format!("declare it: inputs = {{ {port} = \"STAGE\" }}"));
+                        return Err(e);
+                    }
+                    None if placeholder == "out" && !per_shard => {}
+                    None if placeholder == "out" => {
+                        return Err(params
+                            .error("command", "`{out}` has no meaning with per_shard = true: records go to stdout"));
+                    }
+                    None => {
+                        return Err(params.error("command", format!("unknown placeholder `{{{placeholder}}}`; known: {{in.PORT}}, {{out}} (write `{{{{` for a literal brace)")));
+                    }
+                }
+            }
+        }
+        if per_shard && !ports.iter().any(|p| p == "data") {
+            let mut e =
+                params.stage_error("per_shard = true streams the dataset on input port `data`, which is not connected");
+            e.hint = Some("add inputs = { data = \"STAGE\" }".into());
+            return Err(e);
+        }
+        let deps = params.path_deps("deps")?;
+        let timeout = match params.float("timeout")? {
+            Some(t) if t <= 0.0 => return Err(params.error("timeout", "`timeout` is in seconds and must be positive")),
+            t => t.map(Duration::from_secs_f64),
+        };
+        // The time-out does not change what the stage produces.
+        params.exclude_from_key("timeout");
+        let _ = deps;
+        Ok(Arc::new(Exec { command, per_shard, timeout, dir: params.base_dir().to_path_buf() }))
+    }
+}
+
+/// The `{name}` placeholders of an argument (`{{` and `}}` are literal braces).
+fn placeholders(arg: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+            }
+            '{' => out.push(chars.by_ref().take_while(|c| *c != '}').collect()),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn substitute(arg: &str, values: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                out.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                out.push('}');
+            }
+            '{' => {
+                let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                out.push_str(values.get(&name).map(String::as_str).unwrap_or(""));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+struct Exec {
+    command: Vec<String>,
+    per_shard: bool,
+    timeout: Option<Duration>,
+    dir: PathBuf,
+}
+
+impl Stage for Exec {
+    fn produces(&self) -> Produces {
+        if self.per_shard { Produces::Dataset } else { Produces::Folder }
+    }
+    fn execution(&self) -> Execution<'_> {
+        if self.per_shard { Execution::Map { port: "data", stage: self } } else { Execution::Whole(self) }
+    }
+}
+
+/// The last `n` lines of a log, for error messages.
+fn tail(log: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(log);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = lines[start..].iter().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n");
+    if out.is_empty() {
+        out = "    | (no output)".into();
+    }
+    out
+}
+
+/// Runs `command` with `stdin` fed from memory; returns (exit status, stdout, stderr).
+fn run_command(
+    command: &[String],
+    dir: &Path,
+    env: &BTreeMap<String, String>,
+    stdin: Option<&[u8]>,
+    timeout: Option<Duration>,
+) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), StageError> {
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .current_dir(dir)
+        .envs(env)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| {
+        StageError::environment(format!("cannot start `{}`: {e}", command[0])).with_hint(
+            "check that the program is installed and on PATH, or give its path relative to the pipeline file",
+        )
+    })?;
+    let mut out_pipe = child.stdout.take().expect("piped");
+    let mut err_pipe = child.stderr.take().expect("piped");
+    let stdin_pipe = child.stdin.take();
+    let (status, stdout, stderr) = std::thread::scope(|s| {
+        if let (Some(mut pipe), Some(data)) = (stdin_pipe, stdin) {
+            // A program that exits early closes its stdin: not an error of ours.
+            s.spawn(move || {
+                let _ = pipe.write_all(data);
+            });
+        }
+        let out = s.spawn(move || {
+            let mut v = Vec::new();
+            let _ = out_pipe.read_to_end(&mut v);
+            v
+        });
+        let err = s.spawn(move || {
+            let mut v = Vec::new();
+            let _ = err_pipe.read_to_end(&mut v);
+            v
+        });
+        let status = match timeout {
+            Some(t) => match child.wait_timeout(t) {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    Err(StageError::input(format!(
+                        "`{}` ran past its timeout of {:.1} s and was stopped",
+                        command[0],
+                        t.as_secs_f64()
+                    ))
+                    .with_hint("raise `timeout`, or make the command faster"))
+                }
+                Err(e) => Err(StageError::environment(format!("cannot wait for `{}`: {e}", command[0]))),
+            },
+            None => child.wait().map_err(|e| StageError::environment(format!("cannot wait for `{}`: {e}", command[0]))),
+        };
+        (status, out.join().unwrap_or_default(), err.join().unwrap_or_default())
+    });
+    Ok((status?, stdout, stderr))
+}
+
+impl WholeStage for Exec {
+    fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError> {
+        let work = ctx.temp_path("exec");
+        let io = |what: &str, e: std::io::Error| StageError::environment(format!("cannot {what}: {e}"));
+        std::fs::create_dir_all(work.join("in")).map_err(|e| io("create a work folder", e))?;
+        let out_dir = work.join("out");
+        std::fs::create_dir_all(&out_dir).map_err(|e| io("create the output folder", e))?;
+        let mut values = BTreeMap::new();
+        let mut env = BTreeMap::new();
+        for (port, artifacts) in &inputs.ports {
+            let Some(artifact) = artifacts.first() else { continue };
+            let path = ctx.materialize(artifact, &work.join("in").join(port))?;
+            values.insert(format!("in.{port}"), path.display().to_string());
+            env.insert(format!("LADLE_IN_{}", port.to_uppercase().replace('-', "_")), path.display().to_string());
+        }
+        values.insert("out".into(), out_dir.display().to_string());
+        env.insert("LADLE_OUT".into(), out_dir.display().to_string());
+        let command: Vec<String> = self.command.iter().map(|a| substitute(a, &values)).collect();
+        let (status, stdout, stderr) = run_command(&command, &self.dir, &env, None, self.timeout)?;
+        let mut log = stdout;
+        if !stderr.is_empty() {
+            log.extend_from_slice(b"\n--- stderr ---\n");
+            log.extend_from_slice(&stderr);
+        }
+        ctx.save_log(&log)?;
+        if !status.success() {
+            return Err(StageError::input(format!(
+                "`{}` failed ({status}); the end of its output:\n{}",
+                self.command.join(" "),
+                tail(&log, 20)
+            )));
+        }
+        // Ingest the output folder.
+        let mut files = Vec::new();
+        let mut todo = vec![out_dir.clone()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| io("list the output folder", e))? {
+                let path = entry.map_err(|e| io("list the output folder", e))?.path();
+                let meta = std::fs::symlink_metadata(&path).map_err(|e| io("stat an output file", e))?;
+                if meta.is_dir() {
+                    todo.push(path);
+                } else if meta.is_file() {
+                    let rel = path
+                        .strip_prefix(&out_dir)
+                        .unwrap_or(&path)
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    let (digest, size) = ctx.store.put_file(&path)?;
+                    files.push(FileRef { path: rel, digest, size });
+                } else {
+                    return Err(StageError::input(format!(
+                        "the command left `{}` in {{out}}, which is not a plain file or folder (a symlink?)",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let model = files.iter().any(|f| f.path == "config.json");
+        let _ = std::fs::remove_dir_all(&work);
+        Ok(Artifact::Folder { model, external: None, files })
+    }
+}
+
+impl MapStage for Exec {
+    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        let work = ctx.temp_path("exec-inputs");
+        let mut values = BTreeMap::new();
+        let mut env = BTreeMap::new();
+        for (port, artifacts) in &inputs.ports {
+            if port == "data" {
+                continue;
+            }
+            let Some(artifact) = artifacts.first() else { continue };
+            std::fs::create_dir_all(&work)
+                .map_err(|e| StageError::environment(format!("cannot create a work folder: {e}")))?;
+            let path = ctx.materialize(artifact, &work.join(port))?;
+            values.insert(format!("in.{port}"), path.display().to_string());
+            env.insert(format!("LADLE_IN_{}", port.to_uppercase().replace('-', "_")), path.display().to_string());
+        }
+        let command: Vec<String> = self.command.iter().map(|a| substitute(a, &values)).collect();
+        Ok(Arc::new(ShardFilter { command, env, dir: self.dir.clone(), timeout: self.timeout }))
+    }
+}
+
+struct ShardFilter {
+    command: Vec<String>,
+    env: BTreeMap<String, String>,
+    dir: PathBuf,
+    timeout: Option<Duration>,
+}
+
+impl ShardMapper for ShardFilter {
+    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+        let (status, stdout, stderr) =
+            run_command(&self.command, &self.dir, &self.env, Some(shard.jsonl), self.timeout)?;
+        if !status.success() {
+            return Err(StageError::input(format!(
+                "`{}` failed ({status}); the end of its stderr:\n{}",
+                self.command.join(" "),
+                tail(&stderr, 20)
+            )));
+        }
+        let mut out = Vec::with_capacity(stdout.len());
+        let mut n = 0;
+        for (i, line) in lines(&stdout).enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let record = parse_record(line).map_err(|e| {
+                StageError::input(format!("line {} of the command's output: {e}", i + 1))
+                    .with_hint("a per_shard command must print one JSON object per line on stdout (log to stderr)")
+            })?;
+            write_record(&record, &mut out);
+            n += 1;
+        }
+        Ok(MappedShard { jsonl: out, records: n })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_substitution() {
+        assert_eq!(placeholders("--data={in.data}"), vec!["in.data"]);
+        assert_eq!(placeholders("{{literal}} {out}"), vec!["out"]);
+        let mut v = BTreeMap::new();
+        v.insert("out".to_string(), "/o".to_string());
+        assert_eq!(substitute("{{x}}={out}/m", &v), "{x}=/o/m");
+    }
+}

@@ -1,0 +1,49 @@
+//! ladle's native stages.
+//!
+//! Each stage kind is one module: it reads its parameters, declares its ports and implements the
+//! engine's [`Stage`](ladle_engine::stage::Stage) traits. [`registry`] returns them all for the
+//! binary. ML stages (model loading, perplexity, encoders, soups) will live here too, behind the
+//! `cuda` feature for GPU builds.
+
+pub mod concat;
+pub mod dedup;
+pub mod exec;
+pub mod model;
+pub mod parquet_io;
+pub mod read;
+pub mod sample;
+pub mod select;
+pub mod template;
+pub mod write;
+
+use std::sync::Arc;
+
+use ladle_engine::Registry;
+
+/// Every native stage kind.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(Arc::new(read::ReadKind));
+    r.register(Arc::new(write::WriteKind));
+    r.register(Arc::new(select::SelectKind));
+    r.register(Arc::new(dedup::DedupKind));
+    r.register(Arc::new(sample::SampleKind));
+    r.register(Arc::new(concat::ConcatKind));
+    r.register(Arc::new(model::ModelKind));
+    r.register(Arc::new(exec::ExecKind));
+    r
+}
+
+/// The JSONL lines of `jsonl` whose flag is set, with their count.
+pub(crate) fn keep_lines(jsonl: &[u8], keep: impl Iterator<Item = bool>) -> (Vec<u8>, u64) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for (line, k) in ladle_engine::records::lines(jsonl).zip(keep) {
+        if k {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+            n += 1;
+        }
+    }
+    (out, n)
+}

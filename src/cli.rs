@@ -160,7 +160,7 @@ fn open_existing_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store>
 }
 
 pub fn dispatch(args: Args) -> Result<Outcome> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::stdout();
     match args.command {
         Cmd::Run { pipeline, store, jobs, json, force, stage } => {
             let p = Arc::new(load(&pipeline)?);

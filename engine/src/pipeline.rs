@@ -79,8 +79,18 @@ impl Pipeline {
             PipelineError { location: lines.locate(offset), stage: stage.map(str::to_string), message, hint }.into()
         };
         let doc = toml::de::DeTable::parse(source).map_err(|e| {
-            let offset = e.span().map(|s| s.start).unwrap_or(0);
-            err(offset, None, format!("invalid TOML: {}", e.message().trim()), None)
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim();
+            if message.starts_with("duplicate key") {
+                let key = source.get(span.clone()).unwrap_or("").trim();
+                return err(
+                    span.start,
+                    None,
+                    format!("`{key}` is declared twice"),
+                    Some("each key, and each [stages.NAME], may appear once; rename or merge the second".into()),
+                );
+            }
+            err(span.start, None, format!("invalid TOML: {message}"), None)
         })?;
         let root = doc.get_ref();
 

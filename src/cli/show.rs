@@ -23,6 +23,12 @@ fn current(
     }
 }
 
+/// `number`, `string`, ... (without the article `json_type` gives for sentences).
+fn bare_type(v: &serde_json::Value) -> &'static str {
+    let t = json_type(v);
+    t.strip_prefix("an ").or_else(|| t.strip_prefix("a ")).unwrap_or(t)
+}
+
 pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut impl Write) -> Result<()> {
     let (key, digest, artifact) = current(p, store, stage)?;
     writeln!(out, "stage:    {stage}")?;
@@ -46,7 +52,7 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
                 for line in lines(&bytes) {
                     let r = parse_record(line).map_err(anyhow::Error::msg)?;
                     for (k, v) in &r {
-                        schema.entry(k.clone()).or_default().insert(json_type(v));
+                        schema.entry(k.clone()).or_default().insert(bare_type(v));
                     }
                     if examples.len() < sample {
                         examples.push(r);

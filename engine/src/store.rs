@@ -111,6 +111,7 @@ impl Store {
         let db = sled::Config::new()
             .path(&index_path)
             .flush_every_ms(Some(1000))
+            .cache_capacity(64 << 20)
             .open()
             .map_err(|source| Error::Index { path: index_path.clone(), source })?;
         let tree = |name: &str| db.open_tree(name).map_err(|source| Error::Index { path: index_path.clone(), source });

@@ -139,16 +139,25 @@ fn read_cell(line: &[u8], column: &str) -> Result<Cell, String> {
     Column(column).deserialize(&mut de).map_err(|e| format!("invalid record: {e}"))
 }
 
-/// Indices (into `values`) of the `⌊fraction·n⌋` smallest (or largest), ties by position.
-fn pick_fraction(values: &[(f64, u64)], fraction: f64, highest: bool) -> Vec<u64> {
-    let k = ((fraction * values.len() as f64) + 1e-9).floor() as usize;
-    let mut order: Vec<&(f64, u64)> = values.iter().collect();
-    if highest {
-        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    } else {
-        order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+/// Positions of the `⌊fraction·n⌋` smallest (or largest) present values, ties broken by
+/// position (earlier wins). `values` holds NaN where a record has no value. Selection is a
+/// partial sort (`select_nth_unstable`), linear on average; memory is one `u32` per record.
+fn pick_fraction(values: &[f64], fraction: f64, highest: bool) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).filter(|&i| !values[i as usize].is_nan()).collect();
+    let k = ((fraction * idx.len() as f64) + 1e-9).floor() as usize;
+    let cmp = |a: &u32, b: &u32| {
+        let (va, vb) = (values[*a as usize], values[*b as usize]);
+        let by_value = if highest { vb.total_cmp(&va) } else { va.total_cmp(&vb) };
+        by_value.then(a.cmp(b))
+    };
+    if k == 0 {
+        return Vec::new();
     }
-    order.into_iter().take(k).map(|v| v.1).collect()
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx
 }
 
 impl WholeStage for Select {
@@ -160,15 +169,22 @@ impl WholeStage for Select {
             first.push(acc);
             acc += s.records;
         }
-        // Pass 1: the column, per shard.
-        let cells: Vec<Vec<Option<f64>>> = ctx.par_map(shards.iter().enumerate().map(Ok), |_, (si, s)| {
+        if acc > u32::MAX as u64 {
+            return Err(StageError::input(format!(
+                "`select` handles up to {} records per stage; this dataset has {acc}",
+                u32::MAX
+            ))
+            .with_hint("split the dataset with `sample` or several `read` stages"));
+        }
+        // Pass 1: the column, per shard; NaN marks a record without a value (JSON has no NaN).
+        let per_shard: Vec<Vec<f64>> = ctx.par_map(shards.iter().enumerate().map(Ok), |_, (si, s)| {
             let bytes = ctx.read_shard(s)?;
             let mut out = Vec::with_capacity(s.records as usize);
             for (i, line) in lines(&bytes).enumerate() {
                 let at = first[si] + i as u64;
                 match read_cell(line, &self.by).map_err(|e| StageError::internal(format!("record {at}: {e}")))? {
-                    Cell::Number(v) => out.push(Some(v)),
-                    Cell::Missing if self.drop_missing => out.push(None),
+                    Cell::Number(v) => out.push(v),
+                    Cell::Missing if self.drop_missing => out.push(f64::NAN),
                     Cell::Missing => {
                         return Err(StageError::input(format!(
                             "record {at} has no column `{}` (or it is null)",
@@ -186,38 +202,31 @@ impl WholeStage for Select {
             }
             Ok(out)
         })?;
+        let mut values: Vec<f64> = Vec::with_capacity(acc as usize);
+        for v in per_shard {
+            values.extend_from_slice(&v);
+        }
         // Decide.
-        let mut keep: Vec<Vec<bool>> = cells.iter().map(|c| vec![false; c.len()]).collect();
+        let mut keep = vec![false; values.len()];
         match self.rule {
             Rule::Range { min, max } => {
-                for (si, c) in cells.iter().enumerate() {
-                    for (i, v) in c.iter().enumerate() {
-                        keep[si][i] = v.is_some_and(|v| min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m));
-                    }
+                for (k, v) in keep.iter_mut().zip(&values) {
+                    *k = !v.is_nan() && min.is_none_or(|m| *v >= m) && max.is_none_or(|m| *v <= m);
                 }
             }
             Rule::Lowest(f) | Rule::Highest(f) => {
-                let mut values = Vec::new();
-                let mut position = Vec::new();
-                for (si, c) in cells.iter().enumerate() {
-                    for (i, v) in c.iter().enumerate() {
-                        if let Some(v) = v {
-                            values.push((*v, values.len() as u64));
-                            position.push((si, i));
-                        }
-                    }
-                }
-                for idx in pick_fraction(&values, f, matches!(self.rule, Rule::Highest(_))) {
-                    let (si, i) = position[idx as usize];
-                    keep[si][i] = true;
+                for i in pick_fraction(&values, f, matches!(self.rule, Rule::Highest(_))) {
+                    keep[i as usize] = true;
                 }
             }
         }
-        drop(cells);
+        drop(values);
+        let keep: Vec<&[bool]> =
+            shards.iter().zip(&first).map(|(s, f)| &keep[*f as usize..(*f + s.records) as usize]).collect();
         // Pass 2: copy kept lines, one output shard per input shard.
         let out = ctx.par_map(shards.iter().zip(keep).map(Ok), |_, (s, keep)| {
             let bytes = ctx.read_shard(s)?;
-            let (jsonl, n) = crate::keep_lines(&bytes, keep.into_iter());
+            let (jsonl, n) = crate::keep_lines(&bytes, keep.iter().copied());
             if n == 0 { Ok(None) } else { ctx.write_shard(&jsonl, n).map(Some) }
         })?;
         Ok(Artifact::Dataset { shards: out.into_iter().flatten().collect() })
@@ -238,15 +247,23 @@ mod tests {
 
     #[test]
     fn fraction_takes_floor_and_breaks_ties_by_order() {
+        let sorted = |mut v: Vec<u32>| {
+            v.sort();
+            v
+        };
         // Values by position: 5, 1, 3, 1, 2 — lowest 40% of 5 = 2 records: positions 1 and 3 (both 1).
-        let v: Vec<(f64, u64)> = [5.0, 1.0, 3.0, 1.0, 2.0].iter().enumerate().map(|(i, x)| (*x, i as u64)).collect();
-        assert_eq!(pick_fraction(&v, 0.4, false), vec![1, 3]);
+        let v = [5.0, 1.0, 3.0, 1.0, 2.0];
+        assert_eq!(sorted(pick_fraction(&v, 0.4, false)), vec![1, 3]);
         // Tie at the cut: lowest 20% = 1 record; of the two 1.0s the earlier wins.
         assert_eq!(pick_fraction(&v, 0.2, false), vec![1]);
         assert_eq!(pick_fraction(&v, 0.2, true), vec![0]);
+        // Missing values (NaN) are not counted: 2 of 4 present, 50% = 1.
+        assert_eq!(pick_fraction(&[f64::NAN, 4.0, f64::NAN, 3.0], 0.5, false), vec![3]);
         // 0.29 · 100 is 28.999… in floating point; it must still keep 29.
-        let w: Vec<(f64, u64)> = (0..100).map(|i| (i as f64, i)).collect();
-        assert_eq!(pick_fraction(&w, 0.29, false).len(), 29);
+        let w: Vec<f64> = (0..100).map(|i| ((i * 37) % 100) as f64).collect();
+        let low = sorted(pick_fraction(&w, 0.29, false));
+        assert_eq!(low.len(), 29);
+        assert!(low.iter().all(|&i| w[i as usize] < 29.0));
         assert!(pick_fraction(&w, 0.0, false).is_empty());
         assert_eq!(pick_fraction(&w, 1.0, false).len(), 100);
     }

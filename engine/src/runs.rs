@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventSink};
+use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,15 +57,17 @@ pub struct RunRecord {
     pub stages: Vec<StageRecord>,
 }
 
-/// Folds stage events into a [`RunRecord`] and forwards every event to `next`.
+/// Folds stage events into a [`RunRecord`] and forwards every event to `next`. With a store, the
+/// record is saved after each stage ends, so a run killed half-way still says what it finished.
 pub struct RunRecorder {
     pub record: Mutex<RunRecord>,
     next: Arc<dyn EventSink>,
+    store: Option<Store>,
 }
 
 impl RunRecorder {
-    pub fn new(record: RunRecord, next: Arc<dyn EventSink>) -> Self {
-        RunRecorder { record: Mutex::new(record), next }
+    pub fn new(record: RunRecord, next: Arc<dyn EventSink>, store: Option<Store>) -> Self {
+        RunRecorder { record: Mutex::new(record), next, store }
     }
 
     pub fn into_record(self) -> RunRecord {
@@ -112,7 +115,15 @@ impl EventSink for RunRecorder {
             Event::StageSkipped { stage, kind, reason } => {
                 rec.stages.push(StageRecord { error: Some(reason.clone()), ..entry(stage, kind, StageStatus::Skipped) })
             }
-            _ => {}
+            _ => {
+                drop(rec);
+                self.next.emit(event);
+                return;
+            }
+        }
+        if let Some(store) = &self.store {
+            // Best effort: the final record is written (and errors reported) when the run ends.
+            let _ = store.put_run(&rec);
         }
         drop(rec);
         self.next.emit(event);

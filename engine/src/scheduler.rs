@@ -103,7 +103,7 @@ pub fn run(
         stages: Vec::new(),
     };
     store.put_run(&record)?;
-    let recorder = Arc::new(RunRecorder::new(record, sink.clone()));
+    let recorder = Arc::new(RunRecorder::new(record, sink.clone(), Some(store.clone())));
     let selected: Vec<bool> = match &options.only {
         Some(name) => pipeline.with_ancestors(pipeline.stage_named(name)?),
         None => vec![true; pipeline.stages.len()],

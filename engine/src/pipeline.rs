@@ -183,14 +183,13 @@ impl Pipeline {
         let index_of: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
 
         // First pass: kinds and ports.
-        struct Pending<'t> {
+        struct Pending {
             name: String,
             at: Location,
             kind: Arc<dyn StageKind>,
             inputs: BTreeMap<String, Vec<usize>>,
             input_at: BTreeMap<String, Location>,
             params: BTreeMap<String, value::Param>,
-            _t: std::marker::PhantomData<&'t ()>,
         }
         let mut pending = Vec::new();
         for (key, value) in stage_tables.iter() {
@@ -247,192 +246,42 @@ impl Pipeline {
             };
             let mut inputs = BTreeMap::new();
             let mut input_at = BTreeMap::new();
+            let resolve =
+                |port: &str, p: &value::Param, arity: Arity| resolve_port(&stage, port, p, arity, &index_of, &names);
             for port in kind.ports() {
                 let Some(p) = entries.remove(port.name) else {
                     if port.required {
-                        return Err(PipelineError {
-                            location: at.clone(),
-                            stage: Some(stage),
-                            message: format!("missing input port `{}` of a `{}` stage", port.name, kind.name()),
-                            hint: Some(format!(
-                                "connect it to the stage whose output it reads: {} = \"STAGE\"",
-                                port.name
-                            )),
-                        }
+                        return Err(located(
+                            at.clone(),
+                            &stage,
+                            format!("missing input port `{}` of a `{}` stage", port.name, kind.name()),
+                            Some(format!("connect it to the stage whose output it reads: {} = \"STAGE\"", port.name)),
+                        )
                         .into());
                     }
                     continue;
                 };
-                let refs: Vec<(String, Location)> = match (&p.value, port.arity) {
-                    (Value::String(s), _) => vec![(s.clone(), p.at.clone())],
-                    (Value::Array(items), Arity::Many) => {
-                        let mut v = Vec::new();
-                        for item in items {
-                            let Value::String(s) = &item.value else {
-                                return Err(PipelineError {
-                                    location: item.at.clone(),
-                                    stage: Some(stage),
-                                    message: format!(
-                                        "input port `{}` must list stage names (strings), found {}",
-                                        port.name,
-                                        item.value.type_name()
-                                    ),
-                                    hint: None,
-                                }
-                                .into());
-                            };
-                            v.push((s.clone(), item.at.clone()));
-                        }
-                        if v.is_empty() {
-                            return Err(PipelineError {
-                                location: p.at.clone(),
-                                stage: Some(stage),
-                                message: format!("input port `{}` lists no stages", port.name),
-                                hint: None,
-                            }
-                            .into());
-                        }
-                        v
-                    }
-                    (other, Arity::One) => {
-                        return Err(PipelineError {
-                            location: p.at.clone(),
-                            stage: Some(stage),
-                            message: format!(
-                                "input port `{}` must name one stage (a string), found {}",
-                                port.name,
-                                other.type_name()
-                            ),
-                            hint: None,
-                        }
-                        .into());
-                    }
-                    (other, Arity::Many) => {
-                        return Err(PipelineError {
-                            location: p.at.clone(),
-                            stage: Some(stage),
-                            message: format!(
-                                "input port `{}` must name stages (a string or an array of strings), found {}",
-                                port.name,
-                                other.type_name()
-                            ),
-                            hint: None,
-                        }
-                        .into());
-                    }
-                };
-                let mut idx = Vec::new();
-                for (r, loc) in refs {
-                    if r == stage {
-                        return Err(PipelineError {
-                            location: loc,
-                            stage: Some(stage),
-                            message: format!(
-                                "input port `{}` reads the stage's own output: a stage cannot depend on itself",
-                                port.name
-                            ),
-                            hint: None,
-                        }
-                        .into());
-                    }
-                    let Some(&i) = index_of.get(r.as_str()) else {
-                        let hint = closest(&r, names.iter().map(String::as_str))
-                            .map(|c| format!("did you mean `{c}`?"))
-                            .unwrap_or_else(|| format!("stages in this file: {}", names.join(", ")));
-                        return Err(PipelineError {
-                            location: loc,
-                            stage: Some(stage),
-                            message: format!("input port `{}` refers to a stage `{r}` that does not exist", port.name),
-                            hint: Some(hint),
-                        }
-                        .into());
-                    };
-                    idx.push(i);
-                }
+                inputs.insert(port.name.to_string(), resolve(port.name, &p, port.arity)?);
                 input_at.insert(port.name.to_string(), p.at.clone());
-                inputs.insert(port.name.to_string(), idx);
             }
             if let Some(table_name) = kind.port_table()
                 && let Some(table) = entries.remove(table_name)
             {
                 let Value::Table(ports) = &table.value else {
-                    return Err(PipelineError {
-                        location: table.at.clone(),
-                        stage: Some(stage),
-                        message: format!(
-                            "`{table_name}` must be a table of input ports: {table_name} = {{ data = \"STAGE\" }}"
-                        ),
-                        hint: None,
-                    }
-                    .into());
+                    let message =
+                        format!("`{table_name}` must be a table of input ports: {table_name} = {{ data = \"STAGE\" }}");
+                    return Err(located(table.at.clone(), &stage, message, None).into());
                 };
                 for (port, p) in ports {
-                    let refs: Vec<(String, Location)> = match &p.value {
-                        Value::String(s) => vec![(s.clone(), p.at.clone())],
-                        Value::Array(items)
-                            if items.iter().all(|i| matches!(i.value, Value::String(_))) && !items.is_empty() =>
-                        {
-                            items
-                                .iter()
-                                .map(|i| match &i.value {
-                                    Value::String(s) => (s.clone(), i.at.clone()),
-                                    _ => unreachable!(),
-                                })
-                                .collect()
-                        }
-                        other => {
-                            return Err(PipelineError { location: p.at.clone(), stage: Some(stage), message: format!("input port `{port}` in `{table_name}` must name a stage (a string or an array of strings), found {}", other.type_name()), hint: None }.into());
-                        }
-                    };
                     if !port.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                        return Err(PipelineError {
-                            location: p.at.clone(),
-                            stage: Some(stage),
-                            message: format!("input port name `{port}` may hold only letters, digits, `_` and `-`"),
-                            hint: None,
-                        }
-                        .into());
+                        let message = format!("input port name `{port}` may hold only letters, digits, `_` and `-`");
+                        return Err(located(p.at.clone(), &stage, message, None).into());
                     }
-                    let mut idx = Vec::new();
-                    for (r, loc) in refs {
-                        if r == stage {
-                            return Err(PipelineError {
-                                location: loc,
-                                stage: Some(stage),
-                                message: format!(
-                                    "input port `{port}` reads the stage's own output: a stage cannot depend on itself"
-                                ),
-                                hint: None,
-                            }
-                            .into());
-                        }
-                        let Some(&i) = index_of.get(r.as_str()) else {
-                            let hint = closest(&r, names.iter().map(String::as_str))
-                                .map(|c| format!("did you mean `{c}`?"))
-                                .unwrap_or_else(|| format!("stages in this file: {}", names.join(", ")));
-                            return Err(PipelineError {
-                                location: loc,
-                                stage: Some(stage),
-                                message: format!("input port `{port}` refers to a stage `{r}` that does not exist"),
-                                hint: Some(hint),
-                            }
-                            .into());
-                        };
-                        idx.push(i);
-                    }
+                    inputs.insert(port.clone(), resolve(port, p, Arity::Many)?);
                     input_at.insert(port.clone(), p.at.clone());
-                    inputs.insert(port.clone(), idx);
                 }
             }
-            pending.push(Pending {
-                name: stage,
-                at,
-                kind: kind.clone(),
-                inputs,
-                input_at,
-                params: entries,
-                _t: std::marker::PhantomData,
-            });
+            pending.push(Pending { name: stage, at, kind: kind.clone(), inputs, input_at, params: entries });
         }
 
         // Graph and cycles, before configuring (configuring may touch the filesystem).
@@ -535,6 +384,69 @@ impl Pipeline {
         }
         keep
     }
+}
+
+fn located(location: Location, stage: &str, message: String, hint: Option<String>) -> PipelineError {
+    PipelineError { location, stage: Some(stage.to_string()), message, hint }
+}
+
+/// The stages a port's value names (`"a"`, or `["a", "b"]` where the port takes several), as
+/// indices, each checked to exist and not to be the stage itself.
+fn resolve_port(
+    stage: &str,
+    port: &str,
+    p: &value::Param,
+    arity: Arity,
+    index_of: &BTreeMap<&str, usize>,
+    names: &[String],
+) -> Result<Vec<usize>, PipelineError> {
+    let refs: Vec<(&str, &Location)> = match (&p.value, arity) {
+        (Value::String(s), _) => vec![(s.as_str(), &p.at)],
+        (Value::Array(items), Arity::Many) => {
+            let mut v = Vec::new();
+            for item in items {
+                let Value::String(s) = &item.value else {
+                    let message = format!(
+                        "input port `{port}` must list stage names (strings), found {}",
+                        item.value.type_name()
+                    );
+                    return Err(located(item.at.clone(), stage, message, None));
+                };
+                v.push((s.as_str(), &item.at));
+            }
+            if v.is_empty() {
+                return Err(located(p.at.clone(), stage, format!("input port `{port}` lists no stages"), None));
+            }
+            v
+        }
+        (other, Arity::One) => {
+            let message = format!("input port `{port}` must name one stage (a string), found {}", other.type_name());
+            return Err(located(p.at.clone(), stage, message, None));
+        }
+        (other, Arity::Many) => {
+            let message = format!(
+                "input port `{port}` must name stages (a string or an array of strings), found {}",
+                other.type_name()
+            );
+            return Err(located(p.at.clone(), stage, message, None));
+        }
+    };
+    let mut idx = Vec::new();
+    for (r, loc) in refs {
+        if r == stage {
+            let message = format!("input port `{port}` reads the stage's own output: a stage cannot depend on itself");
+            return Err(located(loc.clone(), stage, message, None));
+        }
+        let Some(&i) = index_of.get(r) else {
+            let hint = closest(r, names.iter().map(String::as_str))
+                .map(|c| format!("did you mean `{c}`?"))
+                .unwrap_or_else(|| format!("stages in this file: {}", names.join(", ")));
+            let message = format!("input port `{port}` refers to a stage `{r}` that does not exist");
+            return Err(located(loc.clone(), stage, message, Some(hint)));
+        };
+        idx.push(i);
+    }
+    Ok(idx)
 }
 
 fn kahn_order(graph: &DiGraph<usize, String>, nodes: &[NodeIndex]) -> Vec<usize> {

@@ -213,6 +213,10 @@ impl Store {
                 .and_then(|_| File::open(&dest)?.sync_all())
                 .map_err(|e| Error::io(format!("cannot copy {} into the store", from.display()), e))?;
         }
+        // The rename itself must survive a crash before the index names the object.
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("cannot sync {}", parent.display()), e))?;
         let mut perms = fs::metadata(&dest).map_err(|e| Error::io("cannot stat a new object", e))?.permissions();
         perms.set_readonly(true);
         let _ = fs::set_permissions(&dest, perms);

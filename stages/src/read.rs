@@ -91,11 +91,18 @@ impl Stage for Read {
 
 impl WholeStage for Read {
     fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
+        // The key was computed from this digest (a stat-memo hit, so cheap); if the file changes
+        // while it is read, what was read must not be cached under that key.
+        let before = ctx.store.file_digest(&self.path)?;
         let shards = match self.format {
             Format::Jsonl => self.read_jsonl(ctx)?,
             Format::Json => self.read_json(ctx)?,
             Format::Parquet => crate::parquet_io::read(ctx, &self.path, self.shard_records)?,
         };
+        if ctx.store.file_digest(&self.path)? != before {
+            return Err(StageError::input(format!("{} changed while it was being read", self.path.display()))
+                .with_hint("run again once whatever writes the file has finished"));
+        }
         Ok(Artifact::Dataset { shards })
     }
 }

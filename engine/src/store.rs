@@ -407,3 +407,67 @@ pub fn hash_file(path: &Path) -> Result<(Digest, u64)> {
     hasher.update_reader(f).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     Ok((Digest(*hasher.finalize().as_bytes()), size))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_objects_live_in_the_index_and_large_ones_in_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let small = store.put(b"hello").unwrap();
+        assert_eq!(small, Digest::of(b"hello"));
+        assert_eq!(store.object_path(&small).unwrap(), None);
+        let big_bytes = vec![7u8; INLINE_MAX + 1];
+        let big = store.put(&big_bytes).unwrap();
+        let path = store.object_path(&big).unwrap().expect("a file object");
+        assert!(path.starts_with(dir.path().join("objects")));
+        assert!(std::fs::metadata(&path).unwrap().permissions().readonly());
+        assert_eq!(store.get(&small).unwrap(), b"hello");
+        assert_eq!(store.get(&big).unwrap(), big_bytes);
+        // Idempotent.
+        assert_eq!(store.put(&big_bytes).unwrap(), big);
+    }
+
+    #[test]
+    fn a_corrupt_file_object_is_quarantined_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = store.put(&vec![1u8; INLINE_MAX * 2]).unwrap();
+        let path = store.object_path(&d).unwrap().unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&path, perms).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3] = 2;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(store.get(&d), Err(Error::Corrupt { .. })));
+        assert!(!store.has_object(&d).unwrap());
+        assert!(dir.path().join("quarantine").join(d.to_hex()).exists());
+        assert!(matches!(store.get(&d), Err(Error::MissingObject { .. })));
+    }
+
+    #[test]
+    fn the_stat_memo_sees_a_same_size_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let file = dir.path().join("data.txt");
+        std::fs::write(&file, b"aaaa").unwrap();
+        assert_eq!(store.file_digest(&file).unwrap(), Digest::of(b"aaaa"));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(&file, b"bbbb").unwrap();
+        assert_eq!(store.file_digest(&file).unwrap(), Digest::of(b"bbbb"));
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        match Store::open(dir.path()) {
+            Err(Error::StoreBusy { pid, .. }) => assert_eq!(pid, Some(std::process::id().to_string())),
+            other => panic!("expected StoreBusy, got {:?}", other.err()),
+        }
+    }
+}

@@ -9,6 +9,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // A panic is a bug: say so in one line, not with a trace (the stage's task reports it too).
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!(
+            "error: internal error: {info}\n  hint: this is a bug in ladle; please report it with the pipeline file"
+        )
+    }));
     let args = cli::Args::parse();
     match cli::dispatch(args) {
         Ok(cli::Outcome::Success) => ExitCode::SUCCESS,

@@ -52,6 +52,7 @@ fn a_second_run_with_nothing_changed_computes_nothing() {
     for s in ["captions", "sampled", "keep", "out"] {
         assert_eq!(second.computed(s), 0, "{s}");
     }
+    assert_eq!(second.stage("sampled")["shards_total"], 10);
     assert_eq!(p.read("out.jsonl"), out);
 }
 

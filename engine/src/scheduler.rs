@@ -300,8 +300,10 @@ impl StageTask {
                 Ok(Some((digest, artifact)))
                     if self.pipeline.stages[self.idx].stage.still_valid(&artifact, &env.ctx()) =>
                 {
-                    let shards_total = match &artifact {
-                        Artifact::Dataset { shards } => shards.len() as u64,
+                    // As when it runs: a map stage counts its input shards, others their output's.
+                    let shards_total = match (self.pipeline.stages[self.idx].stage.execution(), &artifact) {
+                        (Execution::Map { port, .. }, _) => inputs.dataset(port).map(|s| s.len() as u64).unwrap_or(0),
+                        (_, Artifact::Dataset { shards }) => shards.len() as u64,
                         _ => 0,
                     };
                     if let Err(e) = remember(&env, &parts, digest) {

@@ -110,6 +110,22 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Write and check WASM filter plugins
+    #[command(subcommand)]
+    Plugin(PluginCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCmd {
+    /// Start a plugin crate that builds with `cargo build --release --target wasm32-wasip2`
+    New {
+        name: String,
+        /// Where to create it [default: the current folder]
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Check a .wasm against ladle's plugin interface and list what it exports and imports
+    Check { wasm: PathBuf },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -143,8 +159,15 @@ fn store_dir(arg: &StoreArg, pipeline: Option<&Path>) -> PathBuf {
     dir.join(".ladle")
 }
 
+/// Every stage kind: the native ones and `plugin`.
+fn registry() -> ladle_engine::Registry {
+    let mut registry = ladle_stages::registry();
+    ladle_plugins::register(&mut registry);
+    registry
+}
+
 fn load(pipeline: &Path) -> Result<Pipeline> {
-    Ok(Pipeline::load(pipeline, &ladle_stages::registry())?)
+    Ok(Pipeline::load(pipeline, &registry())?)
 }
 
 fn open_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store> {
@@ -257,6 +280,29 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
                 r.artifacts_removed,
                 r.objects_removed,
                 human_bytes(r.bytes_freed)
+            )?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Plugin(PluginCmd::New { name, dir }) => {
+            let root = ladle_plugins::scaffold::new_plugin(&dir, &name)?;
+            let wasm = format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_"));
+            writeln!(out, "created {}", root.display())?;
+            writeln!(
+                out,
+                "next:\n  cd {}\n  rustup target add wasm32-wasip2   # once\n  cargo build --release --target wasm32-wasip2\n  ladle plugin check {wasm}",
+                root.display()
+            )?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Plugin(PluginCmd::Check { wasm }) => {
+            let report = ladle_plugins::check::check(&wasm)?;
+            writeln!(out, "ok: {} fits {}", wasm.display(), ladle_plugins::host::WORLD)?;
+            writeln!(out, "plugin:  {} ({})", report.name, human_bytes(report.size))?;
+            writeln!(out, "exports: {}", report.exports.join(", "))?;
+            writeln!(
+                out,
+                "imports: {}",
+                if report.imports.is_empty() { "nothing".to_string() } else { report.imports.join(", ") }
             )?;
             Ok(Outcome::Success)
         }

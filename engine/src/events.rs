@@ -46,6 +46,8 @@ pub enum Event {
         records: Option<u64>,
         shards_total: u64,
         shards_computed: u64,
+        /// Records dropped because processing them failed (`on_error = "drop"`).
+        dropped_on_error: u64,
         /// The output equals the previous run's: stages downstream stay cached (early cutoff).
         unchanged: bool,
         seconds: f64,

@@ -25,6 +25,8 @@ pub struct StageRecord {
     pub shards_computed: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub records: Option<u64>,
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub dropped_on_error: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub artifact: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -85,6 +87,7 @@ impl EventSink for RunRecorder {
             shards_total: 0,
             shards_computed: 0,
             records: None,
+            dropped_on_error: 0,
             artifact: None,
             seconds: None,
             error: None,
@@ -96,16 +99,25 @@ impl EventSink for RunRecorder {
                 shards_total: *shards_total,
                 ..entry(stage, kind, StageStatus::Cached)
             }),
-            Event::StageFinished { stage, kind, artifact, records, shards_total, shards_computed, seconds, .. } => {
-                rec.stages.push(StageRecord {
-                    artifact: Some(artifact.clone()),
-                    records: *records,
-                    shards_total: *shards_total,
-                    shards_computed: *shards_computed,
-                    seconds: Some(*seconds),
-                    ..entry(stage, kind, StageStatus::Ran)
-                })
-            }
+            Event::StageFinished {
+                stage,
+                kind,
+                artifact,
+                records,
+                shards_total,
+                shards_computed,
+                dropped_on_error,
+                seconds,
+                ..
+            } => rec.stages.push(StageRecord {
+                dropped_on_error: *dropped_on_error,
+                artifact: Some(artifact.clone()),
+                records: *records,
+                shards_total: *shards_total,
+                shards_computed: *shards_computed,
+                seconds: Some(*seconds),
+                ..entry(stage, kind, StageStatus::Ran)
+            }),
             Event::StageFailed { stage, kind, error, shards_total, shards_computed } => rec.stages.push(StageRecord {
                 error: Some(error.clone()),
                 shards_total: *shards_total,
@@ -128,6 +140,10 @@ impl EventSink for RunRecorder {
         drop(rec);
         self.next.emit(event);
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Peak resident set size of this process (Linux: VmHWM).

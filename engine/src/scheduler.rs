@@ -25,7 +25,7 @@ use crate::pipeline::Pipeline;
 use crate::resolve::key_parts;
 use crate::runs::{RunRecord, RunRecorder, RunStatus, peak_rss_bytes};
 use crate::stage::{Execution, Inputs, ShardInput, ShardMapper};
-use crate::store::{LastRun, Store};
+use crate::store::{LastRun, ShardEntry, Store};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -348,14 +348,14 @@ impl StageTask {
                             Artifact::Dataset { shards } => shards.len() as u64,
                             _ => 0,
                         };
-                        Ok((a, n, n))
+                        Ok((a, n, n, 0))
                     }
                     Ok(Err(e)) => Err((e, (0, 0))),
                     Err(e) => Err((format!("internal error: the stage panicked: {e}"), (0, 0))),
                 }
             }
         };
-        let (artifact, shards_total, shards_computed) = match result {
+        let (artifact, shards_total, shards_computed, dropped_on_error) = match result {
             Ok(r) => r,
             Err((e, shards)) => {
                 fail(&self.sink, e, shards);
@@ -378,6 +378,7 @@ impl StageTask {
                     records: artifact.records(),
                     shards_total,
                     shards_computed,
+                    dropped_on_error,
                     unchanged: previous.is_some_and(|p| p.artifact == digest),
                     seconds: started.elapsed().as_secs_f64(),
                 });
@@ -396,7 +397,7 @@ fn remember(env: &StageEnv, parts: &KeyParts, artifact: ArtifactDigest) -> Resul
     env.store.put_last(&env.pipeline.path, &env.pipeline.stages[env.idx].name, &last)
 }
 
-type MapResult = std::result::Result<(Artifact, u64, u64), (String, (u64, u64))>;
+type MapResult = std::result::Result<(Artifact, u64, u64, u64), (String, (u64, u64))>;
 
 async fn run_map(
     env: Arc<StageEnv>,
@@ -420,15 +421,15 @@ async fn run_map(
     }
     let mapper: Arc<OnceLock<std::result::Result<Arc<dyn ShardMapper>, StageError>>> = Arc::new(OnceLock::new());
     let failed = Arc::new(AtomicBool::new(false));
-    let mut results: Vec<Option<ShardRef>> = vec![None; shards.len()];
+    let mut results: Vec<Option<ShardEntry>> = vec![None; shards.len()];
     let mut errors: Vec<(usize, String)> = Vec::new();
     let mut done = 0u64;
     let mut computed = 0u64;
-    let mut set: JoinSet<(usize, std::result::Result<ShardRef, String>)> = JoinSet::new();
+    let mut set: JoinSet<(usize, std::result::Result<ShardEntry, String>)> = JoinSet::new();
 
     let handle =
-        |joined: std::result::Result<(usize, std::result::Result<ShardRef, String>), tokio::task::JoinError>,
-         results: &mut Vec<Option<ShardRef>>,
+        |joined: std::result::Result<(usize, std::result::Result<ShardEntry, String>), tokio::task::JoinError>,
+         results: &mut Vec<Option<ShardEntry>>,
          errors: &mut Vec<(usize, String)>,
          done: &mut u64,
          computed: &mut u64| {
@@ -485,8 +486,9 @@ async fn run_map(
     if let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i) {
         return Err((e, (total, computed)));
     }
-    let out: Vec<ShardRef> = results.into_iter().flatten().filter(|s| s.records > 0).collect();
-    Ok((Artifact::Dataset { shards: out }, total, computed))
+    let dropped_on_error = results.iter().flatten().map(|e| e.dropped_on_error).sum();
+    let out: Vec<ShardRef> = results.into_iter().flatten().map(|e| e.shard).filter(|s| s.records > 0).collect();
+    Ok((Artifact::Dataset { shards: out }, total, computed, dropped_on_error))
 }
 
 fn compute_shard(
@@ -497,7 +499,7 @@ fn compute_shard(
     first_record: u64,
     shard: &ShardRef,
     key: &crate::digest::ShardKey,
-) -> std::result::Result<ShardRef, String> {
+) -> std::result::Result<ShardEntry, String> {
     let ctx = env.ctx();
     let mapper = mapper
         .get_or_init(|| {
@@ -511,9 +513,10 @@ fn compute_shard(
         Some(r) => format!("record {} (shard {index}, line {} of the shard): {e}", first_record + r, r + 1),
         None => format!("shard {index}: {e}"),
     })?;
-    let commit = || -> Result<ShardRef> {
+    let commit = || -> Result<ShardEntry> {
         let digest = env.store.put(&mapped.jsonl)?;
-        let out = ShardRef { digest, records: mapped.records, bytes: mapped.jsonl.len() as u64 };
+        let shard = ShardRef { digest, records: mapped.records, bytes: mapped.jsonl.len() as u64 };
+        let out = ShardEntry { shard, dropped_on_error: mapped.dropped_on_error };
         env.store.put_shard(key, &out)?;
         env.store.flush()?;
         Ok(out)

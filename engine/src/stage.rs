@@ -113,9 +113,12 @@ pub struct ShardInput<'a> {
     pub jsonl: &'a [u8],
 }
 
+#[derive(Debug, Default)]
 pub struct MappedShard {
     pub jsonl: Vec<u8>,
     pub records: u64,
+    /// Records dropped because processing them failed (a plugin with `on_error = "drop"`).
+    pub dropped_on_error: u64,
 }
 
 pub trait WholeStage: Send + Sync {

@@ -65,6 +65,14 @@ struct Inner {
     _lock: File,
 }
 
+/// A map stage's cached output shard, and what was dropped on error while computing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub shard: ShardRef,
+    #[serde(default)]
+    pub dropped_on_error: u64,
+}
+
 /// What the `last` tree remembers of a stage's most recent successful run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LastRun {
@@ -324,17 +332,17 @@ impl Store {
         }
     }
 
-    pub fn put_shard(&self, key: &ShardKey, shard: &ShardRef) -> Result<()> {
-        let json = serde_json::to_vec(shard).map_err(|e| Error::Internal(e.to_string()))?;
+    pub fn put_shard(&self, key: &ShardKey, entry: &ShardEntry) -> Result<()> {
+        let json = serde_json::to_vec(entry).map_err(|e| Error::Internal(e.to_string()))?;
         self.inner.shards.insert(key.0, json).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     /// A cached output shard, if its object is present.
-    pub fn get_shard(&self, key: &ShardKey) -> Result<Option<ShardRef>> {
+    pub fn get_shard(&self, key: &ShardKey) -> Result<Option<ShardEntry>> {
         let Some(v) = self.inner.shards.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
-        let Ok(shard) = serde_json::from_slice::<ShardRef>(&v) else { return Ok(None) };
-        Ok(self.has_object(&shard.digest)?.then_some(shard))
+        let Ok(entry) = serde_json::from_slice::<ShardEntry>(&v) else { return Ok(None) };
+        Ok(self.has_object(&entry.shard.digest)?.then_some(entry))
     }
 
     // ---- logs, last runs, run records -------------------------------------------------------

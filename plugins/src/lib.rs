@@ -1,4 +1,21 @@
-//! ladle's WASM plugin host (wasmtime, component model): sandboxed custom data filters.
+//! ladle's WASM plugin host: sandboxed custom data filters as WebAssembly components.
 //!
-//! Empty until the plugin issue lands: the WIT interface under `plugins/wit/`, the host, the
-//! `plugin` stage kind, and the guest SDK in `plugins/sdk`. It depends on `ladle-engine` only.
+//! - [`host`]: the wasmtime host — one shared engine, sandboxed stores, limits, calls;
+//! - [`stage`]: the `plugin` stage kind (a map stage);
+//! - [`check`]: `ladle plugin check`, validating a component against the interface;
+//! - [`scaffold`]: `ladle plugin new`, a ready-to-build plugin crate.
+//!
+//! The interface is `wit/filter.wit` (`ladle:filter@0.1.0`); the guest SDK is `sdk/`
+//! (crate `ladle-plugin`). This crate depends on `ladle-engine` only.
+
+pub mod check;
+pub mod host;
+pub mod scaffold;
+pub mod stage;
+
+use std::sync::Arc;
+
+/// Registers the `plugin` stage kind.
+pub fn register(registry: &mut ladle_engine::Registry) {
+    registry.register(Arc::new(stage::PluginKind));
+}

@@ -50,15 +50,25 @@ fn line_for(event: &Event) -> Option<String> {
             format!("{stage}: cached ({}{})", &artifact[..12], records(*n))
         }
         Event::StageFinished {
-            stage, artifact, records: n, shards_total, shards_computed, unchanged, seconds, ..
+            stage,
+            artifact,
+            records: n,
+            shards_total,
+            shards_computed,
+            dropped_on_error,
+            unchanged,
+            seconds,
+            ..
         } => {
+            let dropped =
+                if *dropped_on_error > 0 { format!(", {dropped_on_error} dropped on error") } else { String::new() };
             let shards = if *shards_total > 0 {
                 format!(", {shards_computed}/{shards_total} shard(s) computed")
             } else {
                 String::new()
             };
             let same = if *unchanged { ", output unchanged" } else { "" };
-            format!("{stage}: done in {seconds:.2} s ({}{}{shards}{same})", &artifact[..12], records(*n))
+            format!("{stage}: done in {seconds:.2} s ({}{}{shards}{dropped}{same})", &artifact[..12], records(*n))
         }
         Event::StageFailed { stage, error, .. } => format!("{stage}: FAILED: {error}"),
         Event::StageSkipped { stage, reason, .. } => format!("{stage}: skipped, {reason}"),

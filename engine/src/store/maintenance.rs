@@ -117,7 +117,7 @@ impl Store {
         }
         for item in self.inner.shards.iter() {
             let (k, v) = item.map_err(|e| self.index_err(e))?;
-            let keep = serde_json::from_slice::<crate::artifact::ShardRef>(&v).is_ok_and(|s| live.contains(&s.digest));
+            let keep = serde_json::from_slice::<super::ShardEntry>(&v).is_ok_and(|e| live.contains(&e.shard.digest));
             if !keep {
                 self.inner.shards.remove(k).map_err(|e| self.index_err(e))?;
             }

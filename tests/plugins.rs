@@ -1,0 +1,368 @@
+//! WASM filter plugins: the examples against their logic written natively here, the sandbox
+//! against hostile plugins, caching by the .wasm's digest, and `ladle plugin new`/`check`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Project, wasm_dir};
+use serde_json::{Value, json};
+
+fn example(name: &str) -> String {
+    wasm_dir("plugins/examples").join(format!("{name}.wasm")).display().to_string()
+}
+
+fn hostile() -> String {
+    wasm_dir("tests/plugins").join("hostile.wasm").display().to_string()
+}
+
+fn jsonl(p: &Project, rel: &str) -> Vec<Value> {
+    String::from_utf8(p.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// read (shards of `shard`) → plugin(wasm, extra) → write o.jsonl
+fn pipeline(wasm: &str, extra: &str, shard: usize) -> String {
+    format!(
+        "[pipeline]\nname = \"plugins\"\n\n[stages.d]\nkind = \"read\"\npath = \"d.jsonl\"\nshard_records = {shard}\n\n[stages.f]\nkind = \"plugin\"\ndata = \"d\"\nwasm = \"{wasm}\"\n{extra}\n\n[stages.w]\nkind = \"write\"\ndata = \"f\"\npath = \"o.jsonl\"\n"
+    )
+}
+
+fn captions() -> Vec<Value> {
+    [
+        "a dog on a red mat",
+        "two cats",
+        "  a   bird   on a wire  ",
+        "<p>A <b>yellow</b> taxi</p> in the rain",
+        "Tom &amp; Jerry &lt;3 on TV",
+        "see https://example.com/img.jpg for the full photo",
+        "www.shop.example sells this blue mug",
+        "<a href=\"http://x.y\">link</a>",
+        "https://only.a.url",
+        "SN-4471-AX v2.3.1 REV B",
+        "Firmware v1.2.3-rc4 build 20240101 X200T",
+        "a photo from 1990 of 3 children",
+        "part no. 88-1234/B fits model X5",
+        "v2.0 v3.1 v4.2 release notes",
+        "",
+        "a < b and c > d",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, c)| json!({"id": i, "caption": c}))
+    .collect()
+}
+
+fn write_records(p: &Project, records: &[Value]) {
+    p.write("d.jsonl", records.iter().map(|r| format!("{r}\n")).collect::<String>());
+}
+
+// ---- the examples' logic, written natively (from their module docs) ----------------------
+
+fn native_min_words(caption: &str, min: usize) -> bool {
+    caption.split_whitespace().count() >= min
+}
+
+fn native_clean(caption: &str) -> String {
+    let mut text = String::new();
+    let mut rest = caption;
+    while let Some(i) = rest.find('<') {
+        let after = &rest[i + 1..];
+        let tag_like = after.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '/' || c == '!');
+        match (tag_like, after.find('>')) {
+            (true, Some(j)) => {
+                text.push_str(&rest[..i]);
+                text.push(' ');
+                rest = &after[j + 1..];
+            }
+            _ => {
+                text.push_str(&rest[..=i]);
+                rest = after;
+            }
+        }
+    }
+    text.push_str(rest);
+    let text = text
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&nbsp;", " ")
+        .replace("&amp;", "&");
+    text.split_whitespace()
+        .filter(|t| {
+            let t = t.to_ascii_lowercase();
+            !(t.starts_with("http://") || t.starts_with("https://") || t.starts_with("www."))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn native_obscure_keeps(caption: &str, max_fraction: f64) -> bool {
+    let tokens: Vec<&str> = caption.split_whitespace().collect();
+    if tokens.is_empty() {
+        return true;
+    }
+    let obscure = tokens
+        .iter()
+        .filter(|t| {
+            let t = t.trim_matches(|c: char| ",;:()[]{}\"'!?".contains(c));
+            t.chars().any(|c| c.is_ascii_digit()) && t.chars().any(|c| c.is_alphabetic() || "-._/#:".contains(c))
+        })
+        .count();
+    obscure as f64 / tokens.len() as f64 <= max_fraction
+}
+
+#[test]
+fn examples_give_the_same_verdicts_as_their_logic_written_natively() {
+    let records = captions();
+    let p = Project::new();
+    write_records(&p, &records);
+
+    p.write("p.toml", pipeline(&example("min_words"), "config = { min_words = 4 }", 5));
+    assert_eq!(p.run("p.toml", &[]).code(), 0);
+    let expected: Vec<Value> =
+        records.iter().filter(|r| native_min_words(r["caption"].as_str().unwrap(), 4)).cloned().collect();
+    assert_eq!(jsonl(&p, "o.jsonl"), expected);
+
+    p.write("p.toml", pipeline(&example("caption_clean"), "", 5));
+    assert_eq!(p.run("p.toml", &[]).code(), 0);
+    let expected: Vec<Value> = records
+        .iter()
+        .filter_map(|r| {
+            let cleaned = native_clean(r["caption"].as_str().unwrap());
+            (!cleaned.is_empty()).then(|| json!({"id": r["id"], "caption": cleaned}))
+        })
+        .collect();
+    assert_eq!(jsonl(&p, "o.jsonl"), expected);
+    // Spot checks of the rule itself, by hand.
+    let by_id = |id: u64| jsonl(&p, "o.jsonl").into_iter().find(|r| r["id"] == id).map(|r| r["caption"].clone());
+    assert_eq!(by_id(3), Some(json!("A yellow taxi in the rain")));
+    assert_eq!(by_id(4), Some(json!("Tom & Jerry <3 on TV")));
+    assert_eq!(by_id(5), Some(json!("see for the full photo")));
+    assert_eq!(by_id(8), None, "a caption that was only a URL is dropped");
+
+    p.write("p.toml", pipeline(&example("obscure_tokens"), "config = { max_fraction = 0.4 }", 5));
+    assert_eq!(p.run("p.toml", &[]).code(), 0);
+    let expected: Vec<Value> =
+        records.iter().filter(|r| native_obscure_keeps(r["caption"].as_str().unwrap(), 0.4)).cloned().collect();
+    let got = jsonl(&p, "o.jsonl");
+    assert_eq!(got, expected);
+    let kept: Vec<u64> = got.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    // By hand: 9 has 2 obscure tokens of 4 (0.5), 13 has 3 of 5 (0.6): dropped. 10 has 2 of 5,
+    // exactly 0.4, which is not *more* than 0.4: kept. 11's plain numbers are not obscure.
+    for dropped in [9, 13] {
+        assert!(!kept.contains(&dropped), "caption {dropped} is mostly codes and versions");
+    }
+    for k in [10, 11, 12] {
+        assert!(kept.contains(&k), "caption {k} is kept");
+    }
+}
+
+fn run_failing(p: &Project, extra: &str) -> (String, Duration) {
+    p.write("p.toml", pipeline(&hostile(), extra, 3));
+    let t = Instant::now();
+    let r = p.run("p.toml", &["-j", "1"]);
+    let elapsed = t.elapsed();
+    assert_eq!(r.code(), 1, "{}", r.stderr());
+    (p.redact(r.stage("f")["error"].as_str().unwrap()), elapsed)
+}
+
+fn records(n: usize) -> Vec<Value> {
+    (0..n).map(|i| json!({"id": i, "caption": format!("caption {i}")})).collect()
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_deadline() {
+    let p = Project::new();
+    write_records(&p, &records(6));
+    let (error, elapsed) = run_failing(&p, "config = { mode = \"loop\" }\nlimits = { batch_timeout_ms = 300 }");
+    assert!(error.contains("ran past its deadline of 300 ms"), "{error}");
+    assert!(error.contains("plugin `hostile`") && error.contains("records 0..=2"), "{error}");
+    // Compiling the plugin takes a moment in debug builds; the deadline itself is 0.3 s.
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+}
+
+#[test]
+fn a_memory_bomb_is_stopped_at_the_cap() {
+    let p = Project::new();
+    write_records(&p, &records(3));
+    let (error, _) = run_failing(&p, "config = { mode = \"memory\" }\nlimits = { memory_mb = 32 }");
+    assert!(error.contains("hit its memory limit of 32 MiB"), "{error}");
+}
+
+#[test]
+fn fuel_limits_work() {
+    let p = Project::new();
+    write_records(&p, &records(3));
+    let (error, _) = run_failing(&p, "config = { mode = \"loop\" }\nlimits = { fuel = 100000 }");
+    assert!(error.contains("ran out of fuel (100000 units per call)"), "{error}");
+}
+
+#[test]
+fn the_sandbox_gives_no_files_environment_network_or_clock() {
+    let p = Project::new();
+    write_records(&p, &records(2));
+    p.write("p.toml", pipeline(&hostile(), "config = { mode = \"probe\" }", 3));
+    let r = p.command(&["run", "p.toml", "--json"]).env("LADLE_SECRET", "hunter2").output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let seen = jsonl(&p, "o.jsonl");
+    assert_eq!(seen.len(), 2);
+    let s = &seen[0];
+    assert!(s["file"].as_str().unwrap().starts_with("error"), "{s}");
+    assert_eq!(s["env"], json!([]), "no environment variables reach the plugin");
+    assert_eq!(s["now"], 0, "the clock is frozen");
+    assert!(s["tcp"].as_str().unwrap().starts_with("error"), "{s}");
+    assert_eq!(seen[0], seen[1], "deterministic");
+}
+
+#[test]
+fn a_panic_names_the_record_and_committed_shards_stay() {
+    let p = Project::new();
+    write_records(&p, &records(12));
+    let (error, _) = run_failing(&p, "config = { mode = \"panic\", at = 7 }");
+    assert!(error.starts_with("shard 2: plugin `hostile`"), "{error}");
+    assert!(error.contains("records 6..=8"), "{error}");
+    assert!(error.contains("boom at record id 7"), "the guest's panic message is shown: {error}");
+    // Shards 0 and 1 were committed before the failure: a rerun serves them from the cache.
+    let r = p.run("p.toml", &["-j", "1"]);
+    let cached =
+        r.events.iter().filter(|e| e["event"] == "shard_done" && e["stage"] == "f" && e["cached"] == true).count();
+    assert_eq!(cached, 2);
+}
+
+#[test]
+fn contract_breaches_and_errors_fail_clearly_or_drop_and_count() {
+    let p = Project::new();
+    write_records(&p, &records(3));
+    let (error, _) = run_failing(&p, "config = { mode = \"short\" }");
+    assert!(error.contains("returned 2 verdicts for 3 records"), "{error}");
+
+    let mut recs = records(9);
+    recs[4]["bad"] = json!(true);
+    write_records(&p, &recs);
+    let (error, _) = run_failing(&p, "config = { mode = \"err\" }");
+    assert!(error.contains("cannot handle record id 4") && error.contains("records 3..=5"), "{error}");
+    assert!(error.contains("on_error = \"drop\""), "the hint names the way out: {error}");
+
+    p.write("p.toml", pipeline(&hostile(), "config = { mode = \"err\" }\non_error = \"drop\"", 3));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.stage("f")["dropped_on_error"], 1);
+    let ids: Vec<u64> = jsonl(&p, "o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [0, 1, 2, 3, 5, 6, 7, 8], "only the failing record is dropped");
+
+    // A trap with on_error = "drop": the instance is replaced and the run goes on.
+    p.write("p.toml", pipeline(&hostile(), "config = { mode = \"panic\", at = 2 }\non_error = \"drop\"", 3));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let ids: Vec<u64> = jsonl(&p, "o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [0, 1, 3, 4, 5, 6, 7, 8]);
+}
+
+#[test]
+fn bad_wasm_files_are_refused_with_a_clear_error() {
+    let p = Project::new();
+    write_records(&p, &records(3));
+    let mut report = String::new();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage.wasm", vec![0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3]),
+        ("module.wasm", wat::parse_str("(module (func (export \"f\")))").unwrap()),
+        ("truncated.wasm", {
+            let bytes = std::fs::read(example("min_words")).unwrap();
+            bytes[..bytes.len() / 2].to_vec()
+        }),
+    ];
+    for (name, bytes) in cases {
+        p.write(name, bytes);
+        p.write("p.toml", pipeline(name, "", 3));
+        let out = p.ladle(&["run", "p.toml"]);
+        assert_ne!(out.status.code(), Some(0));
+        let check = p.ladle(&["plugin", "check", name]);
+        assert_eq!(check.status.code(), Some(2));
+        report.push_str(&format!(
+            "### {name}\nrun: {}\ncheck: {}\n",
+            p.redact(String::from_utf8_lossy(&out.stderr).trim()),
+            p.redact(String::from_utf8_lossy(&check.stderr).trim())
+        ));
+    }
+    let old = wasm_dir("tests/plugins").join("old_interface.wasm");
+    let check = p.ladle(&["plugin", "check", old.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&check.stderr).replace(old.to_str().unwrap(), "old_interface.wasm");
+    report.push_str(&format!("### an older interface version\ncheck: {}\n", text.trim()));
+    // A component of another world: it exports nothing ladle can call.
+    p.write("empty.wasm", wat::parse_str("(component)").unwrap());
+    let check = p.ladle(&["plugin", "check", "empty.wasm"]);
+    report.push_str(&format!(
+        "### a component of another world\ncheck: {}\n",
+        String::from_utf8_lossy(&check.stderr).trim()
+    ));
+    insta::assert_snapshot!(report);
+}
+
+#[test]
+fn the_wasm_digest_and_config_are_in_the_key() {
+    let p = Project::new();
+    write_records(&p, &captions());
+    let wasm = std::fs::read(example("min_words")).unwrap();
+    p.write("mw.wasm", &wasm);
+    p.write("p.toml", pipeline("mw.wasm", "config = { min_words = 3 }", 4));
+    assert_eq!(p.run("p.toml", &[]).code(), 0);
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.status("f"), "cached");
+
+    // Limits do not change results: still cached.
+    p.write(
+        "p.toml",
+        pipeline("mw.wasm", "config = { min_words = 3 }\nlimits = { memory_mb = 64 }\nbatch_records = 2", 4),
+    );
+    assert_eq!(p.run("p.toml", &[]).status("f"), "cached");
+
+    // One byte of the .wasm changed (in its producers section: still a valid component).
+    let at = wasm.windows(5).position(|w| w == b"rustc").expect("a producers section naming rustc");
+    let mut edited = wasm.clone();
+    edited[at] = b'R';
+    p.write("mw.wasm", &edited);
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.status("f"), "ran");
+
+    p.write("p.toml", pipeline("mw.wasm", "config = { min_words = 5 }", 4));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.status("f"), "ran");
+}
+
+#[test]
+fn plugin_new_makes_a_crate_that_builds_checks_and_runs() {
+    let p = Project::new();
+    let out = p.ladle(&["plugin", "new", "short-captions"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = p.ladle(&["plugin", "new", "short-captions"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = p.ladle(&["plugin", "new", "9lives"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a usable plugin name"));
+
+    // Build it as its README says, sharing the test guests' target folder to reuse dependencies.
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plugins/target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = std::process::Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(&target)
+        .current_dir(p.path("short-captions"))
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+    let wasm = target.join("wasm32-wasip2/release/short_captions.wasm");
+    let check = p.ladle(&["plugin", "check", wasm.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("exports: ladle:filter/filter@0.1.0"));
+
+    write_records(&p, &captions());
+    p.write("p.toml", pipeline(wasm.to_str().unwrap(), "config = { min_chars = 10 }", 8));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let expected: Vec<Value> =
+        captions().into_iter().filter(|r| r["caption"].as_str().unwrap().trim().chars().count() >= 10).collect();
+    assert_eq!(jsonl(&p, "o.jsonl"), expected);
+}

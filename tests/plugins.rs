@@ -183,6 +183,19 @@ fn an_infinite_loop_is_stopped_by_the_deadline() {
 }
 
 #[test]
+fn the_deadline_stops_a_call_within_a_second_of_it() {
+    use ladle_plugins::host::{CallError, Limits, Plugin};
+    let limits = Limits { batch_timeout: Duration::from_millis(400), ..Limits::default() };
+    let plugin = Plugin::load(std::path::Path::new(&hostile()), limits).unwrap();
+    let mut instance = plugin.instantiate(r#"{"mode": "loop"}"#).unwrap();
+    let t = Instant::now();
+    let result = instance.filter(&["{\"id\": 1}".to_string()]);
+    let elapsed = t.elapsed();
+    assert_eq!(result.unwrap_err(), CallError::Timeout(400));
+    assert!(elapsed >= Duration::from_millis(400) && elapsed < Duration::from_millis(1400), "{elapsed:?}");
+}
+
+#[test]
 fn a_memory_bomb_is_stopped_at_the_cap() {
     let p = Project::new();
     write_records(&p, &records(3));

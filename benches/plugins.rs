@@ -4,27 +4,12 @@
 //!
 //! `cargo bench --bench plugins [-- RECORDS]` (builds the example plugins first).
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use ladle_plugins::host::{Limits, Plugin, Verdict};
 
-fn build_examples() -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/examples");
-    let target = root.join("target");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    target.join("wasm32-wasip2/release/min_words.wasm")
-}
+#[path = "../tests/common/wasm.rs"]
+mod wasm;
 
 fn records(n: usize) -> Vec<String> {
     let words = ["a", "dog", "on", "the", "red", "mat", "near", "two", "small", "birds", "under", "bright", "sky"];
@@ -58,7 +43,7 @@ fn native(records: &[String], min: usize) -> usize {
 
 fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
-    let wasm = build_examples();
+    let wasm = wasm::wasm_dir("plugins/examples").join("min_words.wasm");
     let recs = records(n);
     let bytes: usize = recs.iter().map(|r| r.len()).sum();
     println!("{n} records, {:.1} MB of JSON", bytes as f64 / 1e6);

@@ -118,30 +118,7 @@ pub fn captions(range: std::ops::Range<usize>) -> String {
         .collect()
 }
 
-/// Builds a guest workspace for wasm32-wasip2 (once per test process) and returns the folder
-/// holding its .wasm files. `.ci/run` builds them first, so this is usually a no-op.
-pub fn wasm_dir(workspace: &str) -> PathBuf {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(dir) = built.get(workspace) {
-        return dir.clone();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(workspace);
-    let target = root.join("target");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTFLAGS")
-        .output()
-        .expect("run cargo");
-    assert!(out.status.success(), "building {workspace} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let dir = target.join("wasm32-wasip2/release");
-    built.insert(workspace.to_string(), dir.clone());
-    dir
-}
+#[path = "wasm.rs"]
+mod wasm;
+#[allow(unused_imports)] // not every test binary builds guests
+pub use wasm::wasm_dir;

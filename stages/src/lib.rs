@@ -8,6 +8,7 @@
 pub mod concat;
 pub mod dedup;
 pub mod exec;
+pub mod llm;
 pub mod model;
 pub mod parquet_io;
 pub mod read;

@@ -1,0 +1,75 @@
+//! Language models, owned end to end: config, tokenizer and chat template, safetensors weights, the
+//! decoder forward pass, and perplexity scoring.
+//!
+//! The forward pass is ours (candle-core/candle-nn ops), not candle-transformers': scoring needs
+//! log-probabilities at every position, and a causal mask that padding cannot break. Everything
+//! here is checked against values Hugging Face transformers computed (`tests/fixtures/`).
+
+pub mod config;
+pub mod decoder;
+pub mod scorer;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Arch, LlmConfig};
+pub use decoder::Decoder;
+pub use scorer::{Score, Scorer, Sequence};
+pub use tokenizer::TextTokenizer;
+
+/// What can go wrong loading or running a model; each names the file, key or tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Weights { path: PathBuf, message: String },
+    #[error("the model computation failed: {0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Compute(e.to_string())
+    }
+}
+
+impl From<ModelError> for ladle_engine::StageError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Compute(_) => ladle_engine::StageError::internal(e.to_string()),
+            _ => ladle_engine::StageError::input(e.to_string()),
+        }
+    }
+}
+
+/// A language model loaded from a Hugging Face folder: config, tokenizer, weights.
+pub struct LanguageModel {
+    pub config: LlmConfig,
+    pub tokenizer: TextTokenizer,
+    pub decoder: Decoder,
+}
+
+impl LanguageModel {
+    /// Loads `dir` in f32 on the CPU.
+    pub fn load(dir: &Path) -> Result<LanguageModel, ModelError> {
+        let config = LlmConfig::load(dir)?;
+        let tokenizer = TextTokenizer::load(dir)?;
+        let n_tokens = tokenizer.vocab_size();
+        if n_tokens > config.vocab_size {
+            return Err(ModelError::Tokenizer {
+                path: dir.join("tokenizer.json"),
+                message: format!(
+                    "the tokenizer has {n_tokens} tokens but the model's embedding has {} rows (config.json vocab_size): they do not belong together",
+                    config.vocab_size
+                ),
+            });
+        }
+        let vb = weights::load(dir)?;
+        let decoder = Decoder::new(&config, vb.clone(), "model").map_err(|e| weights::explain(dir, e))?;
+        Ok(LanguageModel { config, tokenizer, decoder })
+    }
+}

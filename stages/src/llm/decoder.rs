@@ -1,0 +1,244 @@
+//! The LLaMA-family decoder: LLaMA, Yi and Qwen2 in one file, since they differ only in biases.
+//!
+//! Grouped-query attention (down to one KV head), RoPE with the configured theta (HF's
+//! rotate-half layout), RMSNorm, SwiGLU MLP, tied or separate `lm_head`. Weight names are the
+//! checkpoint's (`model.layers.N.self_attn.q_proj.weight`, ...). [`Decoder::hidden`] returns the
+//! final hidden states at every position, so callers pick the positions they need logits for.
+//!
+//! The mask is causal only. With right padding that is exact for every real token: a token never
+//! attends to a later position, and pads come after all real tokens.
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::LlmConfig;
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlmConfig, device: &Device) -> candle_core::Result<Rope> {
+        let half = cfg.head_dim / 2;
+        let inv: Vec<f64> =
+            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
+        let n = cfg.max_positions;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Rope { cos: Tensor::from_vec(cos, (n, half), device)?, sin: Tensor::from_vec(sin, (n, half), device)? })
+    }
+
+    fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos.narrow(0, start, t)?, &self.sin.narrow(0, start, t)?)
+    }
+}
+
+fn linear(vb: &VarBuilder, inp: usize, out: usize, bias: bool) -> candle_core::Result<Linear> {
+    let w = vb.get((out, inp), "weight")?;
+    let b = if bias { Some(vb.get(out, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlmConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Attention {
+            q: linear(&vb.pp("q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
+            k: linear(&vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            v: linear(&vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            o: linear(&vb.pp("o_proj"), cfg.num_heads * d, h, false)?,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let n_rep = self.heads / self.kv_heads;
+        if n_rep == 1 {
+            return Ok(x);
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        x.unsqueeze(2)?.expand((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let shape = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+        let q = rope.apply(&shape(self.q.forward(x)?, self.heads)?, 0)?;
+        let k = rope.apply(&shape(self.k.forward(x)?, self.kv_heads)?, 0)?;
+        let v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        let k = self.repeat_kv(k)?.contiguous()?;
+        let v = self.repeat_kv(v)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&y)
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlmConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate: linear(&vb.pp("gate_proj"), h, i, cfg.mlp_bias)?,
+            up: linear(&vb.pp("up_proj"), h, i, cfg.mlp_bias)?,
+            down: linear(&vb.pp("down_proj"), i, h, cfg.mlp_bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down.forward(&(candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+impl Layer {
+    fn new(cfg: &LlmConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Layer {
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.input_norm.forward(x)?, rope, mask)?)?;
+        &x + self.mlp.forward(&self.post_norm.forward(&x)?)?
+    }
+}
+
+pub struct Decoder {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// [vocab, hidden]
+    lm_head: Tensor,
+    rope: Rope,
+    device: Device,
+}
+
+impl Decoder {
+    /// `prefix` is where the decoder's weights start (`model`, or `language_model.model` in a VLM);
+    /// `lm_head.weight` is looked up beside it.
+    pub fn new(cfg: &LlmConfig, vb: VarBuilder, prefix: &str) -> candle_core::Result<Decoder> {
+        let m = vb.pp(prefix);
+        let embed_w = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let parent = match prefix.rsplit_once('.') {
+            Some((p, _)) => vb.pp(p),
+            None => vb.clone(),
+        };
+        let lm_head = if parent.contains_tensor("lm_head.weight") {
+            parent.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        } else if cfg.tie_word_embeddings {
+            embed_w.clone()
+        } else {
+            // Name the tensor that is missing.
+            parent.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|i| Layer::new(cfg, m.pp(format!("layers.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Decoder {
+            embed: Embedding::new(embed_w, cfg.hidden_size),
+            layers,
+            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            lm_head,
+            rope: Rope::new(cfg, vb.device())?,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// [vocab, hidden]
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Embeddings of token ids [B, T] → [B, T, H].
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed.forward(ids)
+    }
+
+    /// Final hidden states [B, T, H] of input embeddings [B, T, H] (causal attention).
+    pub fn hidden_from_embeddings(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let t = x.dim(1)?;
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let mut x = x;
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.rope, &mask)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Final hidden states [B, T, H] of token ids [B, T].
+    pub fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.hidden_from_embeddings(self.embed(ids)?)
+    }
+
+    /// Logits [N, V] for hidden states [N, H].
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        hidden.matmul(&self.lm_head.t()?)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.lm_head.dtype()
+    }
+
+    /// Log-probabilities of `targets` [N] given hidden states [N, H], in row chunks so that the
+    /// full [N, vocab] matrix is never held at once.
+    pub fn target_log_probs(&self, hidden: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        let vocab = self.lm_head.dim(0)?;
+        let rows = (4_000_000 / vocab.max(1)).clamp(1, 4096);
+        let mut out = Vec::with_capacity(n);
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let logits = self.logits(&hidden.narrow(0, start, len)?)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let idx = Tensor::from_slice(&targets[start..start + len], (len, 1), &self.device)?;
+            out.extend(logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+            start += len;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,103 @@
+//! The LLM core against values Hugging Face transformers computed (tests/fixtures/points-tiny,
+//! see its README in ../shared/fixtures): perplexities of captions, text and chat-prompted.
+
+use std::path::{Path, PathBuf};
+
+use ladle_stages::llm::scorer::plan_batches;
+use ladle_stages::llm::{LanguageModel, Scorer, Sequence};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+}
+
+fn captions() -> Vec<(String, String)> {
+    std::fs::read_to_string(fixtures().join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["id"].as_str().unwrap().to_string(), v["caption"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn text_sequence(m: &LanguageModel, caption: &str) -> Sequence {
+    Sequence { ids: m.tokenizer.encode(caption, true).unwrap(), score_from: 1 }
+}
+
+fn prompted_sequence(m: &LanguageModel, prompt: &str, caption: &str) -> Sequence {
+    let mut ids = m.tokenizer.encode(&m.tokenizer.chat_prefix(prompt).unwrap(), false).unwrap();
+    let score_from = ids.len();
+    let eot = m.tokenizer.end_of_turn().unwrap();
+    ids.extend(m.tokenizer.encode(&format!("{caption}{eot}"), false).unwrap());
+    Sequence { ids, score_from }
+}
+
+fn check(model: &str, key: &str, prompted: bool) {
+    let m = LanguageModel::load(&fixtures().join(model)).unwrap();
+    let exp = expected();
+    let prompt = exp["prompt"].as_str().unwrap();
+    let scorer = Scorer { decoder: &m.decoder, pad: 0 };
+    let caps = captions();
+    let seqs: Vec<Sequence> = caps
+        .iter()
+        .map(|(_, c)| if prompted { prompted_sequence(&m, prompt, c) } else { text_sequence(&m, c) })
+        .collect();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let scores = scorer.score_batch(&refs).unwrap();
+    let mut worst: f64 = 0.0;
+    for (i, ((id, _), s)) in caps.iter().zip(&scores).enumerate() {
+        let e = &exp[key][i];
+        assert_eq!(e["id"].as_str().unwrap(), id);
+        assert_eq!(s.tokens as u64, e["n_scored"].as_u64().unwrap(), "{key} {id}: scored tokens");
+        let want = e["perplexity"].as_f64().unwrap();
+        let rel = (s.perplexity() - want).abs() / want;
+        worst = worst.max(rel);
+        assert!(rel < 1e-4, "{key} {id}: {} vs {want} (rel {rel:e})", s.perplexity());
+    }
+    eprintln!("{key}: worst relative error {worst:e} over {} captions", caps.len());
+}
+
+#[test]
+fn qwen2_text() {
+    check("tiny-qwen2", "qwen2_text", false);
+}
+
+#[test]
+fn qwen2_prompted() {
+    check("tiny-qwen2", "qwen2_prompted", true);
+}
+
+#[test]
+fn llama_text() {
+    check("tiny-llama", "llama_text", false);
+}
+
+#[test]
+fn llama_prompted() {
+    check("tiny-llama", "llama_prompted", true);
+}
+
+#[test]
+fn a_record_scores_the_same_alone_and_in_any_batch() {
+    let m = LanguageModel::load(&fixtures().join("tiny-qwen2")).unwrap();
+    let scorer = Scorer { decoder: &m.decoder, pad: 0 };
+    let seqs: Vec<Sequence> = captions().iter().map(|(_, c)| text_sequence(&m, c)).collect();
+    let alone: Vec<f64> = seqs.iter().map(|s| scorer.score_batch(&[s]).unwrap()[0].perplexity()).collect();
+    // Mixed lengths: every batch the planner makes at a small budget, and one batch of all.
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+    for budget in [64, 200, 100_000] {
+        for batch in plan_batches(&lengths, budget) {
+            let refs: Vec<&Sequence> = batch.iter().map(|&i| &seqs[i]).collect();
+            for (&i, s) in batch.iter().zip(scorer.score_batch(&refs).unwrap()) {
+                let rel = (s.perplexity() - alone[i]).abs() / alone[i];
+                assert!(rel < 1e-5, "record {i} in a batch of {}: rel {rel:e}", batch.len());
+            }
+        }
+    }
+}

@@ -2,8 +2,8 @@
 //!
 //! Each stage kind is one module: it reads its parameters, declares its ports and implements the
 //! engine's [`Stage`](ladle_engine::stage::Stage) traits. [`registry`] returns them all for the
-//! binary. ML stages (model loading, perplexity, encoders, soups) will live here too, behind the
-//! `cuda` feature for GPU builds.
+//! binary. ML stages live here too: [`llm`] (the language-model core) and [`perplexity`];
+//! encoders and soups will follow, with a `cuda` feature for GPU builds.
 
 pub mod concat;
 pub mod dedup;
@@ -11,6 +11,7 @@ pub mod exec;
 pub mod llm;
 pub mod model;
 pub mod parquet_io;
+pub mod perplexity;
 pub mod read;
 pub mod sample;
 pub mod select;
@@ -32,6 +33,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(concat::ConcatKind));
     r.register(Arc::new(model::ModelKind));
     r.register(Arc::new(exec::ExecKind));
+    r.register(Arc::new(perplexity::PerplexityKind));
     r
 }
 

@@ -80,6 +80,10 @@ impl TextTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
     /// The end-of-turn token's text, when the model has a chat template.
     pub fn end_of_turn(&self) -> Option<&str> {
         self.end_of_turn.as_deref()

@@ -1,0 +1,219 @@
+//! `perplexity`: score a text span of each record with a language model.
+//!
+//! ```toml
+//! [stages.ppl]
+//! kind = "perplexity"
+//! data = "captions"
+//! model = "scorer"            # a model artifact (a `model` stage, or an `exec` that trains one)
+//! text = "{caption}"          # the scored span, a template over record fields
+//! prompt = "please generate a caption for this image."   # optional, chat-formatted, not scored
+//! column = "ppl"              # adds ppl, ppl_nll, ppl_tokens (and ppl_truncated when cut)
+//! ```
+//!
+//! Semantics (those of the transformers fixtures):
+//! - text mode: tokens = tokenizer(text) with its special tokens (BOS where the tokenizer adds
+//!   one); every position i ≥ 1 is scored by -log p(t_i | t_<i).
+//! - prompted: the chat template's user turn holding `prompt` and the generation prompt, then
+//!   the tokens of `text + end-of-turn`; only the latter are scored (the end-of-turn token too).
+//!
+//! `{column}` is the perplexity exp(mean NLL), `{column}_nll` the mean NLL, `{column}_tokens` the
+//! number of scored tokens. A record longer than `max_tokens` (default: the model's maximum
+//! positions) is cut from the end and gets `{column}_truncated = true`. Records are batched by
+//! length under `batch_tokens` (default 4096); a record's score does not depend on its batch.
+//! The model is loaded once per stage run, and only if some shard is not cached.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ladle_engine::error::{PipelineError, StageError};
+use ladle_engine::pipeline::params::Params;
+use ladle_engine::records::{lines, parse_record, write_record};
+use ladle_engine::stage::{
+    Accepts, Arity, Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage,
+    StageKind,
+};
+use ladle_engine::{Artifact, StageContext};
+use serde_json::Value;
+
+use crate::llm::scorer::plan_batches;
+use crate::llm::{LanguageModel, Scorer, Sequence};
+use crate::template::Template;
+
+pub struct PerplexityKind;
+
+const PORTS: &[PortSpec] = &[
+    PortSpec::dataset("data"),
+    PortSpec { name: "model", arity: Arity::One, required: true, accepts: Accepts::Model },
+];
+
+impl StageKind for PerplexityKind {
+    fn name(&self) -> &'static str {
+        "perplexity"
+    }
+    fn about(&self) -> &'static str {
+        "score a text span of each record with a language model (adds a perplexity column)"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        PORTS
+    }
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        let template =
+            |params: &mut Params<'_>, name: &str, src: Option<String>| -> Result<Option<Template>, PipelineError> {
+                src.map(|s| Template::parse(&s).map_err(|e| params.error(name, e))).transpose()
+            };
+        let text_src = params.required_string("text")?;
+        let text = template(params, "text", Some(text_src))?.expect("given");
+        let prompt_src = params.string("prompt")?;
+        let prompt = template(params, "prompt", prompt_src)?;
+        let column = params.string("column")?.unwrap_or_else(|| "ppl".into());
+        params.record("column", column.clone().into());
+        if column.is_empty() {
+            return Err(params.error("column", "`column` cannot be empty"));
+        }
+        let max_tokens = params.positive("max_tokens")?.map(|n| n as usize);
+        if max_tokens == Some(1) {
+            return Err(params.error("max_tokens", "`max_tokens` must be at least 2: one token predicts the next"));
+        }
+        let batch_tokens = params.positive("batch_tokens")?.unwrap_or(4096) as usize;
+        params.exclude_from_key("batch_tokens");
+        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens }))
+    }
+}
+
+struct Perplexity {
+    text: Template,
+    prompt: Option<Template>,
+    column: String,
+    max_tokens: Option<usize>,
+    batch_tokens: usize,
+}
+
+impl Stage for Perplexity {
+    fn produces(&self) -> Produces {
+        Produces::Dataset
+    }
+    fn execution(&self) -> Execution<'_> {
+        Execution::Map { port: "data", stage: self }
+    }
+}
+
+/// Where a model artifact's files are, materializing store-held ones (hard links) if needed.
+pub fn model_dir(ctx: &StageContext<'_>, inputs: &Inputs) -> Result<PathBuf, StageError> {
+    match inputs.one("model")? {
+        Artifact::Folder { external: Some(root), .. } => Ok(root.clone()),
+        a @ Artifact::Folder { model: true, .. } => ctx.materialize(a, &ctx.temp_path("model")),
+        Artifact::Folder { .. } => Err(StageError::input("input `model` is a folder without config.json, not a model")),
+        other => Err(StageError::input(format!("input `model` must be a model, but it is a {}", other.kind_name()))),
+    }
+}
+
+impl MapStage for Perplexity {
+    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        let dir = model_dir(ctx, inputs)?;
+        let model = LanguageModel::load(&dir)?;
+        let end_of_turn = match &self.prompt {
+            Some(_) if !model.tokenizer.has_chat_template() => {
+                return Err(StageError::input(format!(
+                    "{}: the model has no chat template (`chat_template` in tokenizer_config.json), so `prompt` cannot be used",
+                    dir.display()
+                ))
+                .with_hint("drop `prompt` to score the text alone, or use a chat model"));
+            }
+            Some(_) => Some(model.tokenizer.end_of_turn().map(str::to_string).ok_or_else(|| {
+                StageError::input(format!(
+                    "{}: the chat template names no end-of-turn token, so a prompted score has no end",
+                    dir.display()
+                ))
+            })?),
+            None => None,
+        };
+        let max_tokens = self.max_tokens.unwrap_or(model.config.max_positions).min(model.config.max_positions);
+        Ok(Arc::new(Mapper {
+            text: self.text.clone(),
+            prompt: self.prompt.clone(),
+            column: self.column.clone(),
+            max_tokens,
+            batch_tokens: self.batch_tokens,
+            end_of_turn,
+            model,
+        }))
+    }
+}
+
+struct Mapper {
+    text: Template,
+    prompt: Option<Template>,
+    column: String,
+    max_tokens: usize,
+    batch_tokens: usize,
+    end_of_turn: Option<String>,
+    model: LanguageModel,
+}
+
+impl Mapper {
+    /// The record's token sequence, and whether it was cut to `max_tokens`.
+    fn sequence(&self, record: &serde_json::Map<String, Value>) -> Result<(Sequence, bool), String> {
+        let text = self.text.render(record)?;
+        if text.trim().is_empty() {
+            return Err("the text to score is empty".into());
+        }
+        let tok = &self.model.tokenizer;
+        let mut seq = match (&self.prompt, &self.end_of_turn) {
+            (Some(prompt), Some(eot)) => {
+                let prefix = tok.chat_prefix(&prompt.render(record)?).map_err(|e| e.to_string())?;
+                let mut ids = tok.encode(&prefix, false).map_err(|e| e.to_string())?;
+                let score_from = ids.len();
+                ids.extend(tok.encode(&format!("{text}{eot}"), false).map_err(|e| e.to_string())?);
+                Sequence { ids, score_from }
+            }
+            _ => Sequence { ids: tok.encode(&text, true).map_err(|e| e.to_string())?, score_from: 1 },
+        };
+        let truncated = seq.ids.len() > self.max_tokens;
+        seq.ids.truncate(self.max_tokens);
+        if seq.ids.len() <= seq.score_from.max(1) {
+            return Err(if truncated {
+                format!("the prompt alone fills max_tokens ({}): nothing is left to score", self.max_tokens)
+            } else {
+                "the text is a single token: there is nothing to score (a score predicts each token from those before it)".into()
+            });
+        }
+        Ok((seq, truncated))
+    }
+}
+
+impl ShardMapper for Mapper {
+    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+        let mut records = Vec::new();
+        let mut seqs = Vec::new();
+        let mut truncated = Vec::new();
+        for (i, line) in lines(shard.jsonl).enumerate() {
+            let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+            let (seq, cut) = self.sequence(&record).map_err(|e| StageError::input(e).at_record(i as u64))?;
+            records.push(record);
+            seqs.push(seq);
+            truncated.push(cut);
+        }
+        let scorer = Scorer { decoder: &self.model.decoder, pad: 0 };
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+        let mut scores = vec![None; seqs.len()];
+        for batch in plan_batches(&lengths, self.batch_tokens) {
+            let refs: Vec<&Sequence> = batch.iter().map(|&i| &seqs[i]).collect();
+            for (&i, s) in batch.iter().zip(scorer.score_batch(&refs)?) {
+                scores[i] = Some(s);
+            }
+        }
+        let mut out = Vec::with_capacity(shard.jsonl.len() + records.len() * 64);
+        let c = &self.column;
+        for ((mut record, score), cut) in records.into_iter().zip(scores).zip(truncated) {
+            let s = score.ok_or_else(|| StageError::internal("a record was not scored"))?;
+            record.insert(c.clone(), serde_json::json!(s.perplexity()));
+            record.insert(format!("{c}_nll"), serde_json::json!(s.mean_nll()));
+            record.insert(format!("{c}_tokens"), serde_json::json!(s.tokens));
+            if cut {
+                record.insert(format!("{c}_truncated"), Value::Bool(true));
+            }
+            write_record(&record, &mut out);
+        }
+        Ok(MappedShard { jsonl: out, records: lines(shard.jsonl).count() as u64, ..Default::default() })
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod generate;
 pub mod scorer;
 pub mod tokenizer;
 pub mod weights;

@@ -101,3 +101,40 @@ fn a_record_scores_the_same_alone_and_in_any_batch() {
         }
     }
 }
+
+#[test]
+fn qwen2_greedy_generation_matches_transformers() {
+    use ladle_stages::llm::generate::{Rng, Sampling, generate};
+    let m = LanguageModel::load(&fixtures().join("tiny-qwen2")).unwrap();
+    let eot = m.tokenizer.token_id(m.tokenizer.end_of_turn().unwrap()).unwrap();
+    for case in expected()["qwen2_greedy"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let ids = m.tokenizer.encode(&m.tokenizer.chat_prefix(prompt).unwrap(), false).unwrap();
+        let want_prompt: Vec<u32> =
+            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want_prompt, "prompt ids for {prompt:?}");
+        let out = generate(&m.decoder, &ids, 16, &[eot], &Sampling::GREEDY, &mut Rng::new(0)).unwrap();
+        let want: Vec<u32> =
+            case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(out, want, "generated ids for {prompt:?}");
+        assert_eq!(m.tokenizer.decode(&out, true).unwrap(), case["text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn cached_steps_agree_with_a_full_forward_pass() {
+    use candle_core::Tensor;
+    let m = LanguageModel::load(&fixtures().join("tiny-llama")).unwrap();
+    let ids = m.tokenizer.encode("a dog runs on the beach at sunset", true).unwrap();
+    let dev = m.decoder.device();
+    let full = m.decoder.hidden(&Tensor::from_vec(ids.clone(), (1, ids.len()), dev).unwrap()).unwrap();
+    let mut cache = m.decoder.new_cache();
+    let first = m.decoder.step(&Tensor::from_vec(ids[..3].to_vec(), (1, 3), dev).unwrap(), &mut cache).unwrap();
+    let mut parts = vec![first];
+    for &id in &ids[3..] {
+        parts.push(m.decoder.step(&Tensor::from_vec(vec![id], (1, 1), dev).unwrap(), &mut cache).unwrap());
+    }
+    let stepped = Tensor::cat(&parts, 1).unwrap();
+    let diff: f32 = (full - stepped).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert!(diff < 1e-4, "max difference {diff}");
+}

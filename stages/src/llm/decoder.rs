@@ -81,19 +81,35 @@ impl Attention {
         x.unsqueeze(2)?.expand((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// Attention of the `t` new positions of `x` (starting at position `start`) over `past` keys
+    /// and values and their own. Returns the output and all keys and values, for a cache.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        start: usize,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let shape = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rope.apply(&shape(self.q.forward(x)?, self.heads)?, 0)?;
-        let k = rope.apply(&shape(self.k.forward(x)?, self.kv_heads)?, 0)?;
-        let v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
-        let k = self.repeat_kv(k)?.contiguous()?;
-        let v = self.repeat_kv(v)?.contiguous()?;
+        let q = rope.apply(&shape(self.q.forward(x)?, self.heads)?, start)?;
+        let mut k = rope.apply(&shape(self.k.forward(x)?, self.kv_heads)?, start)?;
+        let mut v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        let kr = self.repeat_kv(k.clone())?.contiguous()?;
+        let vr = self.repeat_kv(v.clone())?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let mut scores = (q.matmul(&kr.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
-        self.o.forward(&y)
+        let y = probs.matmul(&vr)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        Ok((self.o.forward(&y)?, (k, v)))
     }
 }
 
@@ -135,10 +151,24 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.input_norm.forward(x)?, rope, mask)?)?;
-        &x + self.mlp.forward(&self.post_norm.forward(&x)?)?
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        start: usize,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
+        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rope, mask, start, past)?;
+        let x = (x + a)?;
+        Ok(((&x + self.mlp.forward(&self.post_norm.forward(&x)?)?)?, kv))
     }
+}
+
+/// Keys and values of the positions seen so far, per layer (before repeating KV heads).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub len: usize,
 }
 
 pub struct Decoder {
@@ -196,16 +226,48 @@ impl Decoder {
         self.embed.forward(ids)
     }
 
+    /// The causal mask of `t` new positions after `past` cached ones: [t, past + t].
+    fn mask(&self, t: usize, past: usize) -> candle_core::Result<Option<Tensor>> {
+        if t == 1 {
+            return Ok(None);
+        }
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (t, past + t), &self.device).map(Some)
+    }
+
     /// Final hidden states [B, T, H] of input embeddings [B, T, H] (causal attention).
     pub fn hidden_from_embeddings(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let t = x.dim(1)?;
-        let mask: Vec<f32> =
-            (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let mask = self.mask(x.dim(1)?, 0)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, &self.rope, &mask)?;
+            x = layer.forward(&x, &self.rope, mask.as_ref(), 0, None)?.0;
         }
+        self.norm.forward(&x)
+    }
+
+    /// An empty key/value cache for [`Decoder::step`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.layers.len()], len: 0 }
+    }
+
+    /// Final hidden states [1, t, H] of new tokens `ids` [1, t] that follow those in `cache`,
+    /// which is extended with them.
+    pub fn step(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let t = ids.dim(1)?;
+        let positions = self.rope.cos.dim(0)?;
+        if cache.len + t > positions {
+            candle_core::bail!("the sequence would pass the model's {positions} positions");
+        }
+        let mask = self.mask(t, cache.len)?;
+        let mut x = self.embed(ids)?;
+        for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (y, kv) = layer.forward(&x, &self.rope, mask.as_ref(), cache.len, past.as_ref())?;
+            *past = Some(kv);
+            x = y;
+        }
+        cache.len += t;
         self.norm.forward(&x)
     }
 

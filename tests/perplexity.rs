@@ -192,3 +192,43 @@ fn bad_models_and_records_give_one_clear_error() {
 
     insta::assert_snapshot!(report);
 }
+
+fn generate_pipeline(extra: &str) -> String {
+    format!(
+        "[pipeline]\nname = \"gen\"\n\n[stages.prompts]\nkind = \"read\"\npath = \"prompts.jsonl\"\n\n[stages.llm]\nkind = \"model\"\npath = \"{}\"\n\n[stages.gen]\nkind = \"generate\"\ndata = \"prompts\"\nmodel = \"llm\"\nprompt = \"{{prompt}}\"\ncolumn = \"caption\"\nmax_new_tokens = 16\n{extra}\n\n[stages.out]\nkind = \"write\"\ndata = \"gen\"\npath = \"out.jsonl\"\n",
+        fixtures().join("tiny-qwen2").display()
+    )
+}
+
+#[test]
+fn the_generate_stage_writes_what_transformers_generates() {
+    let exp = expected();
+    let cases = exp["qwen2_greedy"].as_array().unwrap();
+    let p = Project::new();
+    p.write(
+        "prompts.jsonl",
+        cases.iter().map(|c| format!("{}\n", serde_json::json!({"prompt": c["prompt"]}))).collect::<String>(),
+    );
+    p.write("p.toml", generate_pipeline(""));
+    let r = run(&p);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let out = jsonl(&p, "out.jsonl");
+    for (rec, case) in out.iter().zip(cases) {
+        assert_eq!(rec["caption"], case["text"]);
+        assert_eq!(rec["caption_tokens"], 16);
+    }
+
+    // Sampling is seeded per record: the same in another store, different with another seed.
+    p.write("p.toml", generate_pipeline("temperature = 1.5\ntop_p = 0.9\nseed = 7"));
+    assert_eq!(run(&p).code(), 0);
+    let sampled = p.read("out.jsonl");
+    let q = Project::new();
+    q.write("prompts.jsonl", p.read("prompts.jsonl"));
+    q.write("p.toml", generate_pipeline("temperature = 1.5\ntop_p = 0.9\nseed = 7"));
+    assert_eq!(run(&q).code(), 0);
+    assert_eq!(q.read("out.jsonl"), sampled);
+    q.write("p.toml", generate_pipeline("temperature = 1.5\ntop_p = 0.9\nseed = 8"));
+    assert_eq!(run(&q).code(), 0);
+    assert_ne!(q.read("out.jsonl"), sampled);
+    assert_ne!(jsonl(&q, "out.jsonl"), out, "sampling at temperature 1.5 differs from greedy");
+}

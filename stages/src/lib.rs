@@ -8,6 +8,7 @@
 pub mod concat;
 pub mod dedup;
 pub mod exec;
+pub mod generate;
 pub mod llm;
 pub mod model;
 pub mod parquet_io;
@@ -34,6 +35,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(model::ModelKind));
     r.register(Arc::new(exec::ExecKind));
     r.register(Arc::new(perplexity::PerplexityKind));
+    r.register(Arc::new(generate::GenerateKind));
     r
 }
 

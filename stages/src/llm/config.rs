@@ -31,6 +31,8 @@ pub struct LlmConfig {
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
     pub mlp_bias: bool,
+    /// `eos_token_id`: a number or a list.
+    pub eos_token_ids: Vec<u32>,
 }
 
 impl LlmConfig {
@@ -94,6 +96,10 @@ impl LlmConfig {
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || v["attention_bias"].as_bool().unwrap_or(false),
             mlp_bias: v["mlp_bias"].as_bool().unwrap_or(false),
+            eos_token_ids: match &v["eos_token_id"] {
+                Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                x => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            },
         })
     }
 }

@@ -138,3 +138,83 @@ fn cached_steps_agree_with_a_full_forward_pass() {
     let diff: f32 = (full - stepped).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     assert!(diff < 1e-4, "max difference {diff}");
 }
+
+/// A copy of tiny-qwen2 whose weights are rewritten: `shards` files with an index, each tensor
+/// converted to `dtype`.
+fn rewritten_qwen2(shards: usize, dtype: safetensors::Dtype) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let src = fixtures().join("tiny-qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = names
+        .iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            assert_eq!(t.dtype(), safetensors::Dtype::F32);
+            let floats = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+            let data: Vec<u8> = match dtype {
+                safetensors::Dtype::F32 => t.data().to_vec(),
+                safetensors::Dtype::F16 => floats.flat_map(|x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                safetensors::Dtype::BF16 => floats.flat_map(|x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+                other => panic!("{other:?}"),
+            };
+            (n.clone(), t.shape().to_vec(), data)
+        })
+        .collect();
+    let per = converted.len().div_ceil(shards);
+    let mut weight_map = serde_json::Map::new();
+    for (k, chunk) in converted.chunks(per).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", k + 1)
+        };
+        let views: Vec<(String, TensorView)> =
+            chunk.iter().map(|(n, s, d)| (n.clone(), TensorView::new(dtype, s.clone(), d).unwrap())).collect();
+        std::fs::write(dir.path().join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        for (n, _, _) in chunk {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+    dir
+}
+
+fn text_perplexities(dir: &Path) -> Vec<f64> {
+    let m = LanguageModel::load(dir).unwrap();
+    let scorer = Scorer { decoder: &m.decoder, pad: 0 };
+    let seqs: Vec<Sequence> = captions().iter().map(|(_, c)| text_sequence(&m, c)).collect();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    scorer.score_batch(&refs).unwrap().iter().map(|s| s.perplexity()).collect()
+}
+
+#[test]
+fn sharded_and_half_precision_checkpoints_load() {
+    let reference = text_perplexities(&fixtures().join("tiny-qwen2"));
+    let sharded = rewritten_qwen2(3, safetensors::Dtype::F32);
+    assert!(sharded.path().join("model-00003-of-00003.safetensors").is_file());
+    assert_eq!(text_perplexities(sharded.path()), reference, "sharding changes nothing");
+    for dtype in [safetensors::Dtype::F16, safetensors::Dtype::BF16] {
+        let half = rewritten_qwen2(2, dtype);
+        let got = text_perplexities(half.path());
+        assert_ne!(got, reference, "{dtype:?} weights were really rounded");
+        for (g, r) in got.iter().zip(&reference) {
+            // Weights rounded to 11 (f16) or 8 (bf16) bits of mantissa move perplexities a little.
+            assert!((g - r).abs() / r < 2e-2, "{dtype:?}: {g} vs {r}");
+        }
+    }
+    // A shard named in the index but missing is named in the error.
+    let broken = rewritten_qwen2(2, safetensors::Dtype::F32);
+    std::fs::remove_file(broken.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = LanguageModel::load(broken.path()).err().unwrap().to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("missing"), "{err}");
+}

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod logsumexp;
 pub mod scorer;
 pub mod tokenizer;
 pub mod weights;

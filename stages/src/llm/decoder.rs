@@ -295,10 +295,20 @@ impl Decoder {
         let mut start = 0;
         while start < n {
             let len = rows.min(n - start);
-            let logits = self.logits(&hidden.narrow(0, start, len)?)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let idx = Tensor::from_slice(&targets[start..start + len], (len, 1), &self.device)?;
-            out.extend(logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+            let logits = self.logits(&hidden.narrow(0, start, len)?)?.contiguous()?;
+            let (storage, layout) = logits.storage_and_layout();
+            match &*storage {
+                // The fused, vectorized pass (see `logsumexp`).
+                candle_core::Storage::Cpu(cpu) => {
+                    let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + len * vocab];
+                    out.extend(super::logsumexp::target_log_probs(data, vocab, &targets[start..start + len]));
+                }
+                _ => {
+                    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                    let idx = Tensor::from_slice(&targets[start..start + len], (len, 1), &self.device)?;
+                    out.extend(logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+                }
+            }
             start += len;
         }
         Ok(out)

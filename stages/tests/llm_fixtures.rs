@@ -142,6 +142,10 @@ fn cached_steps_agree_with_a_full_forward_pass() {
 /// A copy of tiny-qwen2 whose weights are rewritten: `shards` files with an index, each tensor
 /// converted to `dtype`.
 fn rewritten_qwen2(shards: usize, dtype: safetensors::Dtype) -> tempfile::TempDir {
+    rewritten_qwen2_without(shards, dtype, None)
+}
+
+fn rewritten_qwen2_without(shards: usize, dtype: safetensors::Dtype, drop: Option<&str>) -> tempfile::TempDir {
     use safetensors::tensor::TensorView;
     let src = fixtures().join("tiny-qwen2");
     let dir = tempfile::tempdir().unwrap();
@@ -150,7 +154,8 @@ fn rewritten_qwen2(shards: usize, dtype: safetensors::Dtype) -> tempfile::TempDi
     }
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    let mut names: Vec<String> =
+        st.names().into_iter().map(str::to_string).filter(|n| Some(n.as_str()) != drop).collect();
     names.sort();
     let converted: Vec<(String, Vec<usize>, Vec<u8>)> = names
         .iter()
@@ -217,4 +222,12 @@ fn sharded_and_half_precision_checkpoints_load() {
     std::fs::remove_file(broken.path().join("model-00002-of-00002.safetensors")).unwrap();
     let err = LanguageModel::load(broken.path()).err().unwrap().to_string();
     assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let dir = rewritten_qwen2_without(1, safetensors::Dtype::F32, Some("model.layers.1.mlp.up_proj.weight"));
+    let err = LanguageModel::load(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    assert!(err.contains("do not match config.json"), "{err}");
 }

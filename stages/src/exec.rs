@@ -83,14 +83,14 @@ impl StageKind for ExecKind {
             e.hint = Some("add inputs = { data = \"STAGE\" }".into());
             return Err(e);
         }
-        let deps = params.path_deps("deps")?;
+        // Scripts the command runs: their content enters the key.
+        params.path_deps("deps")?;
         let timeout = match params.float("timeout")? {
             Some(t) if t <= 0.0 => return Err(params.error("timeout", "`timeout` is in seconds and must be positive")),
             t => t.map(Duration::from_secs_f64),
         };
         // The time-out does not change what the stage produces.
         params.exclude_from_key("timeout");
-        let _ = deps;
         Ok(Arc::new(Exec { command, per_shard, timeout, dir: params.base_dir().to_path_buf() }))
     }
 }

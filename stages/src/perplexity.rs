@@ -204,6 +204,7 @@ impl ShardMapper for Mapper {
         }
         let mut out = Vec::with_capacity(shard.jsonl.len() + records.len() * 64);
         let c = &self.column;
+        let n = records.len() as u64;
         for ((mut record, score), cut) in records.into_iter().zip(scores).zip(truncated) {
             let s = score.ok_or_else(|| StageError::internal("a record was not scored"))?;
             record.insert(c.clone(), serde_json::json!(s.perplexity()));
@@ -214,6 +215,6 @@ impl ShardMapper for Mapper {
             }
             write_record(&record, &mut out);
         }
-        Ok(MappedShard { jsonl: out, records: lines(shard.jsonl).count() as u64, ..Default::default() })
+        Ok(MappedShard { jsonl: out, records: n, ..Default::default() })
     }
 }

@@ -30,6 +30,8 @@ pub struct LlmConfig {
     pub max_positions: usize,
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
+    /// LLaMA's `attention_bias` covers o_proj too; Qwen2 biases only q, k and v.
+    pub o_bias: bool,
     pub mlp_bias: bool,
     /// `eos_token_id`: a number or a list.
     pub eos_token_ids: Vec<u32>,
@@ -95,6 +97,7 @@ impl LlmConfig {
             max_positions: v["max_position_embeddings"].as_u64().map(|n| n as usize).unwrap_or(4096),
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || v["attention_bias"].as_bool().unwrap_or(false),
+            o_bias: arch == Arch::Llama && v["attention_bias"].as_bool().unwrap_or(false),
             mlp_bias: v["mlp_bias"].as_bool().unwrap_or(false),
             eos_token_ids: match &v["eos_token_id"] {
                 Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),

@@ -65,7 +65,7 @@ impl Attention {
             q: linear(&vb.pp("q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
             k: linear(&vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
             v: linear(&vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
-            o: linear(&vb.pp("o_proj"), cfg.num_heads * d, h, false)?,
+            o: linear(&vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: d,

@@ -51,7 +51,7 @@ impl TextTokenizer {
             end_of_turn: None,
         };
         if t.chat_template.is_some() {
-            t.end_of_turn = t.find_end_of_turn(&config_path)?;
+            t.end_of_turn = t.find_end_of_turn()?;
         }
         Ok(t)
     }
@@ -121,7 +121,7 @@ impl TextTokenizer {
         self.render(serde_json::json!([{"role": "user", "content": prompt}]), true)
     }
 
-    fn find_end_of_turn(&self, config_path: &Path) -> Result<Option<String>, ModelError> {
+    fn find_end_of_turn(&self) -> Result<Option<String>, ModelError> {
         let text = self.render(
             serde_json::json!([{"role": "user", "content": "u"}, {"role": "assistant", "content": MARK}]),
             false,
@@ -133,7 +133,6 @@ impl TextTokenizer {
             .values()
             .filter(|t| t.special && !t.content.is_empty() && after.starts_with(&t.content))
             .max_by_key(|t| t.content.len());
-        let _ = config_path;
         Ok(best
             .map(|t| t.content.clone())
             .or_else(|| self.special["eos_token"].as_str().filter(|s| !s.is_empty()).map(str::to_string)))

@@ -113,6 +113,23 @@ enum Cmd {
     /// Write and check WASM filter plugins
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Look at how images are prepared for vision models
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// How CATTY (POINTS' dynamic high resolution) cuts an image: slices, resized size, tiles (JSON)
+    Tiles {
+        image: PathBuf,
+        /// Tile size in pixels
+        #[arg(long, default_value_t = 336)]
+        size: u32,
+        /// At most this many tiles
+        #[arg(long, default_value_t = 8)]
+        max_splits: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,6 +321,19 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
                 "imports: {}",
                 if report.imports.is_empty() { "nothing".to_string() } else { report.imports.join(", ") }
             )?;
+            Ok(Outcome::Success)
+        }
+        Cmd::Image(ImageCmd::Tiles { image, size, max_splits }) => {
+            if size == 0 || max_splits == 0 {
+                bail!("--size and --max-splits must be positive");
+            }
+            let [w, h] = ladle_stages::vision::images::displayed_size(&image)?;
+            let t = ladle_stages::vision::catty::tiling(w, h, size, max_splits);
+            let json = serde_json::json!({
+                "image": image.display().to_string(), "input": [w, h], "image_size": size, "max_splits": max_splits,
+                "clamped": t.clamped, "slices": t.slices, "resized": t.resized, "tiles": t.tiles, "thumbnail": t.thumbnail,
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
             Ok(Outcome::Success)
         }
         Cmd::Verify { pipeline, store } => {

@@ -17,6 +17,7 @@ pub mod read;
 pub mod sample;
 pub mod select;
 pub mod template;
+pub mod vision;
 pub mod write;
 
 use std::sync::Arc;

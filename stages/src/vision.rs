@@ -1,0 +1,5 @@
+//! The vision side: image preprocessing and POINTS' CATTY tiling (more to come: CLIP towers,
+//! LLaVA-format VLMs, image-conditioned perplexity).
+
+pub mod catty;
+pub mod images;

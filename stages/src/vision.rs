@@ -3,3 +3,5 @@
 
 pub mod catty;
 pub mod images;
+pub mod preprocess;
+pub mod resample;

@@ -2,6 +2,7 @@
 //! LLaVA-format VLMs, image-conditioned perplexity).
 
 pub mod catty;
+pub mod clip;
 pub mod images;
 pub mod preprocess;
 pub mod resample;

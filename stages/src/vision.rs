@@ -4,5 +4,6 @@
 pub mod catty;
 pub mod clip;
 pub mod images;
+pub mod llava;
 pub mod preprocess;
 pub mod resample;

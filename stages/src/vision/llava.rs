@@ -1,0 +1,146 @@
+//! LLaVA-format VLMs (`LlavaForConditionalGeneration`): CLIP tower → 2-layer projector (GELU) →
+//! Qwen2 or LLaMA language model, with the `<image>` token expanded to `image_seq_length` slots
+//! that take the projected features of the image.
+//!
+//! Features come from the tower's hidden state at `vision_feature_layer` (-2 by default), without
+//! the class token under the `default` selection strategy. Weights in the hub's layout
+//! (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`) or what
+//! transformers 5 saves (`vision_tower.*` without `vision_model.`) both load.
+
+use std::path::Path;
+
+use candle_core::{Module, Tensor};
+use candle_nn::Linear;
+use serde_json::Value;
+
+use super::clip::{ClipVisionConfig, ClipVisionTower};
+use super::preprocess::ClipPreprocessor;
+use crate::llm::{Decoder, LlmConfig, ModelError, Score, TextTokenizer, weights};
+
+pub struct Llava {
+    pub config: LlmConfig,
+    pub tokenizer: TextTokenizer,
+    pub decoder: Decoder,
+    pub tower: ClipVisionTower,
+    pub preprocess: ClipPreprocessor,
+    proj1: Linear,
+    proj2: Linear,
+    image_token: u32,
+    image_seq_length: usize,
+    feature_layer: i64,
+    drop_cls: bool,
+}
+
+impl Llava {
+    pub fn load(dir: &Path) -> Result<Llava, ModelError> {
+        let cfg_path = dir.join("config.json");
+        let cfg_err = |message: String| ModelError::Config { path: cfg_path.clone(), message };
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| cfg_err(format!("cannot read it: {e}")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| cfg_err(format!("invalid JSON: {e}")))?;
+        if v["vision_config"].is_null() {
+            return Err(cfg_err(
+                "the model has no vision tower (no `vision_config`), so it cannot score images".into(),
+            ));
+        }
+        let config = LlmConfig::from_json(&v["text_config"]).map_err(|e| cfg_err(format!("text_config: {e}")))?;
+        let vision = ClipVisionConfig::from_json(&v["vision_config"]).map_err(cfg_err)?;
+        let pre_path = dir.join("preprocessor_config.json");
+        let pre_json: Value = std::fs::read_to_string(&pre_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .ok_or_else(|| ModelError::Config {
+                path: pre_path.clone(),
+                message: "missing or invalid preprocessor_config.json".into(),
+            })?;
+        let preprocess =
+            ClipPreprocessor::from_json(&pre_json).map_err(|message| ModelError::Config { path: pre_path, message })?;
+        let tokenizer = TextTokenizer::load(dir)?;
+        let vb = weights::load(dir)?;
+        let vision_prefix = if vb.contains_tensor("vision_tower.vision_model.embeddings.class_embedding") {
+            "vision_tower.vision_model"
+        } else {
+            "vision_tower"
+        };
+        let tower = ClipVisionTower::new(&vision, vb.pp(vision_prefix)).map_err(|e| weights::explain(dir, e))?;
+        let decoder =
+            Decoder::new(&config, vb.clone(), "language_model.model").map_err(|e| weights::explain(dir, e))?;
+        let p = vb.pp("multi_modal_projector");
+        let linear = |name: &str, inp: usize, out: usize| -> candle_core::Result<Linear> {
+            let l = p.pp(name);
+            Ok(Linear::new(l.get((out, inp), "weight")?, Some(l.get(out, "bias")?)))
+        };
+        let proj1 = linear("linear_1", vision.hidden_size, config.hidden_size).map_err(|e| weights::explain(dir, e))?;
+        let proj2 = linear("linear_2", config.hidden_size, config.hidden_size).map_err(|e| weights::explain(dir, e))?;
+        let image_token = v["image_token_index"].as_u64().or(v["image_token_id"].as_u64()).unwrap_or(32000) as u32;
+        let strategy = v["vision_feature_select_strategy"].as_str().unwrap_or("default");
+        Ok(Llava {
+            image_seq_length: v["image_seq_length"].as_u64().map(|n| n as usize).unwrap_or(vision.num_patches()),
+            feature_layer: v["vision_feature_layer"].as_i64().unwrap_or(-2),
+            drop_cls: strategy == "default",
+            config,
+            tokenizer,
+            decoder,
+            tower,
+            preprocess,
+            proj1,
+            proj2,
+            image_token,
+        })
+    }
+
+    /// Projected image features [slots, text hidden].
+    pub fn image_features(&self, image: &image::RgbImage) -> Result<Tensor, ModelError> {
+        let pixels = self.preprocess.pixels(image).map_err(ModelError::Compute)?;
+        let [w, h] = self.preprocess.crop;
+        let x = Tensor::from_vec(pixels, (1, 3, h as usize, w as usize), self.decoder.device())?;
+        let states = self.tower.hidden_states(&x)?;
+        let layer = if self.feature_layer < 0 { states.len() as i64 + self.feature_layer } else { self.feature_layer };
+        let mut f = states
+            .get(layer as usize)
+            .ok_or_else(|| ModelError::Compute(format!("vision_feature_layer {} is out of range", self.feature_layer)))?
+            .squeeze(0)?;
+        if self.drop_cls {
+            f = f.narrow(0, 1, f.dim(0)? - 1)?;
+        }
+        Ok(self.proj2.forward(&self.proj1.forward(&f)?.gelu_erf()?)?)
+    }
+
+    /// The perplexity of `text` (+ end of turn) as the answer to `prompt` about `image`:
+    /// the user turn is `<image>\n{prompt}`.
+    pub fn score(&self, image: &image::RgbImage, prompt: &str, text: &str) -> Result<Score, ModelError> {
+        let tok = &self.tokenizer;
+        let eot = tok
+            .end_of_turn()
+            .ok_or_else(|| ModelError::Compute("the chat template names no end-of-turn token".into()))?;
+        let prefix = tok.encode(&tok.chat_prefix(&format!("<image>\n{prompt}"))?, false)?;
+        let at = prefix
+            .iter()
+            .position(|&t| t == self.image_token)
+            .ok_or_else(|| ModelError::Compute("the prompt lost its <image> token".into()))?;
+        let features = self.image_features(image)?;
+        let slots = features.dim(0)?;
+        if slots != self.image_seq_length {
+            return Err(ModelError::Compute(format!(
+                "the image gives {slots} feature slots but the model expects image_seq_length = {}",
+                self.image_seq_length
+            )));
+        }
+        let mut ids: Vec<u32> = prefix[..at].to_vec();
+        ids.extend(std::iter::repeat_n(self.image_token, slots));
+        ids.extend(&prefix[at + 1..]);
+        let score_from = ids.len();
+        ids.extend(tok.encode(&format!("{text}{eot}"), false)?);
+        let t = ids.len();
+        let device = self.decoder.device();
+        let emb = self.decoder.embed(&Tensor::from_vec(ids.clone(), (1, t), device)?)?;
+        let x = Tensor::cat(
+            &[&emb.narrow(1, 0, at)?, &features.unsqueeze(0)?, &emb.narrow(1, at + slots, t - at - slots)?],
+            1,
+        )?;
+        let hidden = self.decoder.hidden_from_embeddings(x)?.squeeze(0)?;
+        let rows: Vec<u32> = (score_from - 1..t - 1).map(|p| p as u32).collect();
+        let picked = hidden.index_select(&Tensor::from_vec(rows, t - score_from, device)?, 0)?;
+        let logp = self.decoder.target_log_probs(&picked, &ids[score_from..])?;
+        Ok(Score { nll_sum: logp.iter().map(|&l| -(l as f64)).sum(), tokens: logp.len() })
+    }
+}

@@ -1,0 +1,40 @@
+//! Image-conditioned perplexity with the tiny LLaVA against transformers
+//! (`llava_image_conditioned` in tests/fixtures/points-tiny/expected.json).
+
+use std::path::Path;
+
+use ladle_stages::vision::llava::Llava;
+use ladle_stages::vision::preprocess::load_rgb;
+use serde_json::Value;
+
+#[test]
+fn llava_image_conditioned_perplexities_match_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap()).unwrap();
+    let prompt = expected["prompt"].as_str().unwrap();
+    let m = Llava::load(&root.join("tiny-llava")).unwrap();
+    let mut worst: f64 = 0.0;
+    for (line, e) in std::fs::read_to_string(root.join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .zip(expected["llava_image_conditioned"].as_array().unwrap())
+    {
+        let rec: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(rec["id"], e["id"]);
+        let image = load_rgb(&root.join(rec["image"].as_str().unwrap())).unwrap();
+        let s = m.score(&image, prompt, rec["caption"].as_str().unwrap()).unwrap();
+        assert_eq!(s.tokens as u64, e["n_scored"].as_u64().unwrap(), "{}", e["id"]);
+        let want = e["perplexity"].as_f64().unwrap();
+        let rel = (s.perplexity() - want).abs() / want;
+        worst = worst.max(rel);
+        assert!(rel < 1e-3, "{}: {} vs {want} (rel {rel:e})", e["id"], s.perplexity());
+    }
+    eprintln!("worst relative error {worst:e} over 42 records");
+}
+
+#[test]
+fn a_text_only_model_is_refused_for_images() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let err = Llava::load(&root.join("tiny-qwen2")).err().unwrap().to_string();
+    assert!(err.contains("no vision tower"), "{err}");
+}

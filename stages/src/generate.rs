@@ -26,8 +26,7 @@ use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
-    Accepts, Arity, Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage,
-    StageKind,
+    Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 
 use crate::llm::LanguageModel;
@@ -36,10 +35,7 @@ use crate::template::Template;
 
 pub struct GenerateKind;
 
-const PORTS: &[PortSpec] = &[
-    PortSpec::dataset("data"),
-    PortSpec { name: "model", arity: Arity::One, required: true, accepts: Accepts::Model },
-];
+const PORTS: &[PortSpec] = &[PortSpec::dataset("data"), crate::perplexity::MODEL_PORT];
 
 impl StageKind for GenerateKind {
     fn name(&self) -> &'static str {

@@ -59,6 +59,18 @@ impl LanguageModel {
     /// Loads `dir` in f32 on the CPU.
     pub fn load(dir: &Path) -> Result<LanguageModel, ModelError> {
         let config = LlmConfig::load(dir)?;
+        let vb = weights::load(dir)?;
+        Self::from_parts(dir, config, &vb, "model")
+    }
+
+    /// The tokenizer of `dir` and the decoder whose weights start at `prefix` in `vb`: shared by
+    /// plain language models (`model`) and VLMs (`language_model.model`).
+    pub fn from_parts(
+        dir: &Path,
+        config: LlmConfig,
+        vb: &candle_nn::VarBuilder<'static>,
+        prefix: &str,
+    ) -> Result<LanguageModel, ModelError> {
         let tokenizer = TextTokenizer::load(dir)?;
         let n_tokens = tokenizer.vocab_size();
         if n_tokens > config.vocab_size {
@@ -70,8 +82,7 @@ impl LanguageModel {
                 ),
             });
         }
-        let vb = weights::load(dir)?;
-        let decoder = Decoder::new(&config, vb.clone(), "model").map_err(|e| weights::explain(dir, e))?;
+        let decoder = Decoder::new(&config, vb.clone(), prefix).map_err(|e| weights::explain(dir, e))?;
         Ok(LanguageModel { config, tokenizer, decoder })
     }
 }

@@ -41,10 +41,10 @@ use crate::template::Template;
 
 pub struct PerplexityKind;
 
-const PORTS: &[PortSpec] = &[
-    PortSpec::dataset("data"),
-    PortSpec { name: "model", arity: Arity::One, required: true, accepts: Accepts::Model },
-];
+/// The `model` input port of the stages that run a model.
+pub const MODEL_PORT: PortSpec = PortSpec { name: "model", arity: Arity::One, required: true, accepts: Accepts::Model };
+
+const PORTS: &[PortSpec] = &[PortSpec::dataset("data"), MODEL_PORT];
 
 impl StageKind for PerplexityKind {
     fn name(&self) -> &'static str {
@@ -111,7 +111,8 @@ impl MapStage for Perplexity {
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
         let model = LanguageModel::load(&dir)?;
-        let end_of_turn = match &self.prompt {
+        // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
+        match &self.prompt {
             Some(_) if !model.tokenizer.has_chat_template() => {
                 return Err(StageError::input(format!(
                     "{}: the model has no chat template (`chat_template` in tokenizer_config.json), so `prompt` cannot be used",
@@ -119,14 +120,14 @@ impl MapStage for Perplexity {
                 ))
                 .with_hint("drop `prompt` to score the text alone, or use a chat model"));
             }
-            Some(_) => Some(model.tokenizer.end_of_turn().map(str::to_string).ok_or_else(|| {
-                StageError::input(format!(
+            Some(_) if model.tokenizer.end_of_turn().is_none() => {
+                return Err(StageError::input(format!(
                     "{}: the chat template names no end-of-turn token, so a prompted score has no end",
                     dir.display()
-                ))
-            })?),
-            None => None,
-        };
+                )));
+            }
+            _ => {}
+        }
         let max_tokens = self.max_tokens.unwrap_or(model.config.max_positions).min(model.config.max_positions);
         Ok(Arc::new(Mapper {
             text: self.text.clone(),
@@ -134,7 +135,6 @@ impl MapStage for Perplexity {
             column: self.column.clone(),
             max_tokens,
             batch_tokens: self.batch_tokens,
-            end_of_turn,
             model,
         }))
     }
@@ -146,7 +146,6 @@ struct Mapper {
     column: String,
     max_tokens: usize,
     batch_tokens: usize,
-    end_of_turn: Option<String>,
     model: LanguageModel,
 }
 
@@ -158,15 +157,9 @@ impl Mapper {
             return Err("the text to score is empty".into());
         }
         let tok = &self.model.tokenizer;
-        let mut seq = match (&self.prompt, &self.end_of_turn) {
-            (Some(prompt), Some(eot)) => {
-                let prefix = tok.chat_prefix(&prompt.render(record)?).map_err(|e| e.to_string())?;
-                let mut ids = tok.encode(&prefix, false).map_err(|e| e.to_string())?;
-                let score_from = ids.len();
-                ids.extend(tok.encode(&format!("{text}{eot}"), false).map_err(|e| e.to_string())?);
-                Sequence { ids, score_from }
-            }
-            _ => Sequence { ids: tok.encode(&text, true).map_err(|e| e.to_string())?, score_from: 1 },
+        let mut seq = match &self.prompt {
+            Some(prompt) => tok.answer_sequence(&prompt.render(record)?, &text).map_err(|e| e.to_string())?,
+            None => Sequence { ids: tok.encode(&text, true).map_err(|e| e.to_string())?, score_from: 1 },
         };
         let truncated = seq.ids.len() > self.max_tokens;
         seq.ids.truncate(self.max_tokens);

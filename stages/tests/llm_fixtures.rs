@@ -31,11 +31,7 @@ fn text_sequence(m: &LanguageModel, caption: &str) -> Sequence {
 }
 
 fn prompted_sequence(m: &LanguageModel, prompt: &str, caption: &str) -> Sequence {
-    let mut ids = m.tokenizer.encode(&m.tokenizer.chat_prefix(prompt).unwrap(), false).unwrap();
-    let score_from = ids.len();
-    let eot = m.tokenizer.end_of_turn().unwrap();
-    ids.extend(m.tokenizer.encode(&format!("{caption}{eot}"), false).unwrap());
-    Sequence { ids, score_from }
+    m.tokenizer.answer_sequence(prompt, caption).unwrap()
 }
 
 fn check(model: &str, key: &str, prompted: bool) {

@@ -71,6 +71,17 @@ impl Scorer<'_> {
     }
 }
 
+/// The score of `seq` from the final hidden states [T, H] of its positions, for callers that
+/// build the inputs themselves (a VLM splices image features into the embeddings).
+pub fn score_hidden(decoder: &Decoder, hidden: &Tensor, seq: &Sequence) -> Result<Score, ModelError> {
+    let from = seq.score_from.max(1);
+    let rows: Vec<u32> = (from - 1..seq.ids.len() - 1).map(|p| p as u32).collect();
+    let n = rows.len();
+    let picked = hidden.index_select(&Tensor::from_vec(rows, n, decoder.device())?, 0)?;
+    let logp = decoder.target_log_probs(&picked, &seq.ids[from..])?;
+    Ok(Score { nll_sum: logp.iter().map(|&l| -(l as f64)).sum(), tokens: n })
+}
+
 /// Groups indices of sequences with the given lengths into batches whose padded size
 /// (count × longest) stays within `budget` tokens; similar lengths go together.
 pub fn plan_batches(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {

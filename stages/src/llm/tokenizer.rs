@@ -116,6 +116,19 @@ impl TextTokenizer {
         env.get_template("chat").and_then(|t| t.render(ctx)).map_err(err)
     }
 
+    /// `text` as the answer to `prompt` in a chat: the chat prefix (not scored), then the tokens of
+    /// `text` and the end-of-turn token (scored).
+    pub fn answer_sequence(&self, prompt: &str, text: &str) -> Result<super::Sequence, ModelError> {
+        let eot = self.end_of_turn().ok_or_else(|| ModelError::Tokenizer {
+            path: self.path.with_file_name("tokenizer_config.json"),
+            message: "the chat template names no end-of-turn token, so an answer has no end".into(),
+        })?;
+        let mut ids = self.encode(&self.chat_prefix(prompt)?, false)?;
+        let score_from = ids.len();
+        ids.extend(self.encode(&format!("{text}{eot}"), false)?);
+        Ok(super::Sequence { ids, score_from })
+    }
+
     /// The text before an assistant's answer to `prompt`: the user turn and the generation prompt.
     pub fn chat_prefix(&self, prompt: &str) -> Result<String, ModelError> {
         self.render(serde_json::json!([{"role": "user", "content": prompt}]), true)

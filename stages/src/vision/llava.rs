@@ -15,12 +15,12 @@ use serde_json::Value;
 
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::preprocess::ClipPreprocessor;
-use crate::llm::{Decoder, LlmConfig, ModelError, Score, TextTokenizer, weights};
+use crate::llm::scorer::score_hidden;
+use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, weights};
 
 pub struct Llava {
-    pub config: LlmConfig,
-    pub tokenizer: TextTokenizer,
-    pub decoder: Decoder,
+    /// The language model: tokenizer and decoder (weights under `language_model.`).
+    pub lm: LanguageModel,
     pub tower: ClipVisionTower,
     pub preprocess: ClipPreprocessor,
     proj1: Linear,
@@ -54,7 +54,6 @@ impl Llava {
             })?;
         let preprocess =
             ClipPreprocessor::from_json(&pre_json).map_err(|message| ModelError::Config { path: pre_path, message })?;
-        let tokenizer = TextTokenizer::load(dir)?;
         let vb = weights::load(dir)?;
         let vision_prefix = if vb.contains_tensor("vision_tower.vision_model.embeddings.class_embedding") {
             "vision_tower.vision_model"
@@ -62,8 +61,6 @@ impl Llava {
             "vision_tower"
         };
         let tower = ClipVisionTower::new(&vision, vb.pp(vision_prefix)).map_err(|e| weights::explain(dir, e))?;
-        let decoder =
-            Decoder::new(&config, vb.clone(), "language_model.model").map_err(|e| weights::explain(dir, e))?;
         let p = vb.pp("multi_modal_projector");
         let linear = |name: &str, inp: usize, out: usize| -> candle_core::Result<Linear> {
             let l = p.pp(name);
@@ -71,15 +68,14 @@ impl Llava {
         };
         let proj1 = linear("linear_1", vision.hidden_size, config.hidden_size).map_err(|e| weights::explain(dir, e))?;
         let proj2 = linear("linear_2", config.hidden_size, config.hidden_size).map_err(|e| weights::explain(dir, e))?;
+        let lm = LanguageModel::from_parts(dir, config, &vb, "language_model.model")?;
         let image_token = v["image_token_index"].as_u64().or(v["image_token_id"].as_u64()).unwrap_or(32000) as u32;
         let strategy = v["vision_feature_select_strategy"].as_str().unwrap_or("default");
         Ok(Llava {
             image_seq_length: v["image_seq_length"].as_u64().map(|n| n as usize).unwrap_or(vision.num_patches()),
             feature_layer: v["vision_feature_layer"].as_i64().unwrap_or(-2),
             drop_cls: strategy == "default",
-            config,
-            tokenizer,
-            decoder,
+            lm,
             tower,
             preprocess,
             proj1,
@@ -92,7 +88,7 @@ impl Llava {
     pub fn image_features(&self, image: &image::RgbImage) -> Result<Tensor, ModelError> {
         let pixels = self.preprocess.pixels(image).map_err(ModelError::Compute)?;
         let [w, h] = self.preprocess.crop;
-        let x = Tensor::from_vec(pixels, (1, 3, h as usize, w as usize), self.decoder.device())?;
+        let x = Tensor::from_vec(pixels, (1, 3, h as usize, w as usize), self.lm.decoder.device())?;
         let states = self.tower.hidden_states(&x)?;
         let layer = if self.feature_layer < 0 { states.len() as i64 + self.feature_layer } else { self.feature_layer };
         let mut f = states
@@ -108,12 +104,8 @@ impl Llava {
     /// The perplexity of `text` (+ end of turn) as the answer to `prompt` about `image`:
     /// the user turn is `<image>\n{prompt}`.
     pub fn score(&self, image: &image::RgbImage, prompt: &str, text: &str) -> Result<Score, ModelError> {
-        let tok = &self.tokenizer;
-        let eot = tok
-            .end_of_turn()
-            .ok_or_else(|| ModelError::Compute("the chat template names no end-of-turn token".into()))?;
-        let prefix = tok.encode(&tok.chat_prefix(&format!("<image>\n{prompt}"))?, false)?;
-        let at = prefix
+        let seq = self.lm.tokenizer.answer_sequence(&format!("<image>\n{prompt}"), text)?;
+        let at = seq.ids[..seq.score_from]
             .iter()
             .position(|&t| t == self.image_token)
             .ok_or_else(|| ModelError::Compute("the prompt lost its <image> token".into()))?;
@@ -125,22 +117,19 @@ impl Llava {
                 self.image_seq_length
             )));
         }
-        let mut ids: Vec<u32> = prefix[..at].to_vec();
+        // The one <image> token becomes `slots` positions, which take the features.
+        let mut ids: Vec<u32> = seq.ids[..at].to_vec();
         ids.extend(std::iter::repeat_n(self.image_token, slots));
-        ids.extend(&prefix[at + 1..]);
-        let score_from = ids.len();
-        ids.extend(tok.encode(&format!("{text}{eot}"), false)?);
-        let t = ids.len();
-        let device = self.decoder.device();
-        let emb = self.decoder.embed(&Tensor::from_vec(ids.clone(), (1, t), device)?)?;
+        ids.extend(&seq.ids[at + 1..]);
+        let seq = Sequence { ids, score_from: seq.score_from + slots - 1 };
+        let t = seq.ids.len();
+        let decoder = &self.lm.decoder;
+        let emb = decoder.embed(&Tensor::from_vec(seq.ids.clone(), (1, t), decoder.device())?)?;
         let x = Tensor::cat(
             &[&emb.narrow(1, 0, at)?, &features.unsqueeze(0)?, &emb.narrow(1, at + slots, t - at - slots)?],
             1,
         )?;
-        let hidden = self.decoder.hidden_from_embeddings(x)?.squeeze(0)?;
-        let rows: Vec<u32> = (score_from - 1..t - 1).map(|p| p as u32).collect();
-        let picked = hidden.index_select(&Tensor::from_vec(rows, t - score_from, device)?, 0)?;
-        let logp = self.decoder.target_log_probs(&picked, &ids[score_from..])?;
-        Ok(Score { nll_sum: logp.iter().map(|&l| -(l as f64)).sum(), tokens: logp.len() })
+        let hidden = decoder.hidden_from_embeddings(x)?.squeeze(0)?;
+        score_hidden(decoder, &hidden, &seq)
     }
 }

@@ -32,8 +32,21 @@ pub struct FileRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Artifact {
-    /// Records, as ordered shards of canonical JSONL.
-    Dataset { shards: Vec<ShardRef> },
+    /// Records, as ordered shards of canonical JSONL. `root` is the folder that relative file
+    /// paths in the records (images) resolve against: the data file's folder for a dataset that
+    /// `read` made, carried along by the stages that pass records through. It is written
+    /// relative to the pipeline file's folder when inside it, so moving a project keeps its
+    /// digests; it is part of the digest when set, so a cached output never points elsewhere.
+    Dataset {
+        shards: Vec<ShardRef>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<PathBuf>,
+    },
+    /// Numbers computed per record (image embeddings), as ordered shards of safetensors files, one
+    /// per shard of the dataset they were computed from; `records` of a shard counts its rows.
+    /// Kept as tensors, not JSON floats: a 576×1024 embedding is 2.3 MB as f32 and several
+    /// times that as text.
+    Tensors { shards: Vec<ShardRef> },
     /// A folder of files. `model` when it holds a `config.json` (a Hugging Face model folder).
     /// `external` names where the files live when they were not copied into the store (a `model`
     /// stage's folder); otherwise the files are store objects.
@@ -45,6 +58,11 @@ pub enum Artifact {
 }
 
 impl Artifact {
+    /// A dataset of `shards` whose records name no files (or only absolute paths).
+    pub fn dataset(shards: Vec<ShardRef>) -> Artifact {
+        Artifact::Dataset { shards, root: None }
+    }
+
     /// The digest of the manifest. Where an external folder lives is not part of it: the same
     /// model files are the same model wherever they are.
     pub fn digest(&self) -> ArtifactDigest {
@@ -58,9 +76,19 @@ impl Artifact {
         ArtifactDigest(hash_with_context("ladle artifact manifest v1", &[&json]))
     }
 
+    /// A dataset's root as stored (see [`Artifact::Dataset`]): what stages that pass records
+    /// through give their output.
+    pub fn root(&self) -> Option<PathBuf> {
+        match self {
+            Artifact::Dataset { root, .. } => root.clone(),
+            _ => None,
+        }
+    }
+
     pub fn kind_name(&self) -> &'static str {
         match self {
             Artifact::Dataset { .. } => "dataset",
+            Artifact::Tensors { .. } => "tensors",
             Artifact::Folder { model: true, .. } => "model",
             Artifact::Folder { .. } => "folder",
             Artifact::File { .. } => "file",
@@ -71,7 +99,9 @@ impl Artifact {
     /// Store objects this artifact needs to be served.
     pub fn objects(&self) -> Vec<Digest> {
         match self {
-            Artifact::Dataset { shards } => shards.iter().map(|s| s.digest).collect(),
+            Artifact::Dataset { shards, .. } | Artifact::Tensors { shards } => {
+                shards.iter().map(|s| s.digest).collect()
+            }
             Artifact::Folder { external: None, files, .. } => files.iter().map(|f| f.digest).collect(),
             _ => Vec::new(),
         }
@@ -79,7 +109,9 @@ impl Artifact {
 
     pub fn records(&self) -> Option<u64> {
         match self {
-            Artifact::Dataset { shards } => Some(shards.iter().map(|s| s.records).sum()),
+            Artifact::Dataset { shards, .. } | Artifact::Tensors { shards } => {
+                Some(shards.iter().map(|s| s.records).sum())
+            }
             Artifact::File { records, .. } => Some(*records),
             _ => None,
         }
@@ -96,11 +128,24 @@ mod tests {
 
     #[test]
     fn dataset_digest_depends_on_shards_and_their_order() {
-        let a = Artifact::Dataset { shards: vec![shard(b"1", 1), shard(b"2", 1)] };
-        let b = Artifact::Dataset { shards: vec![shard(b"2", 1), shard(b"1", 1)] };
-        let a2 = Artifact::Dataset { shards: vec![shard(b"1", 1), shard(b"2", 1)] };
+        let a = Artifact::dataset(vec![shard(b"1", 1), shard(b"2", 1)]);
+        let b = Artifact::dataset(vec![shard(b"2", 1), shard(b"1", 1)]);
+        let a2 = Artifact::dataset(vec![shard(b"1", 1), shard(b"2", 1)]);
         assert_ne!(a.digest(), b.digest());
         assert_eq!(a.digest(), a2.digest());
         assert_eq!(a.records(), Some(2));
+    }
+
+    #[test]
+    fn a_dataset_root_is_part_of_the_digest_only_when_set() {
+        let shards = vec![shard(b"1", 1)];
+        let plain = Artifact::dataset(shards.clone());
+        let here = Artifact::Dataset { shards: shards.clone(), root: Some("/data/a".into()) };
+        let there = Artifact::Dataset { shards, root: Some("/data/b".into()) };
+        assert_ne!(plain.digest(), here.digest());
+        assert_ne!(here.digest(), there.digest());
+        // Manifests written before roots existed keep their digests.
+        let old = serde_json::to_string(&plain).unwrap();
+        assert!(!old.contains("root"), "{old}");
     }
 }

@@ -128,7 +128,7 @@ impl StageContext<'_> {
     pub fn materialize(&self, artifact: &Artifact, dest: &Path) -> Result<PathBuf, StageError> {
         let io = |what: &str, e: std::io::Error| StageError::environment(format!("cannot {what}: {e}"));
         match artifact {
-            Artifact::Dataset { shards } => {
+            Artifact::Dataset { shards, .. } => {
                 let path = dest.with_extension("jsonl");
                 let mut out = fs::File::create(&path).map_err(|e| io(&format!("create {}", path.display()), e))?;
                 for s in shards {
@@ -153,6 +153,15 @@ impl StageContext<'_> {
                     }
                 }
                 fs::create_dir_all(dest).map_err(|e| io(&format!("create {}", dest.display()), e))?;
+                Ok(dest.to_path_buf())
+            }
+            // The shards as they are (safetensors files, in order): a script reads them in turn.
+            Artifact::Tensors { shards } => {
+                fs::create_dir_all(dest).map_err(|e| io(&format!("create {}", dest.display()), e))?;
+                for (i, s) in shards.iter().enumerate() {
+                    let path = dest.join(format!("shard-{i:05}.safetensors"));
+                    fs::write(&path, self.read_shard(s)?).map_err(|e| io(&format!("write {}", path.display()), e))?;
+                }
                 Ok(dest.to_path_buf())
             }
             Artifact::File { path, .. } => Ok(path.clone()),

@@ -25,6 +25,11 @@ pub struct KeyParts {
     pub inputs: BTreeMap<String, Vec<ArtifactDigest>>,
     /// Referenced file label (as the stage names it) → digest of its content.
     pub files: BTreeMap<String, Digest>,
+    /// For stages that read files their records name (images): the digest of those files'
+    /// digests, shard by shard (see [`crate::record_files`]). Not part of the map key: each
+    /// shard's own salt is part of its shard key instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_files: Option<Digest>,
 }
 
 impl KeyParts {
@@ -37,6 +42,7 @@ impl KeyParts {
     pub fn map_key(&self, mapped_port: &str) -> StageKey {
         let mut without = self.clone();
         without.inputs.remove(mapped_port);
+        without.record_files = None;
         let json = serde_json::to_vec(&without).expect("key parts always serialize");
         StageKey(hash_with_context("ladle map key v1", &[&json]))
     }
@@ -78,12 +84,25 @@ impl KeyParts {
                 _ => {}
             }
         }
+        match (old.record_files, self.record_files) {
+            (Some(a), Some(b)) if a != b => why.push("files named by its input records (images) changed".to_string()),
+            (None, Some(_)) => why.push("now reads files named by its input records (images)".to_string()),
+            _ => {}
+        }
         why
     }
 }
 
 pub fn shard_key(map_key: &StageKey, input_shard: &Digest) -> ShardKey {
     ShardKey(hash_with_context("ladle shard key v1", &[&map_key.0, &input_shard.0]))
+}
+
+/// [`shard_key`], with the digest of the files the shard's records name when the stage reads them.
+pub fn salted_shard_key(map_key: &StageKey, input_shard: &Digest, record_files: Option<&Digest>) -> ShardKey {
+    match record_files {
+        None => shard_key(map_key, input_shard),
+        Some(salt) => ShardKey(hash_with_context("ladle shard key v1", &[&map_key.0, &input_shard.0, &salt.0])),
+    }
 }
 
 #[cfg(test)]
@@ -100,7 +119,23 @@ mod tests {
             params: serde_json::json!({"column": "ppl", "text": "{caption}"}),
             inputs,
             files: BTreeMap::new(),
+            record_files: None,
         }
+    }
+
+    #[test]
+    fn record_files_change_the_stage_key_but_not_the_map_key() {
+        let a = parts();
+        let mut b = parts();
+        b.record_files = Some(Digest([7; 32]));
+        assert_ne!(a.stage_key(), b.stage_key());
+        assert_eq!(a.map_key("data"), b.map_key("data"));
+        assert_eq!(b.explain_change(&a), ["now reads files named by its input records (images)"]);
+        let salt = Digest([3; 32]);
+        let shard = Digest([4; 32]);
+        let map_key = a.map_key("data");
+        assert_eq!(salted_shard_key(&map_key, &shard, None), shard_key(&map_key, &shard));
+        assert_ne!(salted_shard_key(&map_key, &shard, Some(&salt)), shard_key(&map_key, &shard));
     }
 
     #[test]

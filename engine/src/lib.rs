@@ -25,6 +25,7 @@ pub mod events;
 pub mod key;
 pub mod pipeline;
 pub mod plan;
+pub mod record_files;
 pub mod records;
 pub mod registry;
 pub mod resolve;

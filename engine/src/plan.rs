@@ -16,10 +16,11 @@ use crate::context::StageContext;
 use crate::digest::{ArtifactDigest, StageKey};
 use crate::error::Result;
 use crate::events::NoEvents;
-use crate::key::shard_key;
+use crate::key::salted_shard_key;
 use crate::pipeline::Pipeline;
+use crate::record_files;
 use crate::resolve::key_parts;
-use crate::stage::Execution;
+use crate::stage::{Execution, Inputs};
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -82,8 +83,23 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
                 srcs.iter().map(|s| outputs[*s].as_ref().map(|o| o.0)).collect::<Option<Vec<_>>>().unwrap_or_default(),
             );
         }
+        let mut inputs = Inputs { pipeline_dir: pipeline.dir.clone(), ..Default::default() };
+        for (port, srcs) in &decl.inputs {
+            let artifacts = srcs.iter().filter_map(|s| outputs[*s].as_ref().map(|o| (*o.1).clone())).collect();
+            inputs.ports.insert(port.clone(), artifacts);
+        }
+        let salts = match record_files::shard_salts(&*decl.stage, &inputs, store) {
+            Ok(s) => s,
+            Err(e) => {
+                entries[i] = Some(entry(PlanStatus::Run, vec![format!("cannot read the files its records name: {e}")]));
+                continue;
+            }
+        };
         let parts = match key_parts(decl, digests, store) {
-            Ok(p) => p,
+            Ok(mut p) => {
+                p.record_files = salts.as_deref().map(record_files::combined);
+                p
+            }
             Err(e) => {
                 entries[i] = Some(entry(PlanStatus::Run, vec![format!("cannot compute its key: {e}")]));
                 continue;
@@ -131,13 +147,13 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
         }
         if let Execution::Map { port, .. } = decl.stage.execution()
             && let Some(Some((_, input))) = decl.inputs.get(port).and_then(|s| s.first()).map(|s| outputs[*s].as_ref())
-            && let Artifact::Dataset { shards } = &**input
+            && let Artifact::Dataset { shards, .. } = &**input
             && !forced
         {
             let map_key = parts.map_key(port);
             let mut cached = 0;
-            for s in shards {
-                if store.get_shard(&shard_key(&map_key, &s.digest))?.is_some() {
+            for (n, s) in shards.iter().enumerate() {
+                if store.get_shard(&salted_shard_key(&map_key, &s.digest, salts.as_ref().map(|s| &s[n])))?.is_some() {
                     cached += 1;
                 }
             }

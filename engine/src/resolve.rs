@@ -22,5 +22,6 @@ pub fn key_parts(decl: &StageDecl, inputs: BTreeMap<String, Vec<ArtifactDigest>>
         params: decl.key_params.clone(),
         inputs,
         files,
+        record_files: None,
     })
 }

@@ -20,11 +20,12 @@ use crate::context::StageContext;
 use crate::digest::{ArtifactDigest, StageKey};
 use crate::error::{Error, Result, StageError};
 use crate::events::{Event, EventSink};
-use crate::key::{KeyParts, shard_key};
+use crate::key::{KeyParts, salted_shard_key};
 use crate::pipeline::Pipeline;
+use crate::record_files;
 use crate::resolve::key_parts;
 use crate::runs::{RunRecord, RunRecorder, RunStatus, peak_rss_bytes};
-use crate::stage::{Execution, Inputs, ShardInput, ShardMapper};
+use crate::stage::{Execution, Inputs, Produces, ShardInput, ShardMapper};
 use crate::store::{LastRun, ShardEntry, Store};
 
 #[derive(Debug, Clone)]
@@ -167,7 +168,7 @@ async fn schedule(
 
     let spawn = |set: &mut JoinSet<_>, i: usize, outputs: &[Option<Output>]| {
         let decl = &pipeline.stages[i];
-        let mut inputs = Inputs::default();
+        let mut inputs = Inputs { pipeline_dir: pipeline.dir.clone(), ..Default::default() };
         let mut digests = BTreeMap::new();
         for (port, srcs) in &decl.inputs {
             let outs: Vec<&Output> = srcs.iter().filter_map(|s| outputs[*s].as_ref()).collect();
@@ -272,8 +273,31 @@ impl StageTask {
             let (pipeline, store, idx) = (self.pipeline.clone(), self.store.clone(), self.idx);
             tokio::task::spawn_blocking(move || key_parts(&pipeline.stages[idx], digests, &store)).await
         };
+        let inputs = Arc::new(inputs);
+        // Files the input records name (images): their digests join the shard and stage keys.
+        let salts = {
+            let (pipeline, store, idx, inputs) = (self.pipeline.clone(), self.store.clone(), self.idx, inputs.clone());
+            tokio::task::spawn_blocking(move || {
+                record_files::shard_salts(&*pipeline.stages[idx].stage, &inputs, &store)
+            })
+            .await
+        };
+        let salts = match salts {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                fail(&self.sink, e, (0, 0));
+                return Err(());
+            }
+            Err(e) => {
+                fail(&self.sink, format!("internal error: {e}"), (0, 0));
+                return Err(());
+            }
+        };
         let parts = match parts {
-            Ok(Ok(p)) => p,
+            Ok(Ok(mut p)) => {
+                p.record_files = salts.as_deref().map(record_files::combined);
+                p
+            }
             Ok(Err(e)) => {
                 fail(&self.sink, e.to_string(), (0, 0));
                 return Err(());
@@ -303,7 +327,7 @@ impl StageTask {
                     // As when it runs: a map stage counts its input shards, others their output's.
                     let shards_total = match (self.pipeline.stages[self.idx].stage.execution(), &artifact) {
                         (Execution::Map { port, .. }, _) => inputs.dataset(port).map(|s| s.len() as u64).unwrap_or(0),
-                        (_, Artifact::Dataset { shards }) => shards.len() as u64,
+                        (_, Artifact::Dataset { shards, .. }) => shards.len() as u64,
                         _ => 0,
                     };
                     if let Err(e) = remember(&env, &parts, digest) {
@@ -327,9 +351,8 @@ impl StageTask {
             }
         }
 
-        let inputs = Arc::new(inputs);
         let result = match self.pipeline.stages[self.idx].stage.execution() {
-            Execution::Map { port, .. } => run_map(env.clone(), inputs, &parts, port, self.forced).await,
+            Execution::Map { port, .. } => run_map(env.clone(), inputs, &parts, salts, port, self.forced).await,
             Execution::Whole(_) => {
                 self.sink.emit(&Event::StageStarted { stage: name.clone(), kind: kind.clone(), shards_total: None });
                 let permit = self.slots.clone().acquire_owned().await;
@@ -345,7 +368,7 @@ impl StageTask {
                 match joined {
                     Ok(Ok(a)) => {
                         let n = match &a {
-                            Artifact::Dataset { shards } => shards.len() as u64,
+                            Artifact::Dataset { shards, .. } => shards.len() as u64,
                             _ => 0,
                         };
                         Ok((a, n, n, 0))
@@ -403,6 +426,7 @@ async fn run_map(
     env: Arc<StageEnv>,
     inputs: Arc<Inputs>,
     parts: &KeyParts,
+    salts: Option<Vec<crate::digest::Digest>>,
     port: &'static str,
     forced: bool,
 ) -> MapResult {
@@ -446,7 +470,7 @@ async fn run_map(
         };
 
     for (i, shard) in shards.iter().enumerate() {
-        let sk = shard_key(&map_key, &shard.digest);
+        let sk = salted_shard_key(&map_key, &shard.digest, salts.as_ref().map(|s| &s[i]));
         if !forced {
             match env.store.get_shard(&sk) {
                 Ok(Some(out)) => {
@@ -488,7 +512,12 @@ async fn run_map(
     }
     let dropped_on_error = results.iter().flatten().map(|e| e.dropped_on_error).sum();
     let out: Vec<ShardRef> = results.into_iter().flatten().map(|e| e.shard).filter(|s| s.records > 0).collect();
-    Ok((Artifact::Dataset { shards: out }, total, computed, dropped_on_error))
+    if env.pipeline.stages[env.idx].stage.produces() == Produces::Tensors {
+        return Ok((Artifact::Tensors { shards: out }, total, computed, dropped_on_error));
+    }
+    // Records pass through a map stage, and so does the folder their relative paths resolve against.
+    let root = inputs.one(port).ok().and_then(Artifact::root);
+    Ok((Artifact::Dataset { shards: out, root }, total, computed, dropped_on_error))
 }
 
 fn compute_shard(
@@ -514,8 +543,8 @@ fn compute_shard(
         None => format!("shard {index}: {e}"),
     })?;
     let commit = || -> Result<ShardEntry> {
-        let digest = env.store.put(&mapped.jsonl)?;
-        let shard = ShardRef { digest, records: mapped.records, bytes: mapped.jsonl.len() as u64 };
+        let digest = env.store.put(&mapped.bytes)?;
+        let shard = ShardRef { digest, records: mapped.records, bytes: mapped.bytes.len() as u64 };
         let out = ShardEntry { shard, dropped_on_error: mapped.dropped_on_error };
         env.store.put_shard(key, &out)?;
         env.store.flush()?;

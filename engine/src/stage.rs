@@ -6,6 +6,7 @@
 //! and parallelizes shard by shard — or a *whole* stage that sees its inputs entire.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::artifact::{Artifact, ShardRef};
@@ -48,6 +49,9 @@ impl PortSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Produces {
     Dataset,
+    /// Per-record tensors (see [`Artifact::Tensors`]); a map stage that produces them writes a
+    /// safetensors file per shard.
+    Tensors,
     Model,
     /// Decided at run time (an `exec` stage makes a model when its folder holds a config.json).
     Folder,
@@ -98,6 +102,21 @@ pub enum Execution<'a> {
 /// cached (load a model here, not per shard).
 pub trait MapStage: Send + Sync {
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError>;
+
+    /// Whether the records name files outside the store whose contents the output depends on
+    /// (the images a scorer reads). Such a stage's shard keys, and its stage key, include the
+    /// digests of those files (see [`crate::record_files`]), so editing one image recomputes
+    /// the shards that name it and nothing else.
+    fn reads_record_files(&self) -> bool {
+        false
+    }
+
+    /// The files the records of `shard` name, in record order. Called for every shard on every
+    /// run, before the cache is consulted, so it only parses records. A record whose path cannot
+    /// be formed is skipped here: `map_shard` reports it (or drops it) with the record's position.
+    fn record_files(&self, _inputs: &Inputs, _shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
+        Ok(Vec::new())
+    }
 }
 
 pub trait ShardMapper: Send + Sync {
@@ -115,7 +134,10 @@ pub struct ShardInput<'a> {
 
 #[derive(Debug, Default)]
 pub struct MappedShard {
-    pub jsonl: Vec<u8>,
+    /// The output shard: canonical JSONL, or a safetensors file for a stage that produces
+    /// [`Produces::Tensors`].
+    pub bytes: Vec<u8>,
+    /// Records (or tensor rows) in it.
     pub records: u64,
     /// Records dropped because processing them failed (a plugin with `on_error = "drop"`).
     pub dropped_on_error: u64,
@@ -129,6 +151,8 @@ pub trait WholeStage: Send + Sync {
 #[derive(Debug, Default)]
 pub struct Inputs {
     pub ports: BTreeMap<String, Vec<Artifact>>,
+    /// The pipeline file's folder, which relative dataset roots are relative to.
+    pub pipeline_dir: PathBuf,
 }
 
 impl Inputs {
@@ -140,10 +164,19 @@ impl Inputs {
         self.all(port).first().ok_or_else(|| StageError::internal(format!("input port `{port}` is not connected")))
     }
 
+    /// The folder that relative paths in the records on `port` resolve against, when known
+    /// (see [`Artifact::Dataset`]).
+    pub fn dataset_root(&self, port: &str) -> Option<PathBuf> {
+        match self.all(port).first() {
+            Some(Artifact::Dataset { root: Some(root), .. }) => Some(self.pipeline_dir.join(root)),
+            _ => None,
+        }
+    }
+
     /// The shards of the dataset on `port`.
     pub fn dataset(&self, port: &str) -> Result<&[ShardRef], StageError> {
         match self.one(port)? {
-            Artifact::Dataset { shards } => Ok(shards),
+            Artifact::Dataset { shards, .. } => Ok(shards),
             other => {
                 Err(StageError::input(format!("input `{port}` must be a dataset, but it is a {}", other.kind_name())))
             }

@@ -285,6 +285,6 @@ impl ShardMapper for PluginMapper {
         if let Some(i) = instance {
             self.give_back(i);
         }
-        Ok(MappedShard { jsonl: out, records: kept, dropped_on_error })
+        Ok(MappedShard { bytes: out, records: kept, dropped_on_error })
     }
 }

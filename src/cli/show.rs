@@ -35,7 +35,7 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
     writeln!(out, "kind:     {}", p.stages[p.stage_named(stage)?].kind.name())?;
     writeln!(out, "output:   {} ({})", digest, artifact.kind_name())?;
     match &*artifact {
-        Artifact::Dataset { shards } => {
+        Artifact::Dataset { shards, .. } => {
             let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
             writeln!(
                 out,
@@ -79,6 +79,18 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
                 writeln!(out, "  {:<40} {:>10}  {}", f.path, super::human_bytes(f.size), f.digest.short())?;
             }
         }
+        Artifact::Tensors { shards } => {
+            let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
+            let rows = artifact.records().unwrap_or(0);
+            writeln!(out, "rows:     {rows} in {} shard(s), {}", shards.len(), super::human_bytes(bytes))?;
+            if let Some(first) = shards.first() {
+                writeln!(out, "tensors:  (per shard; the first has {} rows)", first.records)?;
+                for t in ladle_stages::tensors::describe(&store.get(&first.digest)?)? {
+                    let dims = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+                    writeln!(out, "  {}: {} [{dims}]", t.name, t.dtype.to_lowercase())?;
+                }
+            }
+        }
         Artifact::File { path, size, records, .. } => {
             writeln!(out, "file:     {} ({}, {records} records)", path.display(), super::human_bytes(*size))?;
         }
@@ -97,7 +109,7 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
 pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<String> {
     let (_, _, artifact) = current(p, store, stage)?;
     match &*artifact {
-        Artifact::Dataset { shards } => {
+        Artifact::Dataset { shards, .. } => {
             let ext = dest.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
             match ext.as_str() {
                 "jsonl" | "ndjson" => {
@@ -133,6 +145,7 @@ pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<S
             }
             Ok(format!("{} files", files.len()))
         }
+        Artifact::Tensors { shards } => Ok(ladle_stages::tensors::export(|s| Ok(store.get(&s.digest)?), shards, dest)?),
         Artifact::File { path, .. } => {
             std::fs::copy(path, dest)?;
             Ok("1 file".into())

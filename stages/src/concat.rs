@@ -42,7 +42,7 @@ impl WholeStage for Concat {
         let mut shards = Vec::new();
         for (i, a) in inputs.all("data").iter().enumerate() {
             match a {
-                Artifact::Dataset { shards: s } => shards.extend_from_slice(s),
+                Artifact::Dataset { shards: s, .. } => shards.extend_from_slice(s),
                 other => {
                     return Err(StageError::input(format!(
                         "input {i} of `data` is a {}, not a dataset",
@@ -51,6 +51,9 @@ impl WholeStage for Concat {
                 }
             }
         }
-        Ok(Artifact::Dataset { shards })
+        // Relative paths in the records keep their meaning only if every input has the same root.
+        let roots: Vec<Option<std::path::PathBuf>> = inputs.all("data").iter().map(Artifact::root).collect();
+        let root = if roots.windows(2).all(|w| w[0] == w[1]) { roots.into_iter().next().flatten() } else { None };
+        Ok(Artifact::Dataset { shards, root })
     }
 }

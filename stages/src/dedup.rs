@@ -89,6 +89,6 @@ impl WholeStage for Dedup {
             let (jsonl, n) = crate::keep_lines(&bytes, keep.into_iter());
             if n == 0 { Ok(None) } else { ctx.write_shard(&jsonl, n).map(Some) }
         })?;
-        Ok(Artifact::Dataset { shards: out.into_iter().flatten().collect() })
+        Ok(Artifact::Dataset { shards: out.into_iter().flatten().collect(), root: inputs.one("data")?.root() })
     }
 }

@@ -342,7 +342,7 @@ impl ShardMapper for ShardFilter {
             write_record(&record, &mut out);
             n += 1;
         }
-        Ok(MappedShard { jsonl: out, records: n, ..Default::default() })
+        Ok(MappedShard { bytes: out, records: n, ..Default::default() })
     }
 }
 

@@ -151,6 +151,6 @@ impl ShardMapper for Mapper {
             write_record(&record, &mut out);
             n += 1;
         }
-        Ok(MappedShard { jsonl: out, records: n, ..Default::default() })
+        Ok(MappedShard { bytes: out, records: n, ..Default::default() })
     }
 }

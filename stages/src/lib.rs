@@ -2,11 +2,12 @@
 //!
 //! Each stage kind is one module: it reads its parameters, declares its ports and implements the
 //! engine's [`Stage`](ladle_engine::stage::Stage) traits. [`registry`] returns them all for the
-//! binary. ML stages live here too: [`llm`] (the language-model core) and [`perplexity`];
-//! encoders and soups will follow, with a `cuda` feature for GPU builds.
+//! binary. ML stages live here too: [`llm`] (the language-model core), [`vision`] (images, CLIP,
+//! LLaVA), [`perplexity`], [`generate`] and [`encode`]; soups and a `cuda` feature will follow.
 
 pub mod concat;
 pub mod dedup;
+pub mod encode;
 pub mod exec;
 pub mod generate;
 pub mod llm;
@@ -17,6 +18,7 @@ pub mod read;
 pub mod sample;
 pub mod select;
 pub mod template;
+pub mod tensors;
 pub mod vision;
 pub mod write;
 
@@ -37,6 +39,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(exec::ExecKind));
     r.register(Arc::new(perplexity::PerplexityKind));
     r.register(Arc::new(generate::GenerateKind));
+    r.register(Arc::new(encode::EncodeKind));
     r
 }
 

@@ -31,6 +31,9 @@ pub enum ModelError {
     Weights { path: PathBuf, message: String },
     #[error("the model computation failed: {0}")]
     Compute(String),
+    /// An image the model cannot take (too elongated to preprocess, say).
+    #[error("{0}")]
+    Image(String),
 }
 
 impl From<candle_core::Error> for ModelError {

@@ -8,6 +8,8 @@
 //! text = "{caption}"          # the scored span, a template over record fields
 //! prompt = "please generate a caption for this image."   # optional, chat-formatted, not scored
 //! column = "ppl"              # adds ppl, ppl_nll, ppl_tokens (and ppl_truncated when cut)
+//! image = "{image}"           # optional: image-conditioned scoring with a LLaVA-format VLM
+//! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
 //! ```
 //!
 //! Semantics (those of the transformers fixtures):
@@ -16,13 +18,20 @@
 //! - prompted: the chat template's user turn holding `prompt` and the generation prompt, then
 //!   the tokens of `text + end-of-turn`; only the latter are scored (the end-of-turn token too).
 //!
+//! - image-conditioned (`image`): prompted, with `<image>\n` before the prompt in the user turn
+//!   (the prompt may be left out: the user turn is then `<image>\n`); the one `<image>` token
+//!   becomes the model's `image_seq_length` slots, which take the projected CLIP features of the
+//!   record's image. Images are paths (relative to the data file's folder) or embedded bytes, see
+//!   [`crate::vision::source`]; their contents are part of each shard's key, so an edited image
+//!   rescores the shards that name it.
+//!
 //! `{column}` is the perplexity exp(mean NLL), `{column}_nll` the mean NLL, `{column}_tokens` the
 //! number of scored tokens. A record longer than `max_tokens` (default: the model's maximum
 //! positions) is cut from the end and gets `{column}_truncated = true`. Records are batched by
 //! length under `batch_tokens` (default 4096); a record's score does not depend on its batch.
 //! The model is loaded once per stage run, and only if some shard is not cached.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ladle_engine::error::{PipelineError, StageError};
@@ -36,8 +45,10 @@ use ladle_engine::{Artifact, StageContext};
 use serde_json::Value;
 
 use crate::llm::scorer::plan_batches;
-use crate::llm::{LanguageModel, Scorer, Sequence};
+use crate::llm::{LanguageModel, Score, Scorer, Sequence};
 use crate::template::Template;
+use crate::vision::llava::Llava;
+use crate::vision::source::{ImageField, ImageRef};
 
 pub struct PerplexityKind;
 
@@ -76,7 +87,20 @@ impl StageKind for PerplexityKind {
         }
         let batch_tokens = params.positive("batch_tokens")?.unwrap_or(4096) as usize;
         params.exclude_from_key("batch_tokens");
-        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens }))
+        let image = match params.string("image")? {
+            Some(src) => Some(ImageField::parse(&src).map_err(|e| params.error("image", e))?),
+            None => None,
+        };
+        let drop_bad_images = match params.choice("on_bad_image", &["fail", "drop"])? {
+            Some(_) if image.is_none() => {
+                return Err(params.error("on_bad_image", "`on_bad_image` needs `image`: this stage reads no images"));
+            }
+            choice => choice.as_deref() == Some("drop"),
+        };
+        if image.is_some() {
+            params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
+        }
+        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, drop_bad_images }))
     }
 }
 
@@ -86,6 +110,8 @@ struct Perplexity {
     column: String,
     max_tokens: Option<usize>,
     batch_tokens: usize,
+    image: Option<ImageField>,
+    drop_bad_images: bool,
 }
 
 impl Stage for Perplexity {
@@ -108,8 +134,33 @@ pub fn model_dir(ctx: &StageContext<'_>, inputs: &Inputs) -> Result<PathBuf, Sta
 }
 
 impl MapStage for Perplexity {
+    fn reads_record_files(&self) -> bool {
+        self.image.is_some()
+    }
+
+    fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
+        let Some(field) = &self.image else { return Ok(Vec::new()) };
+        image_files(field, inputs.dataset_root("data").as_deref(), shard)
+    }
+
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
+        if let Some(field) = &self.image {
+            let vlm = Llava::load(&dir).map_err(|e| {
+                StageError::from(e).with_hint("`image` needs a LLaVA-format VLM; drop `image` to score the text alone")
+            })?;
+            let max_tokens = self.max_tokens.unwrap_or(vlm.lm.config.max_positions).min(vlm.lm.config.max_positions);
+            return Ok(Arc::new(ImageMapper {
+                text: self.text.clone(),
+                prompt: self.prompt.clone(),
+                column: self.column.clone(),
+                max_tokens,
+                image: field.clone(),
+                root: inputs.dataset_root("data"),
+                drop_bad_images: self.drop_bad_images,
+                vlm,
+            }));
+        }
         let model = LanguageModel::load(&dir)?;
         // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
         match &self.prompt {
@@ -196,18 +247,102 @@ impl ShardMapper for Mapper {
             }
         }
         let mut out = Vec::with_capacity(shard.jsonl.len() + records.len() * 64);
-        let c = &self.column;
         let n = records.len() as u64;
         for ((mut record, score), cut) in records.into_iter().zip(scores).zip(truncated) {
             let s = score.ok_or_else(|| StageError::internal("a record was not scored"))?;
-            record.insert(c.clone(), serde_json::json!(s.perplexity()));
-            record.insert(format!("{c}_nll"), serde_json::json!(s.mean_nll()));
-            record.insert(format!("{c}_tokens"), serde_json::json!(s.tokens));
-            if cut {
-                record.insert(format!("{c}_truncated"), Value::Bool(true));
-            }
+            add_score(&mut record, &self.column, &s, cut);
             write_record(&record, &mut out);
         }
-        Ok(MappedShard { jsonl: out, records: n, ..Default::default() })
+        Ok(MappedShard { bytes: out, records: n, ..Default::default() })
+    }
+}
+
+/// Adds `{column}`, `{column}_nll`, `{column}_tokens` (and `{column}_truncated`) to a record.
+fn add_score(record: &mut serde_json::Map<String, Value>, column: &str, s: &Score, truncated: bool) {
+    record.insert(column.to_string(), serde_json::json!(s.perplexity()));
+    record.insert(format!("{column}_nll"), serde_json::json!(s.mean_nll()));
+    record.insert(format!("{column}_tokens"), serde_json::json!(s.tokens));
+    if truncated {
+        record.insert(format!("{column}_truncated"), Value::Bool(true));
+    }
+}
+
+/// The image files the records of a shard name (for their digests in the shard's key); records
+/// whose image cannot be located are left for `map_shard` to report.
+pub fn image_files(
+    field: &ImageField,
+    root: Option<&Path>,
+    shard: &ShardInput<'_>,
+) -> Result<Vec<PathBuf>, StageError> {
+    let mut files = Vec::new();
+    for (i, line) in lines(shard.jsonl).enumerate() {
+        let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+        if let Ok(ImageRef::File(path)) = field.locate(&record, root) {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Image-conditioned scoring with a LLaVA-format VLM, one record at a time.
+struct ImageMapper {
+    text: Template,
+    prompt: Option<Template>,
+    column: String,
+    max_tokens: usize,
+    image: ImageField,
+    root: Option<PathBuf>,
+    drop_bad_images: bool,
+    vlm: Llava,
+}
+
+/// Why a record was not scored: its image (which `on_bad_image = "drop"` forgives) or the rest.
+enum RecordFailure {
+    Image(String),
+    Other(StageError),
+}
+
+impl ImageMapper {
+    fn score(&self, record: &serde_json::Map<String, Value>) -> Result<(Score, bool), RecordFailure> {
+        let text = self.text.render(record).map_err(|e| RecordFailure::Other(StageError::input(e)))?;
+        if text.trim().is_empty() {
+            return Err(RecordFailure::Other(StageError::input("the text to score is empty")));
+        }
+        let prompt = match &self.prompt {
+            Some(p) => p.render(record).map_err(|e| RecordFailure::Other(StageError::input(e)))?,
+            None => String::new(),
+        };
+        let image = self.image.locate(record, self.root.as_deref()).map_err(RecordFailure::Image)?;
+        let rgb = image.load().map_err(|e| RecordFailure::Image(e.to_string()))?;
+        let (score, truncated) = self.vlm.score_within(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
+            crate::llm::ModelError::Image(m) => RecordFailure::Image(m),
+            other => RecordFailure::Other(other.into()),
+        })?;
+        Ok((score, truncated))
+    }
+}
+
+impl ShardMapper for ImageMapper {
+    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+        let mut out = Vec::with_capacity(shard.jsonl.len() * 2);
+        let (mut kept, mut dropped) = (0u64, 0u64);
+        for (i, line) in lines(shard.jsonl).enumerate() {
+            let mut record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+            match self.score(&record) {
+                Ok((score, cut)) => {
+                    add_score(&mut record, &self.column, &score, cut);
+                    write_record(&record, &mut out);
+                    kept += 1;
+                }
+                Err(RecordFailure::Image(_)) if self.drop_bad_images => dropped += 1,
+                Err(RecordFailure::Image(e)) => {
+                    return Err(StageError::input(e)
+                        .at_record(i as u64)
+                        .with_hint("fix or remove the image, or set on_bad_image = \"drop\" to drop such records"));
+                }
+                Err(RecordFailure::Other(e)) => return Err(e.at_record(i as u64)),
+            }
+        }
+        Ok(MappedShard { bytes: out, records: kept, dropped_on_error: dropped })
     }
 }

@@ -70,12 +70,20 @@ impl StageKind for ReadKind {
         params.record("format", format!("{format:?}").to_lowercase().into());
         let shard_records = params.positive("shard_records")?.unwrap_or(DEFAULT_SHARD_RECORDS);
         params.record("shard_records", shard_records.into());
-        Ok(Arc::new(Read { path, format, shard_records: shard_records as usize }))
+        // Relative paths in the records (images) resolve against the data file's folder. It is
+        // kept relative to the pipeline file's folder when inside it, so a moved project keeps
+        // its keys and digests.
+        let folder = path.parent().unwrap_or(Path::new(""));
+        let root = folder.strip_prefix(params.base_dir()).unwrap_or(folder).to_path_buf();
+        params.record("root", root.to_string_lossy().into_owned().into());
+        Ok(Arc::new(Read { path, format, shard_records: shard_records as usize, root }))
     }
 }
 
 pub struct Read {
     path: PathBuf,
+    /// The data file's folder, as the output dataset's root.
+    root: PathBuf,
     format: Format,
     shard_records: usize,
 }
@@ -103,7 +111,7 @@ impl WholeStage for Read {
             return Err(StageError::input(format!("{} changed while it was being read", self.path.display()))
                 .with_hint("run again once whatever writes the file has finished"));
         }
-        Ok(Artifact::Dataset { shards })
+        Ok(Artifact::Dataset { shards, root: Some(self.root.clone()) })
     }
 }
 

@@ -70,7 +70,7 @@ impl MapStage for Sample {
 impl ShardMapper for Sample {
     fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
         let (jsonl, records) = crate::keep_lines(shard.jsonl, lines(shard.jsonl).map(|l| self.keeps(l)));
-        Ok(MappedShard { jsonl, records, ..Default::default() })
+        Ok(MappedShard { bytes: jsonl, records, ..Default::default() })
     }
 }
 

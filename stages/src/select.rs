@@ -229,7 +229,7 @@ impl WholeStage for Select {
             let (jsonl, n) = crate::keep_lines(&bytes, keep.iter().copied());
             if n == 0 { Ok(None) } else { ctx.write_shard(&jsonl, n).map(Some) }
         })?;
-        Ok(Artifact::Dataset { shards: out.into_iter().flatten().collect() })
+        Ok(Artifact::Dataset { shards: out.into_iter().flatten().collect(), root: inputs.one("data")?.root() })
     }
 }
 

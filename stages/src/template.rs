@@ -76,6 +76,17 @@ impl Template {
             .collect()
     }
 
+    /// The raw value of the one field the template is made of (`"{image}"`), or `None` when the
+    /// template has text or several fields. A missing field is an error naming it.
+    pub fn single_field<'r>(&self, record: &'r Map<String, Value>) -> Option<Result<&'r Value, String>> {
+        let [Piece::Field(path)] = self.pieces.as_slice() else { return None };
+        let mut cur: Option<&Value> = record.get(&path[0]);
+        for part in &path[1..] {
+            cur = cur.and_then(|v| v.get(part));
+        }
+        Some(cur.ok_or_else(|| format!("the record has no field `{}`", path.join("."))))
+    }
+
     /// Renders the template over a record. Strings are inserted as they are, other values as
     /// compact JSON; a missing or null field is an error naming it.
     pub fn render(&self, record: &Map<String, Value>) -> Result<String, String> {

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use ladle_stages::vision::images::load_rgb;
 use ladle_stages::vision::llava::Llava;
-use ladle_stages::vision::preprocess::load_rgb;
 use serde_json::Value;
 
 #[test]

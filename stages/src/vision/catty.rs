@@ -89,3 +89,45 @@ pub fn tiling(width: u32, height: u32, size: u32, max_splits: u32) -> Tiling {
         thumbnail: true,
     }
 }
+
+/// The views CATTY makes of an image: its tiles in row-major order, then the global thumbnail,
+/// each `size` × `size`. As the reference does: a clamped aspect ratio is a resize to the clamped
+/// size first, then the resize to `resized`, the crops, and the thumbnail (the resized image
+/// scaled to `size` × `size`). Resizing is Pillow's bicubic ([`super::resample`]).
+pub fn views(image: &image::RgbImage, size: u32, max_splits: u32) -> Vec<image::RgbImage> {
+    let (w, h) = image.dimensions();
+    let t = tiling(w, h, size, max_splits);
+    let resize = |img: &image::RgbImage, [nw, nh]: [u32; 2]| -> image::RgbImage {
+        let (w, h) = img.dimensions();
+        let px = super::resample::resize_rgb8(img.as_raw(), w as usize, h as usize, nw as usize, nh as usize);
+        image::RgbImage::from_raw(nw, nh, px).expect("resize returns nw × nh pixels")
+    };
+    let clamped = if t.clamped == [w, h] { image.clone() } else { resize(image, t.clamped) };
+    let resized = resize(&clamped, t.resized);
+    let mut out: Vec<image::RgbImage> = t
+        .tiles
+        .iter()
+        .map(|&[x0, y0, x1, y1]| image::imageops::crop_imm(&resized, x0, y0, x1 - x0, y1 - y0).to_image())
+        .collect();
+    if t.thumbnail {
+        out.push(resize(&resized, [size, size]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod view_tests {
+    #[test]
+    fn views_are_the_tiles_then_the_thumbnail_cut_from_the_resized_image() {
+        // 3:1, max 8 splits, tiles of 4: a 3×1 grid of a 12×4 resize, and a thumbnail.
+        let img = image::RgbImage::from_fn(30, 10, |x, y| image::Rgb([x as u8 * 8, y as u8 * 20, 7]));
+        let views = super::views(&img, 4, 8);
+        let t = super::tiling(30, 10, 4, 8);
+        assert_eq!(t.slices, [3, 1]);
+        assert_eq!(views.len(), 4);
+        assert!(views.iter().all(|v| v.dimensions() == (4, 4)));
+        let resized = super::super::resample::resize_rgb8(img.as_raw(), 30, 10, 12, 4);
+        // The second tile starts 4 pixels in.
+        assert_eq!(views[1].get_pixel(0, 0).0, resized[4 * 3..4 * 3 + 3]);
+    }
+}

@@ -175,19 +175,49 @@ impl ClipVisionTower {
     /// Hidden states of pixel values [B, C, S, S]: index 0 is the embeddings after the
     /// pre-layernorm, index i the output of layer i; each [B, 1 + patches, hidden].
     pub fn hidden_states(&self, pixels: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let b = pixels.dim(0)?;
-        let patches = self.patch.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?; // [B, N, H]
-        let h = patches.dim(2)?;
-        let cls = self.class_embedding.reshape((1, 1, h))?.expand((b, 1, h))?;
-        let ids = Tensor::arange(0u32, self.num_positions as u32, pixels.device())?;
-        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.positions.forward(&ids)?)?;
-        let mut x = self.pre_norm.forward(&x)?;
+        let mut x = self.embed(pixels)?;
         let mut states = vec![x.clone()];
         for layer in &self.layers {
             x = layer.forward(&x)?;
             states.push(x.clone());
         }
         Ok(states)
+    }
+
+    /// The one hidden state `layer` of [`ClipVisionTower::hidden_states`] (negative counts from
+    /// the end: -1 is the last layer's output), running only the layers it needs.
+    pub fn hidden_state(&self, pixels: &Tensor, layer: i64) -> candle_core::Result<Tensor> {
+        let index = self.state_index(layer).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "layer {layer} is out of range: the tower has {} hidden states (-{} to {})",
+                self.layers.len() + 1,
+                self.layers.len() + 1,
+                self.layers.len()
+            ))
+        })?;
+        let mut x = self.embed(pixels)?;
+        for layer in &self.layers[..index] {
+            x = layer.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// The index into [`ClipVisionTower::hidden_states`] that `layer` names, if in range.
+    pub fn state_index(&self, layer: i64) -> Option<usize> {
+        let n = self.layers.len() as i64 + 1;
+        let i = if layer < 0 { n + layer } else { layer };
+        (0..n).contains(&i).then_some(i as usize)
+    }
+
+    /// Patch embedding, class token and positions, pre-layernorm: [B, 1 + patches, hidden].
+    fn embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let b = pixels.dim(0)?;
+        let patches = self.patch.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?; // [B, N, H]
+        let h = patches.dim(2)?;
+        let cls = self.class_embedding.reshape((1, 1, h))?.expand((b, 1, h))?;
+        let ids = Tensor::arange(0u32, self.num_positions as u32, pixels.device())?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.positions.forward(&ids)?)?;
+        self.pre_norm.forward(&x)
     }
 
     /// post_layernorm of the class token of the last hidden state: [B, hidden].

@@ -1,8 +1,18 @@
-//! Reading images: sizes (with EXIF orientation applied), and errors that say what is wrong.
+//! Reading images: decoding (EXIF orientation applied, RGB), sizes from headers, and errors that
+//! say what is wrong with which file.
+//!
+//! JPEGs go through mozjpeg (libjpeg-turbo's decoder) with libjpeg's defaults, as Pillow decodes
+//! them, so pixels match transformers' to the level. libjpeg fills a truncated JPEG with gray
+//! and only warns; Pillow refuses it ("image file is truncated"), and so do we: a caption scored
+//! against half an image is a wrong number, not a result. Images over Pillow's decompression-bomb
+//! limit are refused before their pixels are allocated.
 
 use std::path::Path;
 
 use image::ImageDecoder;
+
+/// Pillow's `Image.MAX_IMAGE_PIXELS` × 2: where Pillow raises DecompressionBombError.
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
 
 /// Why an image cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -11,22 +21,26 @@ pub enum ImageError {
     Unreadable { path: String, message: String },
 }
 
+impl ImageError {
+    fn new(name: &str, message: impl Into<String>) -> ImageError {
+        ImageError::Unreadable { path: name.to_string(), message: message.into() }
+    }
+}
+
 /// The displayed size [width, height] of the image at `path`, read from its header: an EXIF
 /// orientation that rotates by 90° swaps the two.
 pub fn displayed_size(path: &Path) -> Result<[u32; 2], ImageError> {
-    let err = |message: String| ImageError::Unreadable { path: path.display().to_string(), message };
+    let name = path.display().to_string();
     let reader = image::ImageReader::open(path)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| ImageError::new(&name, e.to_string()))?
         .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| ImageError::new(&name, e.to_string()))?;
     if reader.format().is_none() {
-        return Err(err("not a PNG, JPEG or WebP file".into()));
+        return Err(ImageError::new(&name, "not a PNG, JPEG or WebP file"));
     }
-    let mut decoder = reader.into_decoder().map_err(|e| err(e.to_string()))?;
+    let mut decoder = reader.into_decoder().map_err(|e| ImageError::new(&name, e.to_string()))?;
     let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(err(format!("it has no pixels ({w}×{h})")));
-    }
+    check_size(&name, w, h)?;
     let rotated = matches!(
         decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms),
         image::metadata::Orientation::Rotate90
@@ -35,4 +49,107 @@ pub fn displayed_size(path: &Path) -> Result<[u32; 2], ImageError> {
             | image::metadata::Orientation::Rotate270FlipH
     );
     Ok(if rotated { [h, w] } else { [w, h] })
+}
+
+/// Decodes the image file at `path` to RGB with its EXIF orientation applied.
+pub fn load_rgb(path: &Path) -> Result<image::RgbImage, ImageError> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| ImageError::new(&name, e.to_string()))?;
+    decode_rgb(&bytes, &name)
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP) to RGB with its EXIF orientation applied; `name`
+/// (a path, or a record's field) is what errors name.
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<image::RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::new(name, "the file is empty (0 bytes)"));
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::new(name, e.to_string()))?;
+    let Some(format) = reader.format() else {
+        return Err(ImageError::new(name, "not a PNG, JPEG or WebP file"));
+    };
+    let mut decoder = reader.into_decoder().map_err(|e| ImageError::new(name, e.to_string()))?;
+    let (w, h) = decoder.dimensions();
+    check_size(name, w, h)?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = if format == image::ImageFormat::Jpeg {
+        let (w, h, rgb) = decode_jpeg(bytes).map_err(|e| ImageError::new(name, format!("not a readable JPEG: {e}")))?;
+        image::DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| ImageError::new(name, "truncated JPEG pixels"))?,
+        )
+    } else {
+        image::DynamicImage::from_decoder(decoder).map_err(|e| ImageError::new(name, e.to_string()))?
+    };
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
+fn check_size(name: &str, w: u32, h: u32) -> Result<(), ImageError> {
+    if w == 0 || h == 0 {
+        return Err(ImageError::new(name, format!("it has no pixels ({w}×{h})")));
+    }
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(ImageError::new(
+            name,
+            format!("{w}×{h} is over {MAX_PIXELS} pixels, Pillow's decompression-bomb limit; downscale it first"),
+        ));
+    }
+    Ok(())
+}
+
+/// libjpeg's defaults, as Pillow uses them: the slow integer IDCT and fancy upsampling. A
+/// "premature end of JPEG file" warning is an error (see the module docs).
+fn decode_jpeg(bytes: &[u8]) -> std::io::Result<(u32, u32, Vec<u8>)> {
+    use mozjpeg_sys as ffi;
+
+    /// Carried by the unwind out of libjpeg, caught below.
+    struct JpegFailure(String);
+
+    fn message(cinfo: &mut ffi::jpeg_common_struct) -> String {
+        // SAFETY: libjpeg calls its handlers with a live cinfo whose `err` is our manager;
+        // format_message writes at most JMSG_LENGTH_MAX (200) bytes.
+        unsafe {
+            let mut buf = [0u8; 200];
+            if let Some(format) = (*cinfo.err).format_message {
+                format(cinfo, &*(buf.as_mut_ptr() as *const [u8; 80]));
+            }
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        }
+    }
+    extern "C-unwind" fn error_exit(cinfo: &mut ffi::jpeg_common_struct) {
+        std::panic::resume_unwind(Box::new(JpegFailure(message(cinfo))));
+    }
+    extern "C-unwind" fn emit_message(cinfo: &mut ffi::jpeg_common_struct, level: std::os::raw::c_int) {
+        // SAFETY: as in `message`.
+        let code = unsafe { (*cinfo.err).msg_code };
+        if level < 0 && code == ffi::JWRN_JPEG_EOF as std::os::raw::c_int {
+            std::panic::resume_unwind(Box::new(JpegFailure("the file is truncated".into())));
+        }
+    }
+
+    // SAFETY: jpeg_std_error initializes every field of a zeroed manager.
+    let mut err: ffi::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { ffi::jpeg_std_error(&mut err) };
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    let decode = || -> std::io::Result<(u32, u32, Vec<u8>)> {
+        let mut d = mozjpeg::Decompress::builder().with_err(err).from_mem(bytes)?;
+        d.dct_method(mozjpeg::DctMethod::IntegerSlow);
+        d.do_fancy_upsampling(true);
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let rgb = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok((w, h, rgb))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(r) => r,
+        Err(payload) => Err(std::io::Error::other(match payload.downcast::<JpegFailure>() {
+            Ok(f) => f.0,
+            Err(p) => p.downcast::<String>().map(|s| *s).unwrap_or_else(|_| "the decoder failed".into()),
+        })),
+    }
 }

@@ -86,7 +86,7 @@ impl Llava {
 
     /// Projected image features [slots, text hidden].
     pub fn image_features(&self, image: &image::RgbImage) -> Result<Tensor, ModelError> {
-        let pixels = self.preprocess.pixels(image).map_err(ModelError::Compute)?;
+        let pixels = self.preprocess.pixels(image).map_err(ModelError::Image)?;
         let [w, h] = self.preprocess.crop;
         let x = Tensor::from_vec(pixels, (1, 3, h as usize, w as usize), self.lm.decoder.device())?;
         let states = self.tower.hidden_states(&x)?;
@@ -104,6 +104,18 @@ impl Llava {
     /// The perplexity of `text` (+ end of turn) as the answer to `prompt` about `image`:
     /// the user turn is `<image>\n{prompt}`.
     pub fn score(&self, image: &image::RgbImage, prompt: &str, text: &str) -> Result<Score, ModelError> {
+        Ok(self.score_within(image, prompt, text, usize::MAX)?.0)
+    }
+
+    /// [`Llava::score`] with the sequence (image slots included) cut to `max_tokens` from the
+    /// end; says whether it was cut.
+    pub fn score_within(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<(Score, bool), ModelError> {
         let seq = self.lm.tokenizer.answer_sequence(&format!("<image>\n{prompt}"), text)?;
         let at = seq.ids[..seq.score_from]
             .iter()
@@ -121,7 +133,14 @@ impl Llava {
         let mut ids: Vec<u32> = seq.ids[..at].to_vec();
         ids.extend(std::iter::repeat_n(self.image_token, slots));
         ids.extend(&seq.ids[at + 1..]);
-        let seq = Sequence { ids, score_from: seq.score_from + slots - 1 };
+        let mut seq = Sequence { ids, score_from: seq.score_from + slots - 1 };
+        let truncated = seq.ids.len() > max_tokens;
+        seq.ids.truncate(max_tokens);
+        if seq.ids.len() <= seq.score_from {
+            return Err(ModelError::Compute(format!(
+                "the prompt and the image's {slots} slots fill max_tokens ({max_tokens}): nothing is left to score"
+            )));
+        }
         let t = seq.ids.len();
         let decoder = &self.lm.decoder;
         let emb = decoder.embed(&Tensor::from_vec(seq.ids.clone(), (1, t), decoder.device())?)?;
@@ -130,6 +149,6 @@ impl Llava {
             1,
         )?;
         let hidden = decoder.hidden_from_embeddings(x)?.squeeze(0)?;
-        score_hidden(decoder, &hidden, &seq)
+        Ok((score_hidden(decoder, &hidden, &seq)?, truncated))
     }
 }

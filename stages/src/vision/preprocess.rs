@@ -5,11 +5,10 @@
 //! Sizes follow transformers: the long side becomes ⌊size · long / short⌋; the crop starts at
 //! ⌊(H - h) / 2⌋, ⌊(W - w) / 2⌋.
 
-use std::path::Path;
-
 use serde_json::Value;
 
-use super::images::ImageError;
+/// The most elongated image preprocessing accepts, long side : short side.
+pub const MAX_ASPECT: u64 = 100;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipPreprocessor {
@@ -61,7 +60,16 @@ impl ClipPreprocessor {
     pub fn pixels(&self, image: &image::RgbImage) -> Result<Vec<f32>, String> {
         let (w, h) = image.dimensions();
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
-        let new_long = (self.shortest_edge as u64 * long as u64 / short as u64) as u32;
+        let new_long = self.shortest_edge as u64 * long as u64 / short as u64;
+        // transformers would resize a 1×10000 image to 336×3360000 (3.4 GB) and crop 336×336 of
+        // it; such an image is not a photograph with a caption, and is refused.
+        if new_long > MAX_ASPECT * self.shortest_edge as u64 {
+            return Err(format!(
+                "{w}×{h} is too elongated to use (aspect ratio over {MAX_ASPECT}:1): resizing its short side to {} would make it {new_long} pixels long",
+                self.shortest_edge
+            ));
+        }
+        let new_long = new_long as u32;
         let (nw, nh) = if w <= h { (self.shortest_edge, new_long) } else { (new_long, self.shortest_edge) };
         let resized = super::resample::resize_rgb8(image.as_raw(), w as usize, h as usize, nw as usize, nh as usize);
         let [cw, ch] = if self.do_center_crop { self.crop } else { [nw, nh] };
@@ -83,45 +91,4 @@ impl ClipPreprocessor {
         }
         Ok(out)
     }
-}
-
-/// Decodes an image file to RGB with its EXIF orientation applied. JPEGs go through
-/// mozjpeg (libjpeg-turbo's decoder) with libjpeg's defaults, as Pillow decodes them.
-pub fn load_rgb(path: &Path) -> Result<image::RgbImage, ImageError> {
-    let err = |message: String| ImageError::Unreadable { path: path.display().to_string(), message };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    if bytes.starts_with(&[0xff, 0xd8]) {
-        let decode = || -> std::io::Result<(u32, u32, Vec<u8>)> {
-            let mut d = mozjpeg::Decompress::new_mem(&bytes)?;
-            // libjpeg's defaults, as Pillow uses them: the slow integer IDCT, fancy upsampling.
-            d.dct_method(mozjpeg::DctMethod::IntegerSlow);
-            d.do_fancy_upsampling(true);
-            let mut started = d.rgb()?;
-            let (w, h) = (started.width() as u32, started.height() as u32);
-            let rgb = started.read_scanlines::<u8>()?;
-            started.finish()?;
-            Ok((w, h, rgb))
-        };
-        let (w, h, rgb) = decode().map_err(|e| err(format!("not a readable JPEG: {e}")))?;
-        let img = image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| err("truncated JPEG pixels".into()))?;
-        let mut dynamic = image::DynamicImage::ImageRgb8(img);
-        let orientation = image::ImageReader::new(std::io::Cursor::new(&bytes))
-            .with_guessed_format()
-            .ok()
-            .and_then(|r| r.into_decoder().ok())
-            .and_then(|mut dec| image::ImageDecoder::orientation(&mut dec).ok())
-            .unwrap_or(image::metadata::Orientation::NoTransforms);
-        dynamic.apply_orientation(orientation);
-        return Ok(dynamic.to_rgb8());
-    }
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| err(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?;
-    let mut decoder = image::ImageReader::into_decoder(reader).map_err(|e| err(e.to_string()))?;
-    let orientation =
-        image::ImageDecoder::orientation(&mut decoder).unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| err(e.to_string()))?;
-    img.apply_orientation(orientation);
-    Ok(img.to_rgb8())
 }

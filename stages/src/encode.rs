@@ -1,0 +1,223 @@
+//! `encode`: image embeddings per record, from a CLIP vision tower.
+//!
+//! ```toml
+//! [stages.embeddings]
+//! kind = "encode"
+//! data = "captions"
+//! model = "clip"              # a CLIP vision model, a CLIP model, or a LLaVA-format VLM's tower
+//! image = "{image}"           # a path (relative to the data file's folder) or embedded bytes
+//! layer = -2                  # the hidden state: 0 = embeddings, i = layer i, -1 = the last layer
+//! select = "patch"            # "patch" [patches, hidden] | "cls" [hidden] | "mean" [hidden]
+//! tiling = { method = "catty", max_splits = 8 }   # optional: POINTS' CATTY views of each image
+//! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
+//! ```
+//!
+//! The output is a *tensors* artifact, not records: one safetensors shard per input shard (see
+//! [`crate::tensors`]), with `embedding` [rows, ...] and `record` (each row's record position).
+//! Without tiling a row is a record; with it, a record has one row per tile and one for the
+//! global thumbnail, told apart by `view`. `ladle export` writes them as `.safetensors` or `.npy`.
+//!
+//! Images are decoded and preprocessed as [`crate::vision::preprocess`] says (bit-exact with
+//! transformers' CLIPImageProcessor), then run through the tower `batch_images` at a time (default
+//! 16; it does not change results, so it is not part of the key). The tower runs only up to
+//! `layer`. Image contents are part of each shard's key, as for `perplexity`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ladle_engine::StageContext;
+use ladle_engine::error::{PipelineError, StageError};
+use ladle_engine::pipeline::params::Params;
+use ladle_engine::records::{lines, parse_record};
+use ladle_engine::stage::{
+    Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
+};
+
+use crate::perplexity::{MODEL_PORT, image_files, model_dir};
+use crate::tensors::TensorShard;
+use crate::vision::encoder::{ImageEncoder, Select};
+use crate::vision::source::ImageField;
+
+pub struct EncodeKind;
+
+const PORTS: &[PortSpec] = &[PortSpec::dataset("data"), MODEL_PORT];
+
+/// POINTS' CATTY: each image is cut into tiles of the tower's input size, plus a thumbnail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Catty {
+    max_splits: u32,
+}
+
+impl StageKind for EncodeKind {
+    fn name(&self) -> &'static str {
+        "encode"
+    }
+    fn about(&self) -> &'static str {
+        "image embeddings per record from a CLIP vision tower (a tensors artifact)"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        PORTS
+    }
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        let image_src = params.required_string("image")?;
+        let image = ImageField::parse(&image_src).map_err(|e| params.error("image", e))?;
+        let layer = params.integer("layer")?.unwrap_or(-2);
+        params.record("layer", layer.into());
+        let select = match params.choice("select", &["patch", "cls", "mean"])? {
+            Some(s) => Select::from_name(&s).expect("checked by choice"),
+            None => Select::Patch,
+        };
+        params.record("select", format!("{select:?}").to_lowercase().into());
+        let tiling = match params.table("tiling")? {
+            None => None,
+            Some(t) => Some(parse_tiling(&t).map_err(|e| params.error("tiling", e))?),
+        };
+        if let Some(Catty { max_splits }) = tiling {
+            params.record("tiling", serde_json::json!({ "method": "catty", "max_splits": max_splits }));
+        }
+        let drop_bad_images = params.choice("on_bad_image", &["fail", "drop"])?.as_deref() == Some("drop");
+        params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
+        let batch_images = params.positive("batch_images")?.unwrap_or(16) as usize;
+        params.exclude_from_key("batch_images");
+        Ok(Arc::new(Encode { image, layer, select, tiling, drop_bad_images, batch_images }))
+    }
+}
+
+fn parse_tiling(t: &serde_json::Value) -> Result<Catty, String> {
+    let obj = t.as_object().ok_or("`tiling` must be a table")?;
+    if let Some(unknown) = obj.keys().find(|k| !["method", "max_splits"].contains(&k.as_str())) {
+        return Err(format!("unknown key `{unknown}` in `tiling` (it takes `method` and `max_splits`)"));
+    }
+    match obj.get("method").and_then(|m| m.as_str()) {
+        Some("catty") => {}
+        Some(other) => return Err(format!("tiling method `{other}` is not known (\"catty\" is)")),
+        None => return Err("`tiling` needs `method = \"catty\"`".into()),
+    }
+    let max_splits = match obj.get("max_splits") {
+        None => 8,
+        Some(v) => match v.as_u64() {
+            Some(n @ 1..=64) => n as u32,
+            _ => return Err("`tiling.max_splits` must be an integer from 1 to 64".into()),
+        },
+    };
+    Ok(Catty { max_splits })
+}
+
+struct Encode {
+    image: ImageField,
+    layer: i64,
+    select: Select,
+    tiling: Option<Catty>,
+    drop_bad_images: bool,
+    batch_images: usize,
+}
+
+impl Stage for Encode {
+    fn produces(&self) -> Produces {
+        Produces::Tensors
+    }
+    fn execution(&self) -> Execution<'_> {
+        Execution::Map { port: "data", stage: self }
+    }
+}
+
+impl MapStage for Encode {
+    fn reads_record_files(&self) -> bool {
+        true
+    }
+
+    fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
+        image_files(&self.image, inputs.dataset_root("data").as_deref(), shard)
+    }
+
+    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        let dir = model_dir(ctx, inputs)?;
+        let encoder = ImageEncoder::load(&dir)?;
+        if encoder.tower.state_index(self.layer).is_none() {
+            let n = encoder.config.num_layers as i64;
+            return Err(StageError::input(format!(
+                "layer {} is out of range: {} has {} layers, so `layer` is from {} to {n}",
+                self.layer,
+                dir.display(),
+                n,
+                -(n + 1)
+            )));
+        }
+        Ok(Arc::new(Encoder {
+            encoder,
+            image: self.image.clone(),
+            root: inputs.dataset_root("data"),
+            layer: self.layer,
+            select: self.select,
+            tiling: self.tiling,
+            drop_bad_images: self.drop_bad_images,
+            batch_images: self.batch_images,
+        }))
+    }
+}
+
+struct Encoder {
+    encoder: ImageEncoder,
+    image: ImageField,
+    root: Option<PathBuf>,
+    layer: i64,
+    select: Select,
+    tiling: Option<Catty>,
+    drop_bad_images: bool,
+    batch_images: usize,
+}
+
+impl Encoder {
+    /// The preprocessed views of a record's image: one, or CATTY's tiles and thumbnail.
+    fn views(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<Vec<Vec<f32>>, String> {
+        let image = self.image.locate(record, self.root.as_deref())?;
+        let rgb = image.load().map_err(|e| e.to_string())?;
+        let pre = &self.encoder.preprocess;
+        match self.tiling {
+            None => Ok(vec![pre.pixels(&rgb)?]),
+            Some(Catty { max_splits }) => {
+                crate::vision::catty::views(&rgb, pre.crop[0], max_splits).iter().map(|v| pre.pixels(v)).collect()
+            }
+        }
+    }
+}
+
+impl ShardMapper for Encoder {
+    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+        let mut pixels: Vec<Vec<f32>> = Vec::new();
+        let mut out = TensorShard { row_shape: self.encoder.row_shape(self.select), ..Default::default() };
+        let tiled = self.tiling.is_some();
+        let mut views = Vec::new();
+        let mut dropped = 0;
+        for (i, line) in lines(shard.jsonl).enumerate() {
+            let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+            match self.views(&record) {
+                Ok(v) => {
+                    for (k, px) in v.into_iter().enumerate() {
+                        out.record.push((shard.first_record + i as u64) as i64);
+                        views.push(k as i64);
+                        pixels.push(px);
+                    }
+                }
+                Err(_) if self.drop_bad_images => dropped += 1,
+                Err(e) => {
+                    return Err(StageError::input(e)
+                        .at_record(i as u64)
+                        .with_hint("fix or remove the image, or set on_bad_image = \"drop\" to drop such records"));
+                }
+            }
+        }
+        out.embedding.reserve(pixels.len() * out.row_shape.iter().product::<usize>());
+        for batch in pixels.chunks(self.batch_images.max(1)) {
+            let flat: Vec<f32> = batch.concat();
+            let emb = self.encoder.encode(flat, batch.len(), self.layer, self.select)?;
+            out.embedding
+                .extend(emb.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(crate::llm::ModelError::from)?);
+        }
+        if tiled {
+            out.view = Some(views);
+        }
+        let rows = out.rows() as u64;
+        Ok(MappedShard { bytes: out.to_bytes()?, records: rows, dropped_on_error: dropped })
+    }
+}

@@ -1,0 +1,245 @@
+//! Tensor shards: the safetensors files a [`Artifact::Tensors`](ladle_engine::Artifact) is made
+//! of, and their export as one `.safetensors` or `.npy` file.
+//!
+//! A shard holds, for the records of one input shard, in record order:
+//! - `embedding`: F32 `[rows, ...]`, one row per record (or per view of a tiled image);
+//! - `record`: I64 `[rows]`, the position of the row's record in the input dataset, so rows can
+//!   be matched to records when some were dropped or images were tiled;
+//! - `view`: I64 `[rows]`, only for tiled images: the tile (0..n), then n for the thumbnail.
+//!
+//! Export concatenates the shards' tensors along the first axis, streaming: memory holds one
+//! shard at a time, whatever the total size.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use ladle_engine::ShardRef;
+use ladle_engine::error::StageError;
+use safetensors::{Dtype, SafeTensors};
+
+/// The tensors of one shard.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TensorShard {
+    /// The shape of one row of `embedding`.
+    pub row_shape: Vec<usize>,
+    pub embedding: Vec<f32>,
+    pub record: Vec<i64>,
+    pub view: Option<Vec<i64>>,
+}
+
+impl TensorShard {
+    pub fn rows(&self) -> usize {
+        self.record.len()
+    }
+
+    /// The shard as a safetensors file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, StageError> {
+        let rows = self.rows();
+        let mut shape = vec![rows];
+        shape.extend(&self.row_shape);
+        let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let ints = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (embedding, record) = (as_bytes(&self.embedding), ints(&self.record));
+        let view = self.view.as_deref().map(ints);
+        let err = |e: safetensors::SafeTensorError| StageError::internal(format!("cannot build a tensor shard: {e}"));
+        let mut tensors = vec![
+            ("embedding", safetensors::tensor::TensorView::new(Dtype::F32, shape, &embedding).map_err(err)?),
+            ("record", safetensors::tensor::TensorView::new(Dtype::I64, vec![rows], &record).map_err(err)?),
+        ];
+        if let Some(view) = &view {
+            tensors.push(("view", safetensors::tensor::TensorView::new(Dtype::I64, vec![rows], view).map_err(err)?));
+        }
+        let meta = HashMap::from([("format".to_string(), "ladle tensors v1".to_string())]);
+        safetensors::serialize(tensors, Some(meta)).map_err(err)
+    }
+}
+
+/// One tensor of a shard, as its header describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+fn bad_shard(e: impl std::fmt::Display) -> StageError {
+    StageError::internal(format!("a tensor shard in the store is not a readable safetensors file: {e}"))
+}
+
+/// The tensors of a shard, sorted by name.
+pub fn describe(bytes: &[u8]) -> Result<Vec<TensorInfo>, StageError> {
+    let st = SafeTensors::deserialize(bytes).map_err(bad_shard)?;
+    let mut out: Vec<TensorInfo> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| TensorInfo { name, dtype: format!("{:?}", t.dtype()), shape: t.shape().to_vec() })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Writes the shards' tensors, concatenated, to `dest` (`.safetensors`: every tensor; `.npy`:
+/// `embedding` only). Returns what was written, in words.
+pub fn export(
+    read_shard: impl Fn(&ShardRef) -> Result<Vec<u8>, StageError>,
+    shards: &[ShardRef],
+    dest: &Path,
+) -> Result<String, StageError> {
+    let ext = dest.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let npy = match ext.as_str() {
+        "safetensors" => false,
+        "npy" => true,
+        _ => {
+            return Err(StageError::input(format!("cannot tell the format of {} from its extension", dest.display()))
+                .with_hint("name it .safetensors (embeddings with their record positions) or .npy (embeddings)"));
+        }
+    };
+    // Pass 1: headers, to know the total shape before writing.
+    let mut rows = 0usize;
+    let mut row_shape: Option<Vec<usize>> = None;
+    let mut names: Vec<String> = Vec::new();
+    for s in shards {
+        let infos = describe(&read_shard(s)?)?;
+        let emb = infos.iter().find(|t| t.name == "embedding").ok_or_else(|| bad_shard("no `embedding` tensor"))?;
+        let shape = emb.shape[1..].to_vec();
+        match &row_shape {
+            Some(r) if *r != shape => return Err(bad_shard("shards disagree on the embedding's shape")),
+            _ => row_shape = Some(shape),
+        }
+        rows += emb.shape[0];
+        names = infos.into_iter().map(|t| t.name).collect();
+    }
+    let row_shape = row_shape.unwrap_or_default();
+    let row_len: usize = row_shape.iter().product();
+    let mut shape = vec![rows];
+    shape.extend(&row_shape);
+
+    let io = |e: std::io::Error| StageError::input(format!("cannot write {}: {e}", dest.display()));
+    let file = std::fs::File::create(dest).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let (mut records, mut views): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+    let has_view = names.iter().any(|n| n == "view");
+    if npy {
+        out.write_all(&npy_header(&shape)).map_err(io)?;
+    } else {
+        let emb_bytes = rows * row_len * 4;
+        let mut header = serde_json::Map::new();
+        let mut entry = |name: &str, dtype: &str, shape: Vec<usize>, from: usize, len: usize| {
+            header.insert(
+                name.into(),
+                serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [from, from + len] }),
+            );
+        };
+        entry("embedding", "F32", shape.clone(), 0, emb_bytes);
+        entry("record", "I64", vec![rows], emb_bytes, rows * 8);
+        if has_view {
+            entry("view", "I64", vec![rows], emb_bytes + rows * 8, rows * 8);
+        }
+        header.insert("__metadata__".into(), serde_json::json!({ "format": "ladle tensors v1" }));
+        let mut json = serde_json::to_vec(&header).map_err(|e| StageError::internal(e.to_string()))?;
+        while (json.len() + 8) % 8 != 0 {
+            json.push(b' ');
+        }
+        out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(&json).map_err(io)?;
+    }
+    // Pass 2: the data, shard by shard.
+    for s in shards {
+        let bytes = read_shard(s)?;
+        let st = SafeTensors::deserialize(&bytes).map_err(bad_shard)?;
+        out.write_all(st.tensor("embedding").map_err(bad_shard)?.data()).map_err(io)?;
+        if !npy {
+            records.extend_from_slice(st.tensor("record").map_err(bad_shard)?.data());
+            if has_view {
+                views.extend_from_slice(st.tensor("view").map_err(bad_shard)?.data());
+            }
+        }
+    }
+    out.write_all(&records).map_err(io)?;
+    out.write_all(&views).map_err(io)?;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
+    Ok(if npy { format!("embedding [{dims}] f32") } else { format!("embedding [{dims}] f32 with record positions") })
+}
+
+/// A `.npy` (format 1.0) header for a little-endian f32 C-order array of `shape`.
+fn npy_header(shape: &[usize]) -> Vec<u8> {
+    let dims = match shape {
+        [n] => format!("({n},)"),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
+    // Magic (6) + version (2) + length (2) + dict + '\n' is a multiple of 64.
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((dict.len() as u16).to_le_bytes());
+    out.extend(dict.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(first: i64, rows: usize, view: bool) -> TensorShard {
+        TensorShard {
+            row_shape: vec![2, 3],
+            embedding: (0..rows * 6).map(|i| first as f32 * 100.0 + i as f32).collect(),
+            record: (0..rows as i64).map(|r| first + r).collect(),
+            view: view.then(|| (0..rows as i64).collect()),
+        }
+    }
+
+    #[test]
+    fn shards_round_trip_and_export_concatenates_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = [shard(0, 2, false), shard(5, 3, false)];
+        let blobs: Vec<Vec<u8>> = shards.iter().map(|s| s.to_bytes().unwrap()).collect();
+        let refs: Vec<ShardRef> = blobs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ShardRef { digest: ladle_engine::Digest([i as u8; 32]), records: 0, bytes: b.len() as u64 })
+            .collect();
+        let read = |s: &ShardRef| Ok(blobs[s.digest.0[0] as usize].clone());
+        let infos = describe(&blobs[1]).unwrap();
+        assert_eq!(infos[0], TensorInfo { name: "embedding".into(), dtype: "F32".into(), shape: vec![3, 2, 3] });
+
+        let st_path = dir.path().join("e.safetensors");
+        assert_eq!(export(read, &refs, &st_path).unwrap(), "embedding [5×2×3] f32 with record positions");
+        let bytes = std::fs::read(&st_path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let emb = st.tensor("embedding").unwrap();
+        assert_eq!(emb.shape(), [5, 2, 3]);
+        let floats: Vec<f32> = emb.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let want: Vec<f32> = shards.iter().flat_map(|s| s.embedding.clone()).collect();
+        assert_eq!(floats, want);
+        let recs: Vec<i64> =
+            st.tensor("record").unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(recs, [0, 1, 5, 6, 7]);
+
+        let npy_path = dir.path().join("e.npy");
+        export(read, &refs, &npy_path).unwrap();
+        let npy = std::fs::read(&npy_path).unwrap();
+        let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
+        assert_eq!((10 + header_len) % 64, 0);
+        let header = std::str::from_utf8(&npy[10..10 + header_len]).unwrap();
+        assert!(header.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (5, 2, 3), }"), "{header}");
+        let data: Vec<f32> =
+            npy[10 + header_len..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(data, want);
+
+        assert!(export(read, &refs, &dir.path().join("e.csv")).is_err());
+    }
+
+    #[test]
+    fn tiled_shards_carry_their_views() {
+        let blob = shard(0, 4, true).to_bytes().unwrap();
+        let names: Vec<String> = describe(&blob).unwrap().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["embedding", "record", "view"]);
+    }
+}

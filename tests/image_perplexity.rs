@@ -1,0 +1,241 @@
+//! Image-conditioned `perplexity` end to end: the tiny LLaVA against transformers' values, images
+//! in the cache keys, and bad images of every kind as errors naming the record (or dropped).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Project, wasm_dir};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+}
+
+fn jsonl(p: &Project, rel: &str) -> Vec<Value> {
+    String::from_utf8(p.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The fixture captions and their images, copied into the project under `data/`.
+fn copy_data(p: &Project) {
+    p.write("data/captions.jsonl", std::fs::read(fixtures().join("captions.jsonl")).unwrap());
+    for entry in std::fs::read_dir(fixtures().join("images")).unwrap() {
+        let entry = entry.unwrap();
+        p.write(&format!("data/images/{}", entry.file_name().to_string_lossy()), std::fs::read(entry.path()).unwrap());
+    }
+}
+
+fn pipeline(model: &str, extra: &str) -> String {
+    let prompt = expected()["prompt"].as_str().unwrap().to_string();
+    format!(
+        r#"[pipeline]
+name = "vlm"
+
+[stages.captions]
+kind = "read"
+path = "data/captions.jsonl"
+shard_records = 16
+
+[stages.scorer]
+kind = "model"
+path = "{}"
+
+[stages.ppl]
+kind = "perplexity"
+data = "captions"
+model = "scorer"
+text = "{{caption}}"
+prompt = "{prompt}"
+image = "{{image}}"
+{extra}
+
+[stages.scored]
+kind = "write"
+data = "ppl"
+path = "scored.jsonl"
+"#,
+        fixtures().join(model).display()
+    )
+}
+
+fn by_id(records: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    records.iter().map(|r| (r["id"].as_str().unwrap().to_string(), r.clone())).collect()
+}
+
+#[test]
+fn image_conditioned_scores_match_transformers_and_edited_images_rescore_only_their_shard() {
+    let p = Project::new();
+    copy_data(&p);
+    p.write("p.toml", pipeline("tiny-llava", ""));
+    let r = p.run("p.toml", &["-j", "2"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.computed("ppl"), 3);
+    let scored = jsonl(&p, "scored.jsonl");
+    let exp = expected();
+    let want = exp["llava_image_conditioned"].as_array().unwrap();
+    assert_eq!(scored.len(), want.len());
+    for (got, e) in scored.iter().zip(want) {
+        assert_eq!(got["id"], e["id"]);
+        assert_eq!(got["ppl_tokens"], e["n_scored"], "{}", e["id"]);
+        let (g, w) = (got["ppl"].as_f64().unwrap(), e["perplexity"].as_f64().unwrap());
+        assert!((g - w).abs() / w < 1e-3, "{}: {g} vs transformers {w}", e["id"]);
+    }
+
+    // Nothing changed: nothing runs.
+    let again = p.run("p.toml", &[]);
+    assert_eq!(again.status("ppl"), "cached", "{}", again.stderr());
+
+    // Replace record 20's image (shard 1 of 0..2) with another: only that shard is scored again,
+    // and `plan` says why.
+    p.write("data/images/img020.jpg", std::fs::read(fixtures().join("images/img002.jpg")).unwrap());
+    let plan = p.ladle(&["plan", "p.toml"]);
+    let plan = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert!(plan.contains("files named by its input records (images) changed"), "{plan}");
+    assert!(plan.contains("2 of 3 shards cached"), "{plan}");
+    let edited = p.run("p.toml", &[]);
+    assert_eq!(edited.code(), 0, "{}", edited.stderr());
+    assert_eq!(edited.status("captions"), "cached");
+    assert_eq!(edited.computed("ppl"), 1);
+    let before = by_id(&scored);
+    let after = by_id(&jsonl(&p, "scored.jsonl"));
+    for (id, rec) in &after {
+        if id == "r020" {
+            assert_ne!(rec["ppl"], before[id]["ppl"], "the new image must change the score");
+        } else {
+            assert_eq!(rec["ppl"], before[id]["ppl"], "{id}");
+        }
+    }
+}
+
+/// Writes a bad image for record `r005` and returns the run's error text.
+fn failure_with(p: &Project, image_field: &str, bytes: Option<Vec<u8>>) -> String {
+    let mut lines: Vec<Value> = jsonl(p, "data/captions.jsonl");
+    lines[5]["image"] = Value::String(image_field.to_string());
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    p.write("data/captions.jsonl", text);
+    if let Some(bytes) = bytes {
+        p.write(&format!("data/{image_field}"), bytes);
+    }
+    run_failing(p)
+}
+
+/// `ladle run p.toml`, which must fail; its error output.
+fn run_failing(p: &Project) -> String {
+    let out = p.ladle(&["run", "p.toml"]);
+    assert_ne!(out.status.code(), Some(0), "the run should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(w, h, image::Rgb([200, 40, 40])).write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
+    let p = Project::new();
+    copy_data(&p);
+    p.write("outside.png", png(8, 8));
+    p.write("p.toml", pipeline("tiny-llava", ""));
+    let jpeg = std::fs::read(fixtures().join("images/img002.jpg")).unwrap();
+    let cases: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
+        ("images/truncated.jpg", Some(jpeg[..jpeg.len() / 2].to_vec()), "truncated"),
+        ("images/empty.png", Some(Vec::new()), "empty (0 bytes)"),
+        ("images/tall.png", Some(png(1, 10000)), "too elongated"),
+        ("../outside.png", None, "outside the data file's folder"),
+        ("images/missing.png", None, "missing.png"),
+    ];
+    for (field, bytes, why) in &cases {
+        let err = failure_with(&p, field, bytes.clone());
+        assert!(err.contains("record 5 "), "{field}: {err}");
+        assert!(err.contains(why), "{field}: expected `{why}` in: {err}");
+        assert!(err.contains("on_bad_image"), "{field}: the hint is missing: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // Dropped instead: every bad record goes, the others are scored as before.
+    copy_data(&p);
+    let mut lines: Vec<Value> = jsonl(&p, "data/captions.jsonl");
+    for (i, (field, _, _)) in cases.iter().enumerate() {
+        lines[3 + i * 7]["image"] = Value::String(field.to_string());
+    }
+    p.write("data/captions.jsonl", lines.iter().map(|l| format!("{l}\n")).collect::<String>());
+    p.write("p.toml", pipeline("tiny-llava", "on_bad_image = \"drop\""));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.stage("ppl")["dropped_on_error"], 5, "{}", r.summary());
+    let scored = jsonl(&p, "scored.jsonl");
+    assert_eq!(scored.len(), 42 - 5);
+    let dropped: Vec<String> = (0..5).map(|i| format!("r{:03}", 3 + i * 7)).collect();
+    assert!(scored.iter().all(|r| !dropped.contains(&r["id"].as_str().unwrap().to_string())));
+}
+
+#[test]
+fn models_that_cannot_take_images_are_clear_errors() {
+    let p = Project::new();
+    copy_data(&p);
+    p.write("p.toml", pipeline("tiny-qwen2", ""));
+    let err = run_failing(&p);
+    assert!(err.contains("no vision tower") && err.contains("drop `image`"), "{err}");
+
+    // A LLaVA checkpoint whose projector is missing: the error names the tensor.
+    let model = p.path("broken-llava");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny-llava")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        tensors.tensors().into_iter().filter(|(name, _)| !name.starts_with("multi_modal_projector.linear_2")).collect();
+    safetensors::serialize_to_file(kept, None, &weights).unwrap();
+    p.write(
+        "p.toml",
+        pipeline("tiny-llava", "").replace(&fixtures().join("tiny-llava").display().to_string(), "broken-llava"),
+    );
+    let err = run_failing(&p);
+    assert!(err.contains("multi_modal_projector.linear_2.weight"), "{err}");
+}
+
+#[test]
+fn the_bundled_points_pretrain_pipeline_runs_end_to_end() {
+    let wasm = wasm_dir("plugins/examples");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(repo.join("pipelines/points-pretrain.toml")).unwrap();
+    let text = text
+        .replace("../tests/fixtures", &repo.join("tests/fixtures").display().to_string())
+        .replace("../plugins/examples/target/wasm32-wasip2/release", &wasm.display().to_string());
+    let p = Project::new();
+    p.write("points-pretrain.toml", text);
+    let r = p.run("points-pretrain.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    // Lowest 20% of 42 by image-conditioned perplexity: the ⌊0.2·42⌋ = 8 transformers ranks lowest.
+    let exp = expected();
+    let mut want: Vec<(f64, String)> = exp["llava_image_conditioned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["perplexity"].as_f64().unwrap(), e["id"].as_str().unwrap().to_string()))
+        .collect();
+    want.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let out = jsonl(&p, "out/points-pretrain.jsonl");
+    let mut got: Vec<String> = out.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    got.sort();
+    let mut lowest: Vec<String> = want.iter().take(got.len()).map(|w| w.1.clone()).collect();
+    lowest.sort();
+    assert_eq!(got.len(), 8, "{out:?}");
+    assert_eq!(got, lowest);
+    // The plugin cleaned the captions it kept: no doubled spaces, trimmed.
+    for r in &out {
+        let c = r["caption"].as_str().unwrap();
+        assert_eq!(c, c.trim());
+        assert!(!c.contains("  "), "{c}");
+    }
+}

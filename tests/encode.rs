@@ -126,6 +126,13 @@ fn every_checkpoint_layout_gives_the_same_embeddings() {
     });
     assert_eq!(encode_and_export(&p, &clip, "", "clip.safetensors"), hub);
 
+    // What transformers 5 saves for a CLIPVisionModel: no prefix at all.
+    let clip5 = p.path("clip-vision-v5");
+    tower_checkpoint(&clip5, llava_config["vision_config"].clone(), |n| {
+        n.strip_prefix("vision_tower.vision_model.").map(str::to_string)
+    });
+    assert_eq!(encode_and_export(&p, &clip5, "", "clip5.safetensors"), hub);
+
     // What transformers 5 saves for a LLaVA: `vision_tower.` without `vision_model.`.
     let v5 = p.path("llava-v5");
     tower_checkpoint(&v5, llava_config.clone(), |n| Some(n.replace("vision_tower.vision_model.", "vision_tower.")));

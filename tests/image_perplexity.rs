@@ -175,6 +175,61 @@ fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
     assert!(scored.iter().all(|r| !dropped.contains(&r["id"].as_str().unwrap().to_string())));
 }
 
+/// A Parquet file as Hugging Face datasets writes an `Image` column: a {bytes, path} struct.
+fn write_parquet_with_images(path: &Path, rows: &[(String, String, Option<Vec<u8>>, String)]) {
+    use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray, StructArray};
+    use arrow_schema::{DataType, Field, Fields};
+    use std::sync::Arc;
+    let ids: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.clone())));
+    let captions: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.clone())));
+    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter(rows.iter().map(|r| r.2.as_deref())));
+    let paths: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3.clone())));
+    let fields =
+        Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
+    let image: ArrayRef = Arc::new(StructArray::new(fields, vec![bytes, paths], None));
+    let batch = RecordBatch::try_from_iter([("id", ids), ("caption", captions), ("image", image)]).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn images_embedded_in_parquet_score_as_their_files_do() {
+    let p = Project::new();
+    copy_data(&p);
+    let exp = expected();
+    let want = exp["llava_image_conditioned"].as_array().unwrap();
+    let records = jsonl(&p, "data/captions.jsonl");
+    // Six records with their image bytes embedded; the seventh has only a (relative) path.
+    let mut rows: Vec<(String, String, Option<Vec<u8>>, String)> = records[..6]
+        .iter()
+        .map(|r| {
+            let image = r["image"].as_str().unwrap().to_string();
+            let bytes = std::fs::read(fixtures().join(&image)).unwrap();
+            (r["id"].as_str().unwrap().into(), r["caption"].as_str().unwrap().into(), Some(bytes), image)
+        })
+        .collect();
+    let r6 = &records[6];
+    rows.push((
+        r6["id"].as_str().unwrap().into(),
+        r6["caption"].as_str().unwrap().into(),
+        None,
+        r6["image"].as_str().unwrap().into(),
+    ));
+    write_parquet_with_images(&p.path("data/captions.parquet"), &rows);
+    p.write("p.toml", pipeline("tiny-llava", "").replace("data/captions.jsonl", "data/captions.parquet"));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let scored = jsonl(&p, "scored.jsonl");
+    assert_eq!(scored.len(), 7);
+    for (got, e) in scored.iter().zip(want) {
+        assert_eq!(got["id"], e["id"]);
+        let (g, w) = (got["ppl"].as_f64().unwrap(), e["perplexity"].as_f64().unwrap());
+        assert!((g - w).abs() / w < 1e-3, "{}: {g} vs transformers {w}", e["id"]);
+    }
+}
+
 #[test]
 fn models_that_cannot_take_images_are_clear_errors() {
     let p = Project::new();

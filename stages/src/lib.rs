@@ -10,6 +10,7 @@ pub mod dedup;
 pub mod encode;
 pub mod exec;
 pub mod generate;
+pub mod kernels;
 pub mod llm;
 pub mod model;
 pub mod parquet_io;

@@ -38,7 +38,18 @@ pub enum ModelError {
 
 impl From<candle_core::Error> for ModelError {
     fn from(e: candle_core::Error) -> Self {
-        ModelError::Compute(e.to_string())
+        ModelError::Compute(candle_message(&e))
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set:
+/// users get one clear line, not a page of frames.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other.to_string(),
     }
 }
 

@@ -38,3 +38,32 @@ fn a_text_only_model_is_refused_for_images() {
     let err = Llava::load(&root.join("tiny-qwen2")).err().unwrap().to_string();
     assert!(err.contains("no vision tower"), "{err}");
 }
+
+#[test]
+fn the_layout_without_vision_model_scores_the_same() {
+    // `vision_tower.*` without `vision_model.`: one of the two layouts transformers 5 checkpoints use.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root.join("tiny-llava")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(root.join("tiny-llava/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name.replace("vision_tower.vision_model.", "vision_tower."), t))
+        .collect();
+    assert!(renamed.iter().any(|(n, _)| n == "vision_tower.embeddings.class_embedding"));
+    safetensors::serialize_to_file(renamed, None, &dir.path().join("model.safetensors")).unwrap();
+    let hub = Llava::load(&root.join("tiny-llava")).unwrap();
+    let v5 = Llava::load(dir.path()).unwrap();
+    let image = load_rgb(&root.join("images/img004.png")).unwrap();
+    let (a, b) = (
+        hub.score(&image, "describe it", "a red square").unwrap(),
+        v5.score(&image, "describe it", "a red square").unwrap(),
+    );
+    assert_eq!(a.nll_sum, b.nll_sum);
+    assert_eq!(a.tokens, b.tokens);
+}

@@ -2,28 +2,10 @@
 //! sum of exponentials, then `logit[target] - max - ln(sum)`.
 //!
 //! This is the hot loop of perplexity scoring (a vocabulary of 150k means 150k exponentials per
-//! scored token). `exp` is computed by Cody–Waite range reduction to 2^n · e^f with |f| ≤ ln2/2
-//! and a degree-7 polynomial for e^f (relative error about 1e-7), in plain arithmetic the compiler
-//! vectorizes; libm's scalar `expf` is several times slower. Rows are split across threads.
+//! scored token). `exp` is [`crate::kernels`]' vectorizable one (relative error about 1e-7);
+//! libm's scalar `expf` is several times slower. Rows are split across threads.
 
-/// exp(x) for x ≤ 0 (inputs are `logit - max`); below -87 it returns 0's neighbourhood.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to the nearest integer
-    // ln 2 split in two (Cody–Waite): n · LN2_HI is exact, so x - n·ln2 keeps its precision.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
-    let f = (x - n * LN2_HI) - n * LN2_LO; // e^x = 2^n · e^f, |f| ≤ ln2 / 2
-    // e^f by its Taylor series to degree 7 (error < 5e-9 relative on |f| ≤ 0.35).
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
-}
+use crate::kernels::exp_nonpositive;
 
 /// ln Σ exp(row) (stable).
 pub fn log_sum_exp(row: &[f32]) -> f32 {
@@ -73,17 +55,6 @@ pub fn target_log_probs(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_accurate_where_it_is_used() {
-        let mut worst: f64 = 0.0;
-        for i in 0..=87_000 {
-            let x = -(i as f32) / 1000.0;
-            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "worst relative error {worst:e}");
-    }
 
     #[test]
     fn matches_a_direct_log_softmax() {

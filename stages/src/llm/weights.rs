@@ -65,5 +65,8 @@ pub fn load(dir: &Path) -> Result<VarBuilder<'static>, ModelError> {
 
 /// Turns a candle error met while building the model into one that names the folder.
 pub fn explain(dir: &Path, e: candle_core::Error) -> ModelError {
-    ModelError::Weights { path: dir.to_path_buf(), message: format!("the weights do not match config.json: {e}") }
+    ModelError::Weights {
+        path: dir.to_path_buf(),
+        message: format!("the weights do not match config.json: {}", super::candle_message(&e)),
+    }
 }

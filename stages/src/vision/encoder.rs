@@ -3,7 +3,8 @@
 //!
 //! Checkpoints, told apart by `config.json`:
 //! - a CLIP vision model (`model_type = "clip_vision_model"`, CLIPVisionModel): the config is the
-//!   tower's, weights under `vision_model.`;
+//!   tower's, weights under `vision_model.` (the hub's layout) or unprefixed (what transformers 5
+//!   saves);
 //! - a CLIP model (`"clip"`, CLIPModel): `vision_config`, weights under `vision_model.`;
 //! - a LLaVA-format VLM (`vision_config` and `text_config`): the tower under
 //!   `vision_tower.vision_model.` (the hub's layout) or `vision_tower.` (what transformers 5 saves).
@@ -82,11 +83,17 @@ impl ImageEncoder {
             )));
         }
         let vb = weights::load(dir)?;
-        let prefix = ["vision_model", "vision_tower.vision_model", "vision_tower"]
-            .into_iter()
-            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.class_embedding")))
-            .unwrap_or("vision_model");
-        let tower = ClipVisionTower::new(&config, vb.pp(prefix)).map_err(|e| weights::explain(dir, e))?;
+        // transformers 5 saves a CLIPVisionModel's tensors with no prefix at all.
+        let tower_vb = if vb.contains_tensor("embeddings.class_embedding") {
+            vb.clone()
+        } else {
+            let prefix = ["vision_model", "vision_tower.vision_model", "vision_tower"]
+                .into_iter()
+                .find(|p| vb.contains_tensor(&format!("{p}.embeddings.class_embedding")))
+                .unwrap_or("vision_model");
+            vb.pp(prefix)
+        };
+        let tower = ClipVisionTower::new(&config, tower_vb).map_err(|e| weights::explain(dir, e))?;
         Ok(ImageEncoder { tower, config, preprocess, device: vb.device().clone() })
     }
 

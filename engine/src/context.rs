@@ -122,6 +122,41 @@ impl StageContext<'_> {
             .collect()
     }
 
+    /// Moves the files under `dir` into the store and returns them, sorted, as a folder
+    /// artifact's files. Anything that is not a plain file or folder is an error that starts
+    /// with `who` ("the command left", say).
+    pub fn ingest_folder(&self, dir: &Path, who: &str) -> Result<Vec<crate::FileRef>, StageError> {
+        let io = |what: &str, e: std::io::Error| StageError::environment(format!("cannot {what}: {e}"));
+        let mut files = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for entry in fs::read_dir(&d).map_err(|e| io(&format!("list {}", d.display()), e))? {
+                let path = entry.map_err(|e| io(&format!("list {}", d.display()), e))?.path();
+                let meta = fs::symlink_metadata(&path).map_err(|e| io(&format!("stat {}", path.display()), e))?;
+                if meta.is_dir() {
+                    todo.push(path);
+                } else if meta.is_file() {
+                    let rel = path
+                        .strip_prefix(dir)
+                        .unwrap_or(&path)
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    let (digest, size) = self.store.put_file(&path)?;
+                    files.push(crate::FileRef { path: rel, digest, size });
+                } else {
+                    return Err(StageError::input(format!(
+                        "{who} `{}`, which is not a plain file or folder (a symlink?)",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
     /// Writes an input artifact where an external program can read it: a dataset as one JSONL
     /// file, a folder as a folder (store objects hard-linked, read-only; external folders are
     /// linked to where they are).

@@ -26,7 +26,7 @@ use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind, WholeStage,
 };
-use ladle_engine::{Artifact, FileRef, StageContext};
+use ladle_engine::{Artifact, StageContext};
 use wait_timeout::ChildExt;
 
 pub struct ExecKind;
@@ -256,34 +256,7 @@ impl WholeStage for Exec {
                 tail(&log, 20)
             )));
         }
-        // Ingest the output folder.
-        let mut files = Vec::new();
-        let mut todo = vec![out_dir.clone()];
-        while let Some(dir) = todo.pop() {
-            for entry in std::fs::read_dir(&dir).map_err(|e| io("list the output folder", e))? {
-                let path = entry.map_err(|e| io("list the output folder", e))?.path();
-                let meta = std::fs::symlink_metadata(&path).map_err(|e| io("stat an output file", e))?;
-                if meta.is_dir() {
-                    todo.push(path);
-                } else if meta.is_file() {
-                    let rel = path
-                        .strip_prefix(&out_dir)
-                        .unwrap_or(&path)
-                        .components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join("/");
-                    let (digest, size) = ctx.store.put_file(&path)?;
-                    files.push(FileRef { path: rel, digest, size });
-                } else {
-                    return Err(StageError::input(format!(
-                        "the command left `{}` in {{out}}, which is not a plain file or folder (a symlink?)",
-                        path.display()
-                    )));
-                }
-            }
-        }
-        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let files = ctx.ingest_folder(&out_dir, "the command left")?;
         let model = files.iter().any(|f| f.path == "config.json");
         let _ = std::fs::remove_dir_all(&work);
         Ok(Artifact::Folder { model, external: None, files })

@@ -18,6 +18,7 @@ pub mod perplexity;
 pub mod read;
 pub mod sample;
 pub mod select;
+pub mod soup;
 pub mod template;
 pub mod tensors;
 pub mod vision;
@@ -41,6 +42,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(perplexity::PerplexityKind));
     r.register(Arc::new(generate::GenerateKind));
     r.register(Arc::new(encode::EncodeKind));
+    r.register(Arc::new(soup::SoupKind));
     r
 }
 

@@ -142,6 +142,35 @@ impl<'a> Params<'a> {
         Ok(Some(v))
     }
 
+    /// An array of finite numbers.
+    pub fn float_list(&mut self, name: &str) -> Result<Option<Vec<f64>>, PipelineError> {
+        let Some(p) = self.take(name) else { return Ok(None) };
+        let Value::Array(items) = &p.value else {
+            return Err(self.wrong_type(name, "an array of numbers", &p));
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let v = match item.value {
+                Value::Float(f) if f.is_finite() => f,
+                Value::Integer(i) => i as f64,
+                ref other => {
+                    return Err(PipelineError {
+                        location: item.at.clone(),
+                        stage: Some(self.stage.to_string()),
+                        message: format!(
+                            "parameter `{name}` must be an array of finite numbers, found {} in it",
+                            other.type_name()
+                        ),
+                        hint: None,
+                    });
+                }
+            };
+            out.push(v);
+        }
+        self.record(name, serde_json::json!(out));
+        Ok(Some(out))
+    }
+
     /// A float in `[lo, hi]`.
     pub fn fraction(&mut self, name: &str) -> Result<Option<f64>, PipelineError> {
         let v = self.float(name)?;

@@ -1,0 +1,460 @@
+//! `soup`: average fine-tuned models into one (model soups; POINTS §3.3, Algorithm 1).
+//!
+//! ```toml
+//! [stages.soup]
+//! kind = "soup"
+//! models = ["ft_a", "ft_b", "ft_c"]   # model artifacts: `model` stages, or `exec` stages that train
+//! eval = "heldout"                    # a dataset: the metric is its corpus perplexity (lower wins)
+//! text = "{caption}"                  # what is scored, as in `perplexity` (and `prompt`)
+//! method = "greedy"                   # "uniform" | "weighted" (weights = [...]) | "maximum" (top = N)
+//! strict = false                      # greedy: keep an ingredient only if strictly better
+//! max_shard_size = "5GB"              # output shards (with model.safetensors.index.json)
+//! ```
+//!
+//! - `uniform`: the mean of all; `weighted`: Σ wᵢ·modelᵢ / Σ wᵢ.
+//! - `maximum`: the mean of the `top` ingredients by the metric.
+//! - `greedy`: ingredients sorted by the metric, best first; the pool starts with the best, and
+//!   each next ingredient joins when the mean of pool + it scores at least as well as the pool
+//!   (`strict = true`: strictly better, as the model-soups paper's code does).
+//!
+//! The metric is the corpus perplexity of `text` (and `prompt`, as in [`crate::perplexity`]) over
+//! the `eval` records: exp(Σ NLL / Σ scored tokens). Candidates are averaged in memory and scored
+//! without being written. Every score is cached in the store under (the ingredients' digests and
+//! weights, the eval dataset's digest, the metric), so adding an ingredient evaluates only the
+//! candidates that are new.
+//!
+//! The output is a model folder: the soup's weights (streamed tensor by tensor, see
+//! [`average`]), the best ingredient's other files (config, tokenizer), and `soup.json` with the
+//! method, the ingredients' digests and weights, and the greedy trace (each try, its score, kept
+//! or not), which `ladle show` prints too.
+
+pub mod average;
+pub mod checkpoint;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ladle_engine::error::{PipelineError, StageError};
+use ladle_engine::pipeline::params::Params;
+use ladle_engine::records::{lines, parse_record};
+use ladle_engine::stage::{Accepts, Arity, Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
+use ladle_engine::{Artifact, ArtifactDigest, Digest, StageContext, StageKey};
+use serde_json::json;
+
+use crate::llm::scorer::plan_batches;
+use crate::llm::{LanguageModel, LlmConfig, Scorer, Sequence};
+use crate::template::Template;
+use checkpoint::{Checkpoint, check_compatible};
+
+pub struct SoupKind;
+
+const PORTS: &[PortSpec] = &[
+    PortSpec { name: "models", arity: Arity::Many, required: true, accepts: Accepts::Model },
+    PortSpec { name: "eval", arity: Arity::One, required: false, accepts: Accepts::Dataset },
+];
+
+#[derive(Debug, Clone, PartialEq)]
+enum Method {
+    Uniform,
+    Weighted(Vec<f64>),
+    Maximum(usize),
+    Greedy { strict: bool },
+}
+
+impl StageKind for SoupKind {
+    fn name(&self) -> &'static str {
+        "soup"
+    }
+    fn about(&self) -> &'static str {
+        "average fine-tuned models: uniform, weighted, maximum or greedy (POINTS' model soup)"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        PORTS
+    }
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        let method_name = params
+            .choice("method", &["uniform", "weighted", "maximum", "greedy"])?
+            .ok_or_else(|| params.missing("method", "\"uniform\", \"weighted\", \"maximum\" or \"greedy\""))?;
+        let weights = params.float_list("weights")?;
+        let top = params.positive("top")?;
+        let strict = params.bool("strict")?;
+        let method = match method_name.as_str() {
+            "uniform" => Method::Uniform,
+            "weighted" => {
+                let w = weights.clone().ok_or_else(|| params.missing("weights", "one weight per model"))?;
+                if w.iter().any(|&x| x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+                    return Err(params.error("weights", "weights must be non-negative and not all zero"));
+                }
+                Method::Weighted(w)
+            }
+            "maximum" => {
+                Method::Maximum(top.ok_or_else(|| params.missing("top", "how many of the best to average"))? as usize)
+            }
+            _ => Method::Greedy { strict: strict.unwrap_or(false) },
+        };
+        let misplaced = [
+            ("weights", "weighted", weights.is_some()),
+            ("top", "maximum", top.is_some()),
+            ("strict", "greedy", strict.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, m, given)| *given && *m != method_name)
+        .map(|(p, m, _)| (p, m));
+        if let Some((p, m)) = misplaced {
+            return Err(params.error(p, format!("`{p}` belongs to method = \"{m}\", not \"{method_name}\"")));
+        }
+        let text =
+            params.string("text")?.map(|s| Template::parse(&s).map_err(|e| params.error("text", e))).transpose()?;
+        let prompt =
+            params.string("prompt")?.map(|s| Template::parse(&s).map_err(|e| params.error("prompt", e))).transpose()?;
+        let needs_metric = matches!(method, Method::Maximum(_) | Method::Greedy { .. });
+        if needs_metric && (text.is_none() || !params.ports().iter().any(|p| p == "eval")) {
+            let mut e = params.stage_error(format!(
+                "method = \"{method_name}\" ranks the models by a metric: give `eval` (a dataset) and `text` (what to score)"
+            ));
+            e.hint = Some(
+                "eval = \"heldout\" and text = \"{caption}\": the corpus perplexity of the held-out captions".into(),
+            );
+            return Err(e);
+        }
+        let max_shard_bytes = match params.string("max_shard_size")? {
+            None => 5_000_000_000,
+            Some(s) => parse_size(&s).ok_or_else(|| {
+                params.error("max_shard_size", format!("`{s}` is not a size like \"5GB\" or \"500MB\""))
+            })?,
+        };
+        params.exclude_from_key("max_shard_size");
+        Ok(Arc::new(Soup { method, text, prompt, max_shard_bytes }))
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    (n > 0.0).then_some((n * mult) as u64)
+}
+
+struct Soup {
+    method: Method,
+    text: Option<Template>,
+    prompt: Option<Template>,
+    max_shard_bytes: u64,
+}
+
+impl Stage for Soup {
+    fn produces(&self) -> Produces {
+        Produces::Model
+    }
+    fn execution(&self) -> Execution<'_> {
+        Execution::Whole(self)
+    }
+}
+
+/// One ingredient: where its files are and its artifact digest.
+struct Ingredient {
+    dir: PathBuf,
+    digest: ArtifactDigest,
+    checkpoint: Checkpoint,
+}
+
+/// One step of the greedy search, as `soup.json` and `ladle show` report it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Try {
+    /// The ingredient tried (its position in `models`).
+    pub ingredient: usize,
+    /// The metric of the pool with it.
+    pub score: f64,
+    pub kept: bool,
+}
+
+impl WholeStage for Soup {
+    fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError> {
+        let models = inputs.all("models");
+        if models.is_empty() {
+            return Err(StageError::input("`models` is empty: a soup needs at least one model"));
+        }
+        let mut ingredients = Vec::new();
+        for (i, m) in models.iter().enumerate() {
+            let dir = match m {
+                Artifact::Folder { external: Some(root), model: true, .. } => root.clone(),
+                a @ Artifact::Folder { model: true, .. } => {
+                    ctx.materialize(a, &ctx.temp_path(&format!("model-{i}")))?
+                }
+                other => {
+                    return Err(StageError::input(format!(
+                        "input {i} of `models` is a {}, not a model (a folder with config.json)",
+                        other.kind_name()
+                    )));
+                }
+            };
+            let checkpoint = Checkpoint::open(&dir).map_err(|e| StageError::input(e.to_string()))?;
+            ingredients.push(Ingredient { dir, digest: m.digest(), checkpoint });
+        }
+        let cks: Vec<&Checkpoint> = ingredients.iter().map(|i| &i.checkpoint).collect();
+        check_compatible(&cks).map_err(|e| StageError::input(e.to_string()))?;
+        if let Method::Weighted(w) = &self.method
+            && w.len() != ingredients.len()
+        {
+            return Err(StageError::input(format!(
+                "`weights` has {} numbers for {} models: give one per model",
+                w.len(),
+                ingredients.len()
+            )));
+        }
+        if let Method::Maximum(top) = self.method
+            && top > ingredients.len()
+        {
+            return Err(StageError::input(format!("top = {top}, but there are only {} models", ingredients.len())));
+        }
+
+        let mut log = String::new();
+        let mut trace = Vec::new();
+        let mut scores: Vec<Option<f64>> = vec![None; ingredients.len()];
+        let (weights, best) = match &self.method {
+            Method::Uniform => (vec![1.0; ingredients.len()], 0),
+            Method::Weighted(w) => (w.clone(), 0),
+            Method::Maximum(_) | Method::Greedy { .. } => {
+                let metric = self.metric(ctx, inputs, &ingredients[0].dir)?;
+                let mut evaluated = 0;
+                let mut score = |members: &[(usize, f64)]| -> Result<f64, StageError> {
+                    metric.score(ctx, &ingredients, members, &mut evaluated)
+                };
+                for (i, s) in scores.iter_mut().enumerate() {
+                    *s = Some(score(&[(i, 1.0)])?);
+                }
+                let mut order: Vec<usize> = (0..ingredients.len()).collect();
+                // Best first; ties keep the order of `models`.
+                order.sort_by(|&a, &b| scores[a].unwrap().total_cmp(&scores[b].unwrap()).then(a.cmp(&b)));
+                let mut weights = vec![0.0; ingredients.len()];
+                match self.method {
+                    Method::Maximum(top) => {
+                        for &i in &order[..top] {
+                            weights[i] = 1.0;
+                        }
+                    }
+                    Method::Greedy { strict } => {
+                        let mut pool = vec![order[0]];
+                        let mut pool_score = scores[order[0]].unwrap();
+                        trace.push(Try { ingredient: order[0], score: pool_score, kept: true });
+                        for &next in &order[1..] {
+                            let members: Vec<(usize, f64)> = pool.iter().chain([&next]).map(|&i| (i, 1.0)).collect();
+                            let s = score(&members)?;
+                            let kept = if strict { s < pool_score } else { s <= pool_score };
+                            trace.push(Try { ingredient: next, score: s, kept });
+                            if kept {
+                                pool.push(next);
+                                pool_score = s;
+                            }
+                        }
+                        for &i in &pool {
+                            weights[i] = 1.0;
+                        }
+                    }
+                    _ => unreachable!(),
+                }
+                log.push_str(&format!(
+                    "metric: corpus perplexity of the eval set (lower is better); {evaluated} evaluated, {} from the cache\n",
+                    ingredients.len() + trace.len().saturating_sub(1) - evaluated
+                ));
+                (weights, order[0])
+            }
+        };
+        for (i, ing) in ingredients.iter().enumerate() {
+            let s = scores[i].map(|s| format!(", metric {s:.6}")).unwrap_or_default();
+            log.push_str(&format!("ingredient {i}: {} (weight {}{s})\n", ing.digest.short(), weights[i]));
+        }
+        for t in &trace {
+            log.push_str(&format!(
+                "greedy: try ingredient {}: {:.6} {}\n",
+                t.ingredient,
+                t.score,
+                if t.kept { "kept" } else { "not kept" }
+            ));
+        }
+
+        // Write the soup: weights streamed, the best ingredient's other files copied.
+        let out = ctx.temp_path("soup");
+        std::fs::create_dir_all(&out)
+            .map_err(|e| StageError::environment(format!("cannot create {}: {e}", out.display())))?;
+        let members: Vec<(&Checkpoint, f64)> =
+            ingredients.iter().zip(&weights).filter(|(_, w)| **w > 0.0).map(|(i, w)| (&i.checkpoint, *w)).collect();
+        let (cks, ws): (Vec<&Checkpoint>, Vec<f64>) = members.into_iter().unzip();
+        let method = match &self.method {
+            Method::Uniform => "uniform",
+            Method::Weighted(_) => "weighted",
+            Method::Maximum(_) => "maximum",
+            Method::Greedy { .. } => "greedy",
+        };
+        let metadata = BTreeMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("ladle_soup_method".to_string(), method.to_string()),
+            (
+                "ladle_soup_ingredients".to_string(),
+                ingredients
+                    .iter()
+                    .zip(&weights)
+                    .filter(|(_, w)| **w > 0.0)
+                    .map(|(i, w)| format!("{}:{w}", i.digest.to_hex()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ]);
+        average::write_soup(&cks, &ws, &out, self.max_shard_bytes, &metadata)
+            .map_err(|e| StageError::input(e.to_string()))?;
+        copy_other_files(&ingredients[best].dir, &out)?;
+        let summary = json!({
+            "method": method,
+            "ingredients": ingredients.iter().enumerate().map(|(i, ing)| json!({
+                "position": i, "digest": ing.digest.to_hex(), "weight": weights[i], "metric": scores[i],
+            })).collect::<Vec<_>>(),
+            "greedy_trace": trace,
+        });
+        std::fs::write(out.join("soup.json"), serde_json::to_vec_pretty(&summary).expect("json"))
+            .map_err(|e| StageError::environment(format!("cannot write soup.json: {e}")))?;
+        ctx.save_log(log.as_bytes())?;
+        let files = ctx.ingest_folder(&out, "the soup left")?;
+        let _ = std::fs::remove_dir_all(&out);
+        Ok(Artifact::Folder { model: true, external: None, files })
+    }
+}
+
+/// Copies every file of `from` but its weights into `to` (config, tokenizer, generation config).
+fn copy_other_files(from: &Path, to: &Path) -> Result<(), StageError> {
+    let io = |e: std::io::Error| StageError::environment(format!("cannot copy {}'s files: {e}", from.display()));
+    for entry in std::fs::read_dir(from).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == "soup.json";
+        if entry.file_type().map_err(io)?.is_file() && !weights && !name.starts_with('.') {
+            std::fs::copy(entry.path(), to.join(&name)).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+/// The built-in metric: corpus perplexity of the eval records.
+struct Metric {
+    sequences: Vec<Sequence>,
+    config: LlmConfig,
+    tokenizer_dir: PathBuf,
+    /// What identifies the metric in score-cache keys.
+    identity: Vec<u8>,
+}
+
+impl Soup {
+    fn metric(&self, ctx: &StageContext<'_>, inputs: &Inputs, first: &Path) -> Result<Metric, StageError> {
+        let text = self.text.as_ref().ok_or_else(|| StageError::input("`text` is needed to score"))?;
+        let eval = inputs.one("eval")?;
+        let Artifact::Dataset { shards, .. } = eval else {
+            return Err(StageError::input(format!("`eval` must be a dataset, but it is a {}", eval.kind_name())));
+        };
+        let model = LanguageModel::load(first)?;
+        let tok = &model.tokenizer;
+        let mut sequences = Vec::new();
+        let mut n = 0u64;
+        for s in shards {
+            let bytes = ctx.read_shard(s)?;
+            for line in lines(&bytes) {
+                let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(n))?;
+                let rendered = text.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
+                let seq = match &self.prompt {
+                    Some(p) => {
+                        let prompt =
+                            p.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
+                        tok.answer_sequence(&prompt, &rendered)?
+                    }
+                    None => Sequence { ids: tok.encode(&rendered, true)?, score_from: 1 },
+                };
+                if seq.ids.len() > seq.score_from.max(1) {
+                    sequences.push(seq);
+                }
+                n += 1;
+            }
+        }
+        if sequences.is_empty() {
+            return Err(StageError::input(
+                "the eval dataset has nothing to score (no records, or only one-token texts)",
+            ));
+        }
+        let identity = serde_json::to_vec(&json!({
+            "metric": "corpus perplexity v1",
+            "eval": eval.digest().to_hex(),
+            "sequences": sequences.iter().map(|s| (&s.ids, s.score_from)).collect::<Vec<_>>(),
+        }))
+        .expect("json");
+        Ok(Metric { sequences, config: model.config.clone(), tokenizer_dir: first.to_path_buf(), identity })
+    }
+}
+
+impl Metric {
+    /// The metric of the soup of `members` (ingredient, weight), from the store's cache when
+    /// this very candidate was scored before.
+    fn score(
+        &self,
+        ctx: &StageContext<'_>,
+        ingredients: &[Ingredient],
+        members: &[(usize, f64)],
+        evaluated: &mut usize,
+    ) -> Result<f64, StageError> {
+        let mut ids: Vec<(String, f64)> = members.iter().map(|&(i, w)| (ingredients[i].digest.to_hex(), w)).collect();
+        ids.sort_by(|a, b| a.0.cmp(&b.0));
+        let key_bytes = serde_json::to_vec(&json!({ "candidate": ids, "metric": Digest::of(&self.identity).to_hex() }))
+            .expect("json");
+        let key = StageKey(Digest::of(&key_bytes).0);
+        if let Some((_, Artifact::Metrics { value })) = ctx.store.get_action(&key)?
+            && let Some(s) = value["score"].as_f64()
+        {
+            return Ok(s);
+        }
+        let cks: Vec<&Checkpoint> = members.iter().map(|&(i, _)| &ingredients[i].checkpoint).collect();
+        let ws: Vec<f64> = members.iter().map(|&(_, w)| w).collect();
+        let device = candle_core::Device::Cpu;
+        let tensors = average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
+        let model = LanguageModel::from_parts(&self.tokenizer_dir, self.config.clone(), &vb, "model")?;
+        let scorer = Scorer { decoder: &model.decoder, pad: 0 };
+        let lengths: Vec<usize> = self.sequences.iter().map(|s| s.ids.len()).collect();
+        let (mut nll, mut tokens) = (0f64, 0usize);
+        for batch in plan_batches(&lengths, 4096) {
+            let refs: Vec<&Sequence> = batch.iter().map(|&i| &self.sequences[i]).collect();
+            for s in scorer.score_batch(&refs)? {
+                nll += s.nll_sum;
+                tokens += s.tokens;
+            }
+        }
+        let score = (nll / tokens as f64).exp();
+        *evaluated += 1;
+        let artifact = Artifact::Metrics { value: json!({ "score": score, "candidate": ids }) };
+        let digest = ctx.store.put_artifact(&artifact)?;
+        ctx.store.put_action(&key, &digest)?;
+        Ok(score)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
+        assert_eq!(parse_size("1.5 MB"), Some(1_500_000));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("5 parsecs"), None);
+        assert_eq!(parse_size("0GB"), None);
+    }
+}

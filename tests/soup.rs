@@ -1,0 +1,263 @@
+//! The `soup` stage against the transformers-made fixtures (tests/fixtures/points-tiny/soup:
+//! four fine-tunes of tiny-qwen2, ft1 sharded, ft3 a run that went wrong), POINTS' greedy soup
+//! trace, the score cache, and bad ingredients.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Project;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn soup_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny/soup")
+}
+
+fn expected() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny/expected.json");
+    serde_json::from_str::<Value>(&std::fs::read_to_string(path).unwrap()).unwrap()["soup"].clone()
+}
+
+/// Model stages for `dirs` (named m0, m1, ...), the held-out captions, and a soup over them.
+fn pipeline(dirs: &[PathBuf], soup: &str) -> String {
+    let mut text = String::from("[pipeline]\nname = \"soup\"\n\n");
+    for (i, d) in dirs.iter().enumerate() {
+        text += &format!("[stages.m{i}]\nkind = \"model\"\npath = \"{}\"\n\n", d.display());
+    }
+    let models: Vec<String> = (0..dirs.len()).map(|i| format!("\"m{i}\"")).collect();
+    text += &format!(
+        "[stages.heldout]\nkind = \"read\"\npath = \"{}\"\n\n[stages.soup]\nkind = \"soup\"\nmodels = [{}]\n{soup}\n",
+        soup_fixtures().join("heldout.jsonl").display(),
+        models.join(", ")
+    );
+    text
+}
+
+fn ingredients() -> Vec<PathBuf> {
+    (0..4).map(|i| soup_fixtures().join(format!("ft{i}"))).collect()
+}
+
+const GREEDY: &str = "method = \"greedy\"\neval = \"heldout\"\ntext = \"{caption}\"";
+
+/// `soup` exported to `name`; returns the folder.
+fn run_and_export(p: &Project, name: &str) -> PathBuf {
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let out = p.ladle(&["export", "p.toml", "soup", "-o", name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p.path(name)
+}
+
+/// Every tensor of `got` within one unit in the last place (f32) of `want`'s.
+fn assert_within_one_ulp(got: &Path, want: &Path) {
+    let (g, w) = (std::fs::read(got).unwrap(), std::fs::read(want).unwrap());
+    let (g, w) = (SafeTensors::deserialize(&g).unwrap(), SafeTensors::deserialize(&w).unwrap());
+    let mut names = w.names();
+    names.sort();
+    let mut got_names = g.names();
+    got_names.sort();
+    assert_eq!(got_names, names);
+    let mut worst_ulps = 0i64;
+    for name in names {
+        let (a, b) = (g.tensor(name).unwrap(), w.tensor(name).unwrap());
+        assert_eq!(a.shape(), b.shape(), "{name}");
+        assert_eq!(a.dtype(), b.dtype(), "{name}");
+        for (x, y) in a.data().chunks_exact(4).zip(b.data().chunks_exact(4)) {
+            let (x, y) = (i32::from_le_bytes(x.try_into().unwrap()), i32::from_le_bytes(y.try_into().unwrap()));
+            worst_ulps = worst_ulps.max((x as i64 - y as i64).abs());
+        }
+    }
+    assert!(worst_ulps <= 1, "a weight is {worst_ulps} ulps from the reference");
+    eprintln!("{}: worst difference {worst_ulps} ulp", got.display());
+}
+
+#[test]
+fn uniform_soup_equals_the_reference() {
+    let p = Project::new();
+    p.write("p.toml", pipeline(&ingredients(), "method = \"uniform\""));
+    let dir = run_and_export(&p, "uniform");
+    assert_within_one_ulp(&dir.join("model.safetensors"), &soup_fixtures().join("expected_uniform.safetensors"));
+    // The best (here: the first) ingredient's config and tokenizer came along; soup.json says how.
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            std::fs::read(dir.join(f)).unwrap(),
+            std::fs::read(soup_fixtures().join("ft0").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let soup: Value = serde_json::from_slice(&std::fs::read(dir.join("soup.json")).unwrap()).unwrap();
+    assert_eq!(soup["method"], "uniform");
+    assert_eq!(soup["ingredients"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn greedy_soup_follows_points_algorithm_1_and_its_scores_match() {
+    let exp = expected();
+    let p = Project::new();
+    p.write("p.toml", pipeline(&ingredients(), GREEDY));
+    let dir = run_and_export(&p, "greedy");
+    assert_within_one_ulp(&dir.join("model.safetensors"), &soup_fixtures().join("expected_greedy.safetensors"));
+    let soup: Value = serde_json::from_slice(&std::fs::read(dir.join("soup.json")).unwrap()).unwrap();
+    let trace = soup["greedy_trace"].as_array().unwrap();
+    let want = exp["greedy_trace"].as_array().unwrap();
+    assert_eq!(trace.len(), want.len());
+    for (t, w) in trace.iter().zip(want) {
+        assert_eq!(t["ingredient"], w["try"]);
+        assert_eq!(t["kept"], w["kept"]);
+        let (g, e) = (t["score"].as_f64().unwrap(), w["score"].as_f64().unwrap());
+        assert!((g - e).abs() / e < 1e-4, "try {}: {g} vs transformers {e}", w["try"]);
+    }
+    for (i, e) in exp["single_heldout_ppl"].as_array().unwrap().iter().enumerate() {
+        let (g, e) = (soup["ingredients"][i]["metric"].as_f64().unwrap(), e.as_f64().unwrap());
+        assert!((g - e).abs() / e < 1e-4, "ingredient {i}: {g} vs {e}");
+    }
+    // ladle show prints the trace.
+    let show = p.ladle(&["show", "p.toml", "soup"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("greedy: try ingredient 3:") && text.contains("not kept"), "{text}");
+    assert!(text.contains("7 evaluated, 0 from the cache"), "{text}");
+
+    // The soup is a model ladle itself runs: its held-out perplexity is the greedy pool's.
+    let scored = p.path("scored");
+    std::fs::create_dir_all(&scored).unwrap();
+    let mut text = std::fs::read_to_string(p.path("p.toml")).unwrap();
+    text += "\n[stages.ppl]\nkind = \"perplexity\"\ndata = \"heldout\"\nmodel = \"soup\"\ntext = \"{caption}\"\n";
+    text += "\n[stages.scored]\nkind = \"write\"\ndata = \"ppl\"\npath = \"scored.jsonl\"\n";
+    p.write("p.toml", text);
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.status("soup"), "cached");
+    let (mut nll, mut tokens) = (0.0, 0.0);
+    for line in String::from_utf8(p.read("scored.jsonl")).unwrap().lines() {
+        let rec: Value = serde_json::from_str(line).unwrap();
+        let n = rec["ppl_tokens"].as_f64().unwrap();
+        nll += rec["ppl_nll"].as_f64().unwrap() * n;
+        tokens += n;
+    }
+    let (got, want) = ((nll / tokens).exp(), exp["greedy_heldout_ppl"].as_f64().unwrap());
+    assert!((got - want).abs() / want < 1e-4, "the greedy soup's held-out perplexity {got} vs {want}");
+}
+
+/// ft0 with every weight scaled by `factor`: a fifth, different ingredient.
+fn scaled_copy(dest: &Path, factor: f32) {
+    std::fs::create_dir_all(dest).unwrap();
+    for entry in std::fs::read_dir(soup_fixtures().join("ft0")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(soup_fixtures().join("ft0/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let scaled: Vec<(String, Vec<u8>, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * factor).to_le_bytes())
+                .collect();
+            (n, data, t.shape().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = scaled
+        .iter()
+        .map(|(n, d, s)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dest.join("model.safetensors")).unwrap();
+}
+
+fn log_counts(p: &Project) -> (usize, usize) {
+    let show = p.ladle(&["show", "p.toml", "soup"]);
+    let text = String::from_utf8_lossy(&show.stdout).to_string();
+    let line = text.lines().find(|l| l.contains("evaluated")).unwrap_or_else(|| panic!("{text}")).to_string();
+    let num = |word: &str| -> usize {
+        let before = &line[..line.find(word).unwrap()];
+        before.split_whitespace().last().unwrap().trim_start_matches(';').parse().unwrap()
+    };
+    (num("evaluated"), num("from the cache"))
+}
+
+#[test]
+fn a_fifth_ingredient_evaluates_only_new_candidates_and_matches_a_cold_run() {
+    let p = Project::new();
+    let ft4 = p.path("ft4");
+    scaled_copy(&ft4, 1.0005);
+    p.write("p.toml", pipeline(&ingredients(), GREEDY));
+    run_and_export(&p, "four");
+    assert_eq!(log_counts(&p), (7, 0));
+
+    let mut five = ingredients();
+    five.push(ft4.clone());
+    p.write("p.toml", pipeline(&five, GREEDY));
+    let warm = run_and_export(&p, "five-warm");
+    let (evaluated, cached) = log_counts(&p);
+    let soup: Value = serde_json::from_slice(&std::fs::read(warm.join("soup.json")).unwrap()).unwrap();
+    let tries = soup["greedy_trace"].as_array().unwrap().len();
+    assert_eq!(evaluated + cached, 5 + tries - 1);
+    // The four singles are cached; so is every candidate made only of the first four that the
+    // first run tried. What is new involves ft4.
+    assert!(cached >= 4, "{cached} cached");
+    assert!(evaluated >= 1 && evaluated < 5 + tries - 1, "{evaluated} evaluated");
+
+    // A cold run (a fresh store) gives the same soup.
+    let cold = Project::new();
+    cold.write("p.toml", pipeline(&five, GREEDY));
+    let cold_dir = run_and_export(&cold, "five-cold");
+    for f in ["model.safetensors", "soup.json"] {
+        assert_eq!(std::fs::read(warm.join(f)).unwrap(), std::fs::read(cold_dir.join(f)).unwrap(), "{f}");
+    }
+}
+
+fn failing(p: &Project) -> String {
+    let out = p.ladle(&["run", "p.toml"]);
+    assert!(!out.status.success(), "the run should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn bad_ingredients_are_clear_errors() {
+    let p = Project::new();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny");
+    // Another architecture.
+    p.write("p.toml", pipeline(&[soup_fixtures().join("ft0"), tiny.join("tiny-llama")], "method = \"uniform\""));
+    let err = failing(&p);
+    assert!(err.contains("not the same architecture") && err.contains("tensor `"), "{err}");
+
+    // A shard missing from a sharded checkpoint.
+    let broken = p.path("ft1-broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for entry in std::fs::read_dir(soup_fixtures().join("ft1")).unwrap() {
+        let entry = entry.unwrap();
+        if !entry.file_name().to_string_lossy().starts_with("model-00003") {
+            std::fs::copy(entry.path(), broken.join(entry.file_name())).unwrap();
+        }
+    }
+    p.write("p.toml", pipeline(&[soup_fixtures().join("ft0"), broken], "method = \"uniform\""));
+    let err = failing(&p);
+    assert!(err.contains("model-00003-of-00012.safetensors") && err.contains("missing"), "{err}");
+
+    // A NaN in one tensor.
+    let nan = p.path("ft-nan");
+    scaled_copy(&nan, f32::NAN);
+    p.write("p.toml", pipeline(&[soup_fixtures().join("ft0"), nan], "method = \"uniform\""));
+    let err = failing(&p);
+    assert!(err.contains("NaN") && err.contains("tensor `"), "{err}");
+
+    // top larger than the list; an empty list; a method without its metric.
+    p.write(
+        "p.toml",
+        pipeline(&ingredients(), "method = \"maximum\"\ntop = 9\neval = \"heldout\"\ntext = \"{caption}\""),
+    );
+    let err = failing(&p);
+    assert!(err.contains("top = 9, but there are only 4 models"), "{err}");
+    p.write("p.toml", pipeline(&[], "method = \"uniform\""));
+    let err = failing(&p);
+    assert!(err.contains("models"), "{err}");
+    p.write("p.toml", pipeline(&ingredients(), "method = \"greedy\""));
+    let err = failing(&p);
+    assert!(err.contains("give `eval`"), "{err}");
+    assert!(!p.path("out").exists());
+}

@@ -103,6 +103,8 @@ macro_rules! with_best_simd {
     };
 }
 
+pub(crate) use with_best_simd;
+
 with_best_simd!(quick_gelu_fast, (x: &[f32], y: &mut [f32]), quick_gelu_slice(x, y));
 with_best_simd!(quick_gelu_inplace_fast, (x: &mut [f32]), {
     for v in x.iter_mut() {

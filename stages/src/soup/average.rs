@@ -3,8 +3,8 @@
 //! Each output element is Σ wᵢ·xᵢ / Σ wᵢ accumulated in f64 (the uniform soup is the plain mean,
 //! as `torch.stack(...).double().mean(0)` computes it), then cast to the ingredients' dtype with
 //! round-to-nearest-even: f32 directly, f16 and bf16 through f32 (PyTorch's own conversion path).
-//! Tensors are processed in chunks of [`CHUNK`] elements, written as they are computed, and their
-//! pages released, so memory holds a few chunks whatever the checkpoints' size. Integer tensors
+//! Tensors are processed in steps of [`CHUNK`] elements, split across threads, written as they are
+//! computed, and their pages released, so memory holds a step whatever the checkpoints' size. Integer tensors
 //! (buffers such as position ids) must be equal in every ingredient and are copied.
 //!
 //! A NaN or infinite value in an ingredient is an error naming the tensor and the file: a
@@ -14,48 +14,118 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::checkpoint::{Checkpoint, CheckpointError, TensorInfo};
 
-/// Elements averaged at a time.
-pub const CHUNK: usize = 1 << 20;
+/// Elements averaged per step: memory holds this many output elements (and their f64 sums).
+pub const CHUNK: usize = 1 << 22;
+
+/// Elements per parallel task within a step.
+const TASK: usize = 1 << 15;
 
 fn is_float(d: Dtype) -> bool {
     matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
 }
 
-/// Adds `w · x` for the elements `range` of a tensor to `acc`; says where a value is not finite.
-fn accumulate(dtype: Dtype, bytes: &[u8], range: std::ops::Range<usize>, w: f64, acc: &mut [f64]) -> Result<(), usize> {
-    macro_rules! add {
-        ($size:expr, $conv:expr) => {{
-            let data = &bytes[range.start * $size..range.end * $size];
-            for (i, (a, c)) in acc.iter_mut().zip(data.chunks_exact($size)).enumerate() {
-                let v: f64 = $conv(c);
-                if !v.is_finite() {
-                    return Err(range.start + i);
-                }
-                *a += w * v;
-            }
-        }};
-    }
-    match dtype {
-        Dtype::F32 => add!(4, |c: &[u8]| f32::from_le_bytes(c.try_into().unwrap()) as f64),
-        Dtype::F64 => add!(8, |c: &[u8]| f64::from_le_bytes(c.try_into().unwrap())),
-        Dtype::F16 => add!(2, |c: &[u8]| half::f16::from_le_bytes(c.try_into().unwrap()).to_f64()),
-        Dtype::BF16 => add!(2, |c: &[u8]| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f64()),
-        _ => unreachable!("only float tensors are averaged"),
-    }
-    Ok(())
+/// bf16 bits widened to f32 (bf16 is the top half of an f32).
+#[inline(always)]
+fn bf16_bits_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
 }
 
-/// Appends `v` cast to `dtype` (round-to-nearest-even) to `out`.
-fn push_cast(dtype: Dtype, v: f64, out: &mut Vec<u8>) {
+/// f32 to bf16 bits, round-to-nearest-even (finite inputs: the soup checks for NaN first).
+#[inline(always)]
+fn f32_to_bf16_bits(f: f32) -> u16 {
+    let bits = f.to_bits();
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// Adds `w · x` for the elements `start..start + acc.len()` of a tensor (raw little-endian bytes
+/// of `dtype`) to `acc`. Non-finite inputs make non-finite sums, which the caller checks once.
+fn accumulate(dtype: Dtype, bytes: &[u8], start: usize, w: f64, acc: &mut [f64], first: bool) {
+    let len = acc.len();
+    if first && dtype != Dtype::BF16 {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+    }
     match dtype {
-        Dtype::F32 => out.extend((v as f32).to_le_bytes()),
-        Dtype::F64 => out.extend(v.to_le_bytes()),
-        Dtype::F16 => out.extend(half::f16::from_f32(v as f32).to_le_bytes()),
-        Dtype::BF16 => out.extend(half::bf16::from_f32(v as f32).to_le_bytes()),
+        // The first ingredient sets the sums: no separate pass of zeroing.
+        Dtype::BF16 if first => set_bf16(&bytes[start * 2..(start + len) * 2], w, acc),
+        Dtype::BF16 => add_bf16(&bytes[start * 2..(start + len) * 2], w, acc),
+        Dtype::F32 => add_f32(&bytes[start * 4..(start + len) * 4], w, acc),
+        Dtype::F16 => {
+            for (a, c) in acc.iter_mut().zip(bytes[start * 2..(start + len) * 2].chunks_exact(2)) {
+                *a += w * half::f16::from_le_bytes([c[0], c[1]]).to_f64();
+            }
+        }
+        Dtype::F64 => {
+            for (a, c) in acc.iter_mut().zip(bytes[start * 8..(start + len) * 8].chunks_exact(8)) {
+                *a += w * f64::from_le_bytes(c.try_into().expect("8 bytes"));
+            }
+        }
+        _ => unreachable!("only float tensors are averaged"),
+    }
+}
+
+crate::kernels::with_best_simd!(add_bf16, (data: &[u8], w: f64, acc: &mut [f64]), {
+    for (a, c) in acc.iter_mut().zip(data.chunks_exact(2)) {
+        *a += w * bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64;
+    }
+});
+
+crate::kernels::with_best_simd!(set_bf16, (data: &[u8], w: f64, acc: &mut [f64]), {
+    for (a, c) in acc.iter_mut().zip(data.chunks_exact(2)) {
+        *a = w * bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64;
+    }
+});
+
+crate::kernels::with_best_simd!(all_finite_into, (acc: &[f64], ok: &mut bool), {
+    *ok = acc.iter().fold(true, |ok, a| ok & a.is_finite());
+});
+
+crate::kernels::with_best_simd!(add_f32, (data: &[u8], w: f64, acc: &mut [f64]), {
+    for (a, c) in acc.iter_mut().zip(data.chunks_exact(4)) {
+        *a += w * f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+    }
+});
+
+crate::kernels::with_best_simd!(cast_bf16, (acc: &[f64], inv: f64, out: &mut [u8]), {
+    for (o, a) in out.chunks_exact_mut(2).zip(acc) {
+        o.copy_from_slice(&f32_to_bf16_bits((a * inv) as f32).to_le_bytes());
+    }
+});
+
+/// The first element of `start..start + len` where an ingredient's value is not finite.
+fn first_non_finite(dtype: Dtype, bytes: &[u8], start: usize, len: usize) -> Option<usize> {
+    let size = dtype.bitsize() / 8;
+    bytes[start * size..(start + len) * size]
+        .chunks_exact(size)
+        .position(|c| match dtype {
+            Dtype::BF16 => !bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])).is_finite(),
+            Dtype::F16 => !half::f16::from_le_bytes([c[0], c[1]]).is_finite(),
+            Dtype::F32 => !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite(),
+            _ => !f64::from_le_bytes(c.try_into().expect("8 bytes")).is_finite(),
+        })
+        .map(|at| start + at)
+}
+
+/// Writes `acc[i] / total` cast to `dtype` (round-to-nearest-even) into `out`.
+fn cast_into(dtype: Dtype, acc: &[f64], total: f64, out: &mut [u8]) {
+    match dtype {
+        Dtype::BF16 if total.log2().fract() == 0.0 => cast_bf16(acc, 1.0 / total, out),
+        Dtype::BF16 => out
+            .chunks_exact_mut(2)
+            .zip(acc)
+            .for_each(|(o, a)| o.copy_from_slice(&f32_to_bf16_bits((a / total) as f32).to_le_bytes())),
+        Dtype::F32 => {
+            out.chunks_exact_mut(4).zip(acc).for_each(|(o, a)| o.copy_from_slice(&((a / total) as f32).to_le_bytes()))
+        }
+        Dtype::F64 => out.chunks_exact_mut(8).zip(acc).for_each(|(o, a)| o.copy_from_slice(&(a / total).to_le_bytes())),
+        Dtype::F16 => out
+            .chunks_exact_mut(2)
+            .zip(acc)
+            .for_each(|(o, a)| o.copy_from_slice(&half::f16::from_f32((a / total) as f32).to_le_bytes())),
         _ => unreachable!("only float tensors are averaged"),
     }
 }
@@ -66,7 +136,7 @@ pub fn average_tensor(
     ingredients: &[&Checkpoint],
     weights: &[f64],
     name: &str,
-    emit: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    emit: &mut dyn FnMut(Vec<u8>) -> std::io::Result<()>,
 ) -> Result<(), CheckpointError> {
     let infos: Vec<&TensorInfo> = ingredients
         .iter()
@@ -94,30 +164,48 @@ pub fn average_tensor(
                 });
             }
         }
-        return emit(first).map_err(write_err);
+        return emit(first.to_vec()).map_err(write_err);
     }
     let n: usize = t.shape.iter().product();
     let total: f64 = weights.iter().sum();
-    let mut acc = vec![0f64; CHUNK.min(n)];
-    let mut out = Vec::with_capacity(CHUNK.min(n) * 8);
+    let size = t.dtype.bitsize() / 8;
     let mut start = 0;
     while start < n {
         let end = (start + CHUNK).min(n);
-        let acc = &mut acc[..end - start];
-        acc.iter_mut().for_each(|a| *a = 0.0);
-        for ((c, info), &w) in ingredients.iter().zip(&infos).zip(weights) {
-            accumulate(info.dtype, c.bytes(info), start..end, w, acc).map_err(|at| CheckpointError {
-                path: c.file_of(name).to_path_buf(),
+        // A fresh buffer per step: the writer may still hold the previous one.
+        let mut out = vec![0u8; (end - start) * size];
+        // Tasks of TASK elements across threads; each sums every ingredient into its own f64s.
+        let failed = out
+            .par_chunks_mut(TASK * size)
+            .enumerate()
+            .map_init(Vec::new, |acc: &mut Vec<f64>, (k, dst)| -> Result<(), (usize, usize)> {
+                let from = start + k * TASK;
+                acc.resize(dst.len() / size, 0.0);
+                for (i, ((c, info), &w)) in ingredients.iter().zip(&infos).zip(weights).enumerate() {
+                    accumulate(info.dtype, c.bytes(info), from, w, acc, i == 0);
+                }
+                let mut finite = true;
+                all_finite_into(acc, &mut finite);
+                if !finite {
+                    for (i, (c, info)) in ingredients.iter().zip(&infos).enumerate() {
+                        if let Some(at) = first_non_finite(info.dtype, c.bytes(info), from, acc.len()) {
+                            return Err((i, at));
+                        }
+                    }
+                }
+                cast_into(t.dtype, acc, total, dst);
+                Ok(())
+            })
+            .find_first(|r| r.is_err());
+        if let Some(Err((i, at))) = failed {
+            return Err(CheckpointError {
+                path: ingredients[i].file_of(name).to_path_buf(),
                 message: format!(
                     "tensor `{name}` has a NaN or infinite value (element {at}): the run that made it diverged; leave it out of the soup"
                 ),
-            })?;
+            });
         }
-        out.clear();
-        for &a in acc.iter() {
-            push_cast(t.dtype, a / total, &mut out);
-        }
-        emit(&out).map_err(write_err)?;
+        emit(out).map_err(write_err)?;
         start = end;
     }
     for (c, info) in ingredients.iter().zip(&infos) {
@@ -183,10 +271,29 @@ pub fn write_soup(
         let file = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
         w.write_all(&(json.len() as u64).to_le_bytes()).and_then(|_| w.write_all(&json)).map_err(|e| io(&path, e))?;
-        for (name, _) in shard {
-            average_tensor(ingredients, weights, name, &mut |bytes| w.write_all(bytes))?;
-        }
-        w.into_inner().map_err(|e| io(&path, e.into_error()))?.sync_all().map_err(|e| io(&path, e))?;
+        // A writer thread takes finished steps while the next ones are computed.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        std::thread::scope(|scope| -> Result<(), CheckpointError> {
+            let writer = scope.spawn(move || -> std::io::Result<std::fs::File> {
+                for bytes in rx {
+                    w.write_all(&bytes)?;
+                }
+                w.into_inner().map_err(|e| e.into_error())
+            });
+            let mut averaged = Ok(());
+            for (name, _) in shard {
+                averaged = average_tensor(ingredients, weights, name, &mut |bytes| {
+                    tx.send(bytes).map_err(|_| std::io::Error::other("the writer stopped"))
+                });
+                if averaged.is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            let file = writer.join().map_err(|_| io(&path, std::io::Error::other("the writer panicked")))?;
+            averaged?;
+            file.map_err(|e| io(&path, e))?.sync_all().map_err(|e| io(&path, e))
+        })?;
         written.push(path);
     }
     if count > 1 {
@@ -212,7 +319,7 @@ pub fn soup_tensors(
     for (name, t) in &ingredients[0].tensors {
         let mut bytes = Vec::with_capacity(t.end - t.start);
         average_tensor(ingredients, weights, name, &mut |b| {
-            bytes.extend_from_slice(b);
+            bytes.extend_from_slice(&b);
             Ok(())
         })?;
         let values: Vec<f32> = match t.dtype {

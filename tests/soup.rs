@@ -261,3 +261,80 @@ fn bad_ingredients_are_clear_errors() {
     assert!(err.contains("give `eval`"), "{err}");
     assert!(!p.path("out").exists());
 }
+
+/// `model.norm.weight[0]` of a checkpoint folder (single file or sharded).
+fn first_norm_weight(dir: &Path) -> f32 {
+    let index = dir.join("model.safetensors.index.json");
+    let file = if index.exists() {
+        let v: Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        dir.join(v["weight_map"]["model.norm.weight"].as_str().unwrap())
+    } else {
+        dir.join("model.safetensors")
+    };
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    f32::from_le_bytes(st.tensor("model.norm.weight").unwrap().data()[..4].try_into().unwrap())
+}
+
+const NORM_METRIC: &str = r#"import json, struct, sys
+f = open(sys.argv[1] + "/model.safetensors", "rb")
+n = struct.unpack("<Q", f.read(8))[0]
+h = json.loads(f.read(n))
+f.seek(8 + n + h["model.norm.weight"]["data_offsets"][0])
+print("evaluating", sys.argv[1])
+print(struct.unpack("<f", f.read(4))[0])
+"#;
+
+#[test]
+fn an_external_metric_command_ranks_and_builds_the_greedy_soup() {
+    let p = Project::new();
+    p.write("metric.py", NORM_METRIC);
+    let soup = "method = \"greedy\"\nmetric = { command = [\"python3\", \"metric.py\", \"{model}\"], higher_is_better = true }\nmetric_deps = [\"metric.py\"]";
+    p.write("p.toml", pipeline(&ingredients(), soup));
+    let dir = run_and_export(&p, "by-command");
+    let got: Value = serde_json::from_slice(&std::fs::read(dir.join("soup.json")).unwrap()).unwrap();
+
+    // The same search by hand: higher is better, ties keep the order of `models`.
+    let values: Vec<f64> = ingredients().iter().map(|d| first_norm_weight(d) as f64).collect();
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    let mut pool = vec![order[0]];
+    let mut pool_score = values[order[0]];
+    let mut want = vec![(order[0], pool_score, true)];
+    for &next in &order[1..] {
+        let members: Vec<usize> = pool.iter().copied().chain([next]).collect();
+        let mean = members.iter().map(|&i| values[i]).sum::<f64>() / members.len() as f64;
+        let score = mean as f32 as f64; // the soup stores f32; the script reads it back
+        let kept = score >= pool_score;
+        want.push((next, score, kept));
+        if kept {
+            pool.push(next);
+            pool_score = score;
+        }
+    }
+    let trace = got["greedy_trace"].as_array().unwrap();
+    assert_eq!(trace.len(), want.len());
+    for (t, (i, score, kept)) in trace.iter().zip(&want) {
+        assert_eq!(t["ingredient"], *i);
+        assert_eq!(t["kept"], *kept);
+        assert!((t["score"].as_f64().unwrap() - score).abs() <= 1e-7 * score.abs().max(1.0), "{t} vs {score}");
+    }
+
+    // A command that fails, or prints no number: errors that show its output.
+    p.write("metric.py", "import sys\nprint('no GPU here', file=sys.stderr)\nsys.exit(3)\n");
+    let err = failing(&p);
+    assert!(err.contains("failed") && err.contains("no GPU here"), "{err}");
+    p.write("metric.py", "print('accuracy: high')\n");
+    let err = failing(&p);
+    assert!(err.contains("must print one number"), "{err}");
+}
+
+#[test]
+fn the_bundled_points_soup_pipeline_runs() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(repo.join("pipelines/points-soup.toml")).unwrap();
+    let p = Project::new();
+    p.write("p.toml", text.replace("../tests/fixtures", &repo.join("tests/fixtures").display().to_string()));
+    let dir = run_and_export(&p, "soup");
+    assert_within_one_ulp(&dir.join("model.safetensors"), &soup_fixtures().join("expected_greedy.safetensors"));
+}

@@ -151,7 +151,7 @@ impl Stage for Exec {
 }
 
 /// The last `n` lines of a log, for error messages.
-fn tail(log: &[u8], n: usize) -> String {
+pub(crate) fn tail(log: &[u8], n: usize) -> String {
     let text = String::from_utf8_lossy(log);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
@@ -163,7 +163,7 @@ fn tail(log: &[u8], n: usize) -> String {
 }
 
 /// Runs `command` with `stdin` fed from memory; returns (exit status, stdout, stderr).
-fn run_command(
+pub(crate) fn run_command(
     command: &[String],
     dir: &Path,
     env: &BTreeMap<String, String>,

@@ -17,11 +17,14 @@
 //!   each next ingredient joins when the mean of pool + it scores at least as well as the pool
 //!   (`strict = true`: strictly better, as the model-soups paper's code does).
 //!
-//! The metric is the corpus perplexity of `text` (and `prompt`, as in [`crate::perplexity`]) over
-//! the `eval` records: exp(Σ NLL / Σ scored tokens). Candidates are averaged in memory and scored
-//! without being written. Every score is cached in the store under (the ingredients' digests and
-//! weights, the eval dataset's digest, the metric), so adding an ingredient evaluates only the
-//! candidates that are new.
+//! The metric is either built in, the corpus perplexity of `text` (and `prompt`, as in
+//! [`crate::perplexity`]) over the `eval` records, exp(Σ NLL / Σ scored tokens), with candidates
+//! averaged and scored in memory, never written; or external:
+//! `metric = { command = ["python3", "eval.py", "{model}"], higher_is_better = true, timeout = 3600 }`
+//! gets each candidate as a model folder in `{model}` (a VLMEvalKit run, say) and prints one
+//! number as its last line; `metric_deps = ["eval.py"]` puts the files it reads into the cache
+//! keys. Every score is cached in the store under (the ingredients' digests and weights, the
+//! metric's definition and inputs), so adding an ingredient evaluates only the new candidates.
 //!
 //! The output is a model folder: the soup's weights (streamed tensor by tensor, see
 //! [`average`]), the best ingredient's other files (config, tokenizer), and `soup.json` with the
@@ -108,10 +111,27 @@ impl StageKind for SoupKind {
             params.string("text")?.map(|s| Template::parse(&s).map_err(|e| params.error("text", e))).transpose()?;
         let prompt =
             params.string("prompt")?.map(|s| Template::parse(&s).map_err(|e| params.error("prompt", e))).transpose()?;
+        let command = match params.table("metric")? {
+            None => None,
+            Some(t) => Some(parse_metric(&t).map_err(|e| params.error("metric", e))?),
+        };
+        let metric_deps = params.path_deps("metric_deps")?;
+        let metric = match (text, command) {
+            (Some(_), Some(_)) => {
+                return Err(params.stage_error(
+                    "give one metric: `text` (the corpus perplexity of `eval`) or `metric = { command = [...] }`",
+                ));
+            }
+            (Some(text), None) => Some(MetricSpec::Perplexity { text, prompt }),
+            (None, Some(c)) => Some(c),
+            (None, None) => None,
+        };
         let needs_metric = matches!(method, Method::Maximum(_) | Method::Greedy { .. });
-        if needs_metric && (text.is_none() || !params.ports().iter().any(|p| p == "eval")) {
+        let has_eval = params.ports().iter().any(|p| p == "eval");
+        if needs_metric && !matches!(&metric, Some(MetricSpec::Command { .. })) && (metric.is_none() || !has_eval) {
             let mut e = params.stage_error(format!(
-                "method = \"{method_name}\" ranks the models by a metric: give `eval` (a dataset) and `text` (what to score)"
+                "method = \"{method_name}\" ranks the models by a metric: give `eval` (a dataset) and `text` (what to \
+                 score), or `metric = {{ command = [...] }}`"
             ));
             e.hint = Some(
                 "eval = \"heldout\" and text = \"{caption}\": the corpus perplexity of the held-out captions".into(),
@@ -125,7 +145,7 @@ impl StageKind for SoupKind {
             })?,
         };
         params.exclude_from_key("max_shard_size");
-        Ok(Arc::new(Soup { method, text, prompt, max_shard_bytes }))
+        Ok(Arc::new(Soup { method, metric, metric_deps, max_shard_bytes }))
     }
 }
 
@@ -149,9 +169,48 @@ fn parse_size(s: &str) -> Option<u64> {
 
 struct Soup {
     method: Method,
-    text: Option<Template>,
-    prompt: Option<Template>,
+    metric: Option<MetricSpec>,
+    /// Files the metric command reads (its script, say): their digests join the score cache key.
+    metric_deps: Vec<PathBuf>,
     max_shard_bytes: u64,
+}
+
+/// How candidates are scored.
+enum MetricSpec {
+    /// Corpus perplexity of `text` (after `prompt`) over the `eval` records; lower is better.
+    Perplexity { text: Template, prompt: Option<Template> },
+    /// An external program given the candidate as a model folder in `{model}`; it prints one
+    /// number as the last line of its output.
+    Command { command: Vec<String>, higher_is_better: bool, timeout: Option<std::time::Duration> },
+}
+
+fn parse_metric(t: &serde_json::Value) -> Result<MetricSpec, String> {
+    let obj = t.as_object().ok_or("`metric` must be a table")?;
+    if let Some(unknown) = obj.keys().find(|k| !["command", "higher_is_better", "timeout"].contains(&k.as_str())) {
+        return Err(format!("unknown key `{unknown}` in `metric` (it takes `command`, `higher_is_better`, `timeout`)"));
+    }
+    let command: Vec<String> = match obj.get("command").and_then(|c| c.as_array()) {
+        Some(items) if !items.is_empty() => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string).ok_or("`metric.command` must be an array of strings"))
+            .collect::<Result<_, _>>()?,
+        _ => return Err("`metric` needs `command = [\"program\", \"arg\", \"{model}\"]`".into()),
+    };
+    if !command.iter().any(|a| a.contains("{model}")) {
+        return Err("`metric.command` must pass the candidate somewhere: put `{model}` in an argument".into());
+    }
+    let higher_is_better = match obj.get("higher_is_better") {
+        None => false,
+        Some(v) => v.as_bool().ok_or("`metric.higher_is_better` must be true or false")?,
+    };
+    let timeout = match obj.get("timeout") {
+        None => None,
+        Some(v) => match v.as_f64() {
+            Some(s) if s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+            _ => return Err("`metric.timeout` must be a positive number of seconds".into()),
+        },
+    };
+    Ok(MetricSpec::Command { command, higher_is_better, timeout })
 }
 
 impl Stage for Soup {
@@ -228,6 +287,8 @@ impl WholeStage for Soup {
             Method::Weighted(w) => (w.clone(), 0),
             Method::Maximum(_) | Method::Greedy { .. } => {
                 let metric = self.metric(ctx, inputs, &ingredients[0].dir)?;
+                // Lower is better for every comparison below; a higher-is-better metric is negated.
+                let loss = |s: f64| if metric.higher_is_better() { -s } else { s };
                 let mut evaluated = 0;
                 let mut score = |members: &[(usize, f64)]| -> Result<f64, StageError> {
                     metric.score(ctx, &ingredients, members, &mut evaluated)
@@ -237,7 +298,7 @@ impl WholeStage for Soup {
                 }
                 let mut order: Vec<usize> = (0..ingredients.len()).collect();
                 // Best first; ties keep the order of `models`.
-                order.sort_by(|&a, &b| scores[a].unwrap().total_cmp(&scores[b].unwrap()).then(a.cmp(&b)));
+                order.sort_by(|&a, &b| loss(scores[a].unwrap()).total_cmp(&loss(scores[b].unwrap())).then(a.cmp(&b)));
                 let mut weights = vec![0.0; ingredients.len()];
                 match self.method {
                     Method::Maximum(top) => {
@@ -252,7 +313,7 @@ impl WholeStage for Soup {
                         for &next in &order[1..] {
                             let members: Vec<(usize, f64)> = pool.iter().chain([&next]).map(|&i| (i, 1.0)).collect();
                             let s = score(&members)?;
-                            let kept = if strict { s < pool_score } else { s <= pool_score };
+                            let kept = if strict { loss(s) < loss(pool_score) } else { loss(s) <= loss(pool_score) };
                             trace.push(Try { ingredient: next, score: s, kept });
                             if kept {
                                 pool.push(next);
@@ -266,7 +327,8 @@ impl WholeStage for Soup {
                     _ => unreachable!(),
                 }
                 log.push_str(&format!(
-                    "metric: corpus perplexity of the eval set (lower is better); {evaluated} evaluated, {} from the cache\n",
+                    "metric: {}; {evaluated} evaluated, {} from the cache\n",
+                    metric.describe(),
                     ingredients.len() + trace.len().saturating_sub(1) - evaluated
                 ));
                 (weights, order[0])
@@ -345,61 +407,108 @@ fn copy_other_files(from: &Path, to: &Path) -> Result<(), StageError> {
     Ok(())
 }
 
-/// The built-in metric: corpus perplexity of the eval records.
-struct Metric {
-    sequences: Vec<Sequence>,
-    config: LlmConfig,
-    tokenizer_dir: PathBuf,
-    /// What identifies the metric in score-cache keys.
-    identity: Vec<u8>,
+/// A metric ready to score candidates.
+enum Metric {
+    Perplexity { sequences: Vec<Sequence>, config: LlmConfig, tokenizer_dir: PathBuf },
+    Command { command: Vec<String>, higher_is_better: bool, timeout: Option<std::time::Duration>, cwd: PathBuf },
+}
+
+/// A metric and what identifies it in score-cache keys (its definition, the eval data, the
+/// digests of the files it reads).
+struct ScoredBy {
+    metric: Metric,
+    identity: Digest,
 }
 
 impl Soup {
-    fn metric(&self, ctx: &StageContext<'_>, inputs: &Inputs, first: &Path) -> Result<Metric, StageError> {
-        let text = self.text.as_ref().ok_or_else(|| StageError::input("`text` is needed to score"))?;
-        let eval = inputs.one("eval")?;
-        let Artifact::Dataset { shards, .. } = eval else {
-            return Err(StageError::input(format!("`eval` must be a dataset, but it is a {}", eval.kind_name())));
-        };
-        let model = LanguageModel::load(first)?;
-        let tok = &model.tokenizer;
-        let mut sequences = Vec::new();
-        let mut n = 0u64;
-        for s in shards {
-            let bytes = ctx.read_shard(s)?;
-            for line in lines(&bytes) {
-                let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(n))?;
-                let rendered = text.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
-                let seq = match &self.prompt {
-                    Some(p) => {
-                        let prompt =
-                            p.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
-                        tok.answer_sequence(&prompt, &rendered)?
-                    }
-                    None => Sequence { ids: tok.encode(&rendered, true)?, score_from: 1 },
+    fn metric(&self, ctx: &StageContext<'_>, inputs: &Inputs, first: &Path) -> Result<ScoredBy, StageError> {
+        let mut deps = Vec::new();
+        for d in &self.metric_deps {
+            deps.push((d.display().to_string(), ctx.store.file_digest(d)?.to_hex()));
+        }
+        match self.metric.as_ref().ok_or_else(|| StageError::input("this method needs a metric"))? {
+            MetricSpec::Command { command, higher_is_better, timeout } => {
+                let identity = json!({ "metric": "command v1", "command": command, "higher_is_better": higher_is_better, "deps": deps });
+                Ok(ScoredBy {
+                    metric: Metric::Command {
+                        command: command.clone(),
+                        higher_is_better: *higher_is_better,
+                        timeout: *timeout,
+                        cwd: ctx.pipeline_dir.to_path_buf(),
+                    },
+                    identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
+                })
+            }
+            MetricSpec::Perplexity { text, prompt } => {
+                let eval = inputs.one("eval")?;
+                let Artifact::Dataset { shards, .. } = eval else {
+                    return Err(StageError::input(format!(
+                        "`eval` must be a dataset, but it is a {}",
+                        eval.kind_name()
+                    )));
                 };
-                if seq.ids.len() > seq.score_from.max(1) {
-                    sequences.push(seq);
+                let model = LanguageModel::load(first)?;
+                let tok = &model.tokenizer;
+                let mut sequences = Vec::new();
+                let mut n = 0u64;
+                for s in shards {
+                    let bytes = ctx.read_shard(s)?;
+                    for line in lines(&bytes) {
+                        let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(n))?;
+                        let rendered =
+                            text.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
+                        let seq = match prompt {
+                            Some(p) => {
+                                let prompt = p
+                                    .render(&record)
+                                    .map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
+                                tok.answer_sequence(&prompt, &rendered)?
+                            }
+                            None => Sequence { ids: tok.encode(&rendered, true)?, score_from: 1 },
+                        };
+                        if seq.ids.len() > seq.score_from.max(1) {
+                            sequences.push(seq);
+                        }
+                        n += 1;
+                    }
                 }
-                n += 1;
+                if sequences.is_empty() {
+                    return Err(StageError::input(
+                        "the eval dataset has nothing to score (no records, or only one-token texts)",
+                    ));
+                }
+                let identity = json!({
+                    "metric": "corpus perplexity v1",
+                    "eval": eval.digest().to_hex(),
+                    "sequences": sequences.iter().map(|s| (&s.ids, s.score_from)).collect::<Vec<_>>(),
+                });
+                Ok(ScoredBy {
+                    metric: Metric::Perplexity {
+                        sequences,
+                        config: model.config.clone(),
+                        tokenizer_dir: first.to_path_buf(),
+                    },
+                    identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
+                })
             }
         }
-        if sequences.is_empty() {
-            return Err(StageError::input(
-                "the eval dataset has nothing to score (no records, or only one-token texts)",
-            ));
-        }
-        let identity = serde_json::to_vec(&json!({
-            "metric": "corpus perplexity v1",
-            "eval": eval.digest().to_hex(),
-            "sequences": sequences.iter().map(|s| (&s.ids, s.score_from)).collect::<Vec<_>>(),
-        }))
-        .expect("json");
-        Ok(Metric { sequences, config: model.config.clone(), tokenizer_dir: first.to_path_buf(), identity })
     }
 }
 
-impl Metric {
+impl ScoredBy {
+    fn higher_is_better(&self) -> bool {
+        matches!(self.metric, Metric::Command { higher_is_better: true, .. })
+    }
+
+    fn describe(&self) -> String {
+        match &self.metric {
+            Metric::Perplexity { .. } => "corpus perplexity of the eval set (lower is better)".into(),
+            Metric::Command { command, higher_is_better, .. } => {
+                format!("`{}` ({} is better)", command.join(" "), if *higher_is_better { "higher" } else { "lower" })
+            }
+        }
+    }
+
     /// The metric of the soup of `members` (ingredient, weight), from the store's cache when
     /// this very candidate was scored before.
     fn score(
@@ -411,8 +520,8 @@ impl Metric {
     ) -> Result<f64, StageError> {
         let mut ids: Vec<(String, f64)> = members.iter().map(|&(i, w)| (ingredients[i].digest.to_hex(), w)).collect();
         ids.sort_by(|a, b| a.0.cmp(&b.0));
-        let key_bytes = serde_json::to_vec(&json!({ "candidate": ids, "metric": Digest::of(&self.identity).to_hex() }))
-            .expect("json");
+        let key_bytes =
+            serde_json::to_vec(&json!({ "candidate": ids, "metric": self.identity.to_hex() })).expect("json");
         let key = StageKey(Digest::of(&key_bytes).0);
         if let Some((_, Artifact::Metrics { value })) = ctx.store.get_action(&key)?
             && let Some(s) = value["score"].as_f64()
@@ -421,21 +530,58 @@ impl Metric {
         }
         let cks: Vec<&Checkpoint> = members.iter().map(|&(i, _)| &ingredients[i].checkpoint).collect();
         let ws: Vec<f64> = members.iter().map(|&(_, w)| w).collect();
-        let device = candle_core::Device::Cpu;
-        let tensors = average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
-        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
-        let model = LanguageModel::from_parts(&self.tokenizer_dir, self.config.clone(), &vb, "model")?;
-        let scorer = Scorer { decoder: &model.decoder, pad: 0 };
-        let lengths: Vec<usize> = self.sequences.iter().map(|s| s.ids.len()).collect();
-        let (mut nll, mut tokens) = (0f64, 0usize);
-        for batch in plan_batches(&lengths, 4096) {
-            let refs: Vec<&Sequence> = batch.iter().map(|&i| &self.sequences[i]).collect();
-            for s in scorer.score_batch(&refs)? {
-                nll += s.nll_sum;
-                tokens += s.tokens;
+        let score = match &self.metric {
+            Metric::Perplexity { sequences, config, tokenizer_dir } => {
+                let device = candle_core::Device::Cpu;
+                let tensors =
+                    average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
+                let model = LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model")?;
+                let scorer = Scorer { decoder: &model.decoder, pad: 0 };
+                let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
+                let (mut nll, mut tokens) = (0f64, 0usize);
+                for batch in plan_batches(&lengths, 4096) {
+                    let refs: Vec<&Sequence> = batch.iter().map(|&i| &sequences[i]).collect();
+                    for s in scorer.score_batch(&refs)? {
+                        nll += s.nll_sum;
+                        tokens += s.tokens;
+                    }
+                }
+                (nll / tokens as f64).exp()
             }
-        }
-        let score = (nll / tokens as f64).exp();
+            Metric::Command { command, timeout, cwd, .. } => {
+                // The candidate as a model folder, for the command to load.
+                let dir = ctx.temp_path("candidate");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| StageError::environment(format!("cannot create {}: {e}", dir.display())))?;
+                let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+                average::write_soup(&cks, &ws, &dir, u64::MAX, &meta).map_err(|e| StageError::input(e.to_string()))?;
+                copy_other_files(&ingredients[members[0].0].dir, &dir)?;
+                let args: Vec<String> =
+                    command.iter().map(|a| a.replace("{model}", &dir.display().to_string())).collect();
+                let result = crate::exec::run_command(&args, cwd, &BTreeMap::new(), None, *timeout);
+                let _ = std::fs::remove_dir_all(&dir);
+                let (status, stdout, stderr) = result?;
+                if !status.success() {
+                    return Err(StageError::input(format!(
+                        "the metric command `{}` failed ({status}); its last lines:\n{}",
+                        args.join(" "),
+                        crate::exec::tail(&[stdout, stderr].concat(), 20)
+                    )));
+                }
+                let text = String::from_utf8_lossy(&stdout);
+                let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                match last.parse::<f64>() {
+                    Ok(v) if v.is_finite() => v,
+                    _ => {
+                        return Err(StageError::input(format!(
+                            "the metric command `{}` printed `{last}` last; it must print one number as its last line",
+                            args.join(" ")
+                        )));
+                    }
+                }
+            }
+        };
         *evaluated += 1;
         let artifact = Artifact::Metrics { value: json!({ "score": score, "candidate": ids }) };
         let digest = ctx.store.put_artifact(&artifact)?;

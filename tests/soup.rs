@@ -192,8 +192,13 @@ fn a_fifth_ingredient_evaluates_only_new_candidates_and_matches_a_cold_run() {
     let mut five = ingredients();
     five.push(ft4.clone());
     p.write("p.toml", pipeline(&five, GREEDY));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
     let warm = run_and_export(&p, "five-warm");
     let (evaluated, cached) = log_counts(&p);
+    // The run's summary counts the evaluations as the soup's units of work.
+    assert_eq!(r.stage("soup")["shards_computed"], evaluated as u64, "{}", r.summary());
+    assert_eq!(r.stage("soup")["shards_total"], (evaluated + cached) as u64);
     let soup: Value = serde_json::from_slice(&std::fs::read(warm.join("soup.json")).unwrap()).unwrap();
     let tries = soup["greedy_trace"].as_array().unwrap().len();
     assert_eq!(evaluated + cached, 5 + tries - 1);
@@ -337,4 +342,65 @@ fn the_bundled_points_soup_pipeline_runs() {
     p.write("p.toml", text.replace("../tests/fixtures", &repo.join("tests/fixtures").display().to_string()));
     let dir = run_and_export(&p, "soup");
     assert_within_one_ulp(&dir.join("model.safetensors"), &soup_fixtures().join("expected_greedy.safetensors"));
+}
+
+#[test]
+fn an_image_conditioned_metric_scores_vlm_candidates_like_the_perplexity_stage() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny");
+    let p = Project::new();
+    // A second VLM: the tiny LLaVA with every weight scaled by 1.001.
+    let other = p.path("llava-b");
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(tiny.join("tiny-llava")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(tiny.join("tiny-llava/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let scaled: Vec<(String, Vec<u8>, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 1.001).to_le_bytes())
+                .collect();
+            (n, data, t.shape().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = scaled
+        .iter()
+        .map(|(n, d, s)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &other.join("model.safetensors")).unwrap();
+
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("expected.json")).unwrap()).unwrap();
+    let prompt = all["prompt"].as_str().unwrap();
+    let text = format!(
+        "[pipeline]\nname = \"vlm-soup\"\n\n[stages.a]\nkind = \"model\"\npath = \"{}\"\n\n[stages.b]\nkind = \"model\"\npath = \"{}\"\n\n\
+         [stages.captions]\nkind = \"read\"\npath = \"{}\"\n\n[stages.soup]\nkind = \"soup\"\nmodels = [\"a\", \"b\"]\nmethod = \"greedy\"\n\
+         eval = \"captions\"\ntext = \"{{caption}}\"\nprompt = \"{prompt}\"\nimage = \"{{image}}\"\n",
+        tiny.join("tiny-llava").display(),
+        other.display(),
+        tiny.join("captions.jsonl").display()
+    );
+    p.write("p.toml", text);
+    let dir = run_and_export(&p, "vlm-soup");
+    let soup: Value = serde_json::from_slice(&std::fs::read(dir.join("soup.json")).unwrap()).unwrap();
+    // The tiny LLaVA's own score is the corpus perplexity of transformers' per-record values.
+    let (mut nll, mut n) = (0.0, 0.0);
+    for e in all["llava_image_conditioned"].as_array().unwrap() {
+        let k = e["n_scored"].as_f64().unwrap();
+        nll += e["mean_nll"].as_f64().unwrap() * k;
+        n += k;
+    }
+    let want = (nll / n).exp();
+    let got = soup["ingredients"][0]["metric"].as_f64().unwrap();
+    assert!((got - want).abs() / want < 1e-3, "{got} vs transformers' {want}");
+    assert_eq!(soup["greedy_trace"].as_array().unwrap().len(), 2);
+    // The soup is a VLM that `perplexity` runs with images.
+    assert!(dir.join("preprocessor_config.json").exists());
 }

@@ -22,6 +22,8 @@ pub struct StageContext<'a> {
     pub(crate) events: &'a dyn EventSink,
     /// Work slots shared by the whole run (`-j`). The stage already holds one while it runs.
     pub(crate) slots: Arc<Semaphore>,
+    /// Units of work a whole stage reports (see [`StageContext::report_work`]).
+    pub(crate) work: Mutex<Option<(u64, u64)>>,
 }
 
 impl StageContext<'_> {
@@ -34,6 +36,13 @@ impl StageContext<'_> {
     pub fn write_shard(&self, jsonl: &[u8], records: u64) -> Result<ShardRef, StageError> {
         let digest = self.store.put(jsonl)?;
         Ok(ShardRef { digest, records, bytes: jsonl.len() as u64 })
+    }
+
+    /// For a whole stage whose work comes in units some of which may be cached (a soup's
+    /// candidate evaluations): `total` units, `computed` of them done in this run. They appear in
+    /// the run's summary where a map stage's shards do.
+    pub fn report_work(&self, total: u64, computed: u64) {
+        *self.work.lock().unwrap_or_else(|p| p.into_inner()) = Some((total, computed));
     }
 
     pub fn progress(&self, done: u64, total: u64) {

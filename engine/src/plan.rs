@@ -113,6 +113,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
             pipeline_dir: &pipeline.dir,
             events: &NoEvents,
             slots: slots.clone(),
+            work: Default::default(),
         };
         let forced = force.contains(&decl.name);
         if let Some((digest, artifact)) = store.get_action(&key)?

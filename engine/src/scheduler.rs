@@ -68,6 +68,7 @@ impl StageEnv {
             pipeline_dir: &self.pipeline.dir,
             events: &*self.sink,
             slots: self.slots.clone(),
+            work: Default::default(),
         }
     }
     fn name(&self) -> String {
@@ -362,16 +363,22 @@ impl StageTask {
                     let Execution::Whole(stage) = env2.pipeline.stages[env2.idx].stage.execution() else {
                         unreachable!()
                     };
-                    stage.run(&env2.ctx(), &inputs).map_err(|e| e.to_string())
+                    let ctx = env2.ctx();
+                    let result = stage.run(&ctx, &inputs).map_err(|e| e.to_string());
+                    let work = ctx.work.lock().ok().and_then(|mut w| w.take());
+                    result.map(|a| (a, work))
                 })
                 .await;
                 match joined {
-                    Ok(Ok(a)) => {
-                        let n = match &a {
-                            Artifact::Dataset { shards, .. } => shards.len() as u64,
-                            _ => 0,
-                        };
-                        Ok((a, n, n, 0))
+                    Ok(Ok((a, work))) => {
+                        let (total, computed) = work.unwrap_or_else(|| {
+                            let n = match &a {
+                                Artifact::Dataset { shards, .. } => shards.len() as u64,
+                                _ => 0,
+                            };
+                            (n, n)
+                        });
+                        Ok((a, total, computed, 0))
                     }
                     Ok(Err(e)) => Err((e, (0, 0))),
                     Err(e) => Err((format!("internal error: the stage panicked: {e}"), (0, 0))),

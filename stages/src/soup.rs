@@ -23,7 +23,8 @@
 //! `metric = { command = ["python3", "eval.py", "{model}"], higher_is_better = true, timeout = 3600 }`
 //! gets each candidate as a model folder in `{model}` (a VLMEvalKit run, say) and prints one
 //! number as its last line; `metric_deps = ["eval.py"]` puts the files it reads into the cache
-//! keys. Every score is cached in the store under (the ingredients' digests and weights, the
+//! keys. With `image = "{image}"` the built-in metric is image-conditioned, as in `perplexity`
+//! (the ingredients are then LLaVA-format VLMs). Every score is cached in the store under (the ingredients' digests and weights, the
 //! metric's definition and inputs), so adding an ingredient evaluates only the new candidates.
 //!
 //! The output is a model folder: the soup's weights (streamed tensor by tensor, see
@@ -111,18 +112,27 @@ impl StageKind for SoupKind {
             params.string("text")?.map(|s| Template::parse(&s).map_err(|e| params.error("text", e))).transpose()?;
         let prompt =
             params.string("prompt")?.map(|s| Template::parse(&s).map_err(|e| params.error("prompt", e))).transpose()?;
+        let image = params
+            .string("image")?
+            .map(|s| crate::vision::source::ImageField::parse(&s).map_err(|e| params.error("image", e)))
+            .transpose()?;
         let command = match params.table("metric")? {
             None => None,
             Some(t) => Some(parse_metric(&t).map_err(|e| params.error("metric", e))?),
         };
         let metric_deps = params.path_deps("metric_deps")?;
+        if image.is_some() && text.is_none() {
+            return Err(
+                params.error("image", "`image` conditions the built-in metric: give `text` (what to score) too")
+            );
+        }
         let metric = match (text, command) {
             (Some(_), Some(_)) => {
                 return Err(params.stage_error(
                     "give one metric: `text` (the corpus perplexity of `eval`) or `metric = { command = [...] }`",
                 ));
             }
-            (Some(text), None) => Some(MetricSpec::Perplexity { text, prompt }),
+            (Some(text), None) => Some(MetricSpec::Perplexity { text, prompt, image }),
             (None, Some(c)) => Some(c),
             (None, None) => None,
         };
@@ -178,7 +188,8 @@ struct Soup {
 /// How candidates are scored.
 enum MetricSpec {
     /// Corpus perplexity of `text` (after `prompt`) over the `eval` records; lower is better.
-    Perplexity { text: Template, prompt: Option<Template> },
+    /// With `image`, image-conditioned as in `perplexity`: the ingredients are LLaVA-format VLMs.
+    Perplexity { text: Template, prompt: Option<Template>, image: Option<crate::vision::source::ImageField> },
     /// An external program given the candidate as a model folder in `{model}`; it prints one
     /// number as the last line of its output.
     Command { command: Vec<String>, higher_is_better: bool, timeout: Option<std::time::Duration> },
@@ -326,10 +337,12 @@ impl WholeStage for Soup {
                     }
                     _ => unreachable!(),
                 }
+                let candidates = ingredients.len() + trace.len().saturating_sub(1);
+                ctx.report_work(candidates as u64, evaluated as u64);
                 log.push_str(&format!(
                     "metric: {}; {evaluated} evaluated, {} from the cache\n",
                     metric.describe(),
-                    ingredients.len() + trace.len().saturating_sub(1) - evaluated
+                    candidates - evaluated
                 ));
                 (weights, order[0])
             }
@@ -409,8 +422,22 @@ fn copy_other_files(from: &Path, to: &Path) -> Result<(), StageError> {
 
 /// A metric ready to score candidates.
 enum Metric {
-    Perplexity { sequences: Vec<Sequence>, config: LlmConfig, tokenizer_dir: PathBuf },
-    Command { command: Vec<String>, higher_is_better: bool, timeout: Option<std::time::Duration>, cwd: PathBuf },
+    /// Image-conditioned: every eval record with its decoded image, scored by the candidate VLM.
+    ImagePerplexity {
+        records: Vec<(image::RgbImage, String, String)>,
+        dir: PathBuf,
+    },
+    Perplexity {
+        sequences: Vec<Sequence>,
+        config: LlmConfig,
+        tokenizer_dir: PathBuf,
+    },
+    Command {
+        command: Vec<String>,
+        higher_is_better: bool,
+        timeout: Option<std::time::Duration>,
+        cwd: PathBuf,
+    },
 }
 
 /// A metric and what identifies it in score-cache keys (its definition, the eval data, the
@@ -439,7 +466,54 @@ impl Soup {
                     identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
                 })
             }
-            MetricSpec::Perplexity { text, prompt } => {
+            MetricSpec::Perplexity { text, prompt, image: Some(field) } => {
+                let eval = inputs.one("eval")?;
+                let Artifact::Dataset { shards, .. } = eval else {
+                    return Err(StageError::input(format!(
+                        "`eval` must be a dataset, but it is a {}",
+                        eval.kind_name()
+                    )));
+                };
+                let root = inputs.dataset_root("eval");
+                let mut records = Vec::new();
+                let mut n = 0u64;
+                for s in shards {
+                    let bytes = ctx.read_shard(s)?;
+                    for line in lines(&bytes) {
+                        let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(n))?;
+                        let at = |e: String| StageError::input(format!("eval record {n}: {e}"));
+                        let rendered = text.render(&record).map_err(at)?;
+                        let prompt = match prompt {
+                            Some(p) => p.render(&record).map_err(at)?,
+                            None => String::new(),
+                        };
+                        let rgb = field
+                            .locate(&record, root.as_deref())
+                            .map_err(at)?
+                            .load()
+                            .map_err(|e| at(e.to_string()))?;
+                        records.push((rgb, prompt, rendered));
+                        n += 1;
+                    }
+                }
+                if records.is_empty() {
+                    return Err(StageError::input("the eval dataset has no records to score"));
+                }
+                // The images' contents: their bytes decoded, hashed in order.
+                let mut h = Vec::new();
+                for (rgb, prompt, text) in &records {
+                    h.extend(Digest::of(rgb.as_raw()).0);
+                    h.extend(Digest::of(prompt.as_bytes()).0);
+                    h.extend(Digest::of(text.as_bytes()).0);
+                }
+                let identity =
+                    json!({ "metric": "image-conditioned corpus perplexity v1", "records": Digest::of(&h).to_hex() });
+                Ok(ScoredBy {
+                    metric: Metric::ImagePerplexity { records, dir: first.to_path_buf() },
+                    identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
+                })
+            }
+            MetricSpec::Perplexity { text, prompt, image: None } => {
                 let eval = inputs.one("eval")?;
                 let Artifact::Dataset { shards, .. } = eval else {
                     return Err(StageError::input(format!(
@@ -503,6 +577,9 @@ impl ScoredBy {
     fn describe(&self) -> String {
         match &self.metric {
             Metric::Perplexity { .. } => "corpus perplexity of the eval set (lower is better)".into(),
+            Metric::ImagePerplexity { .. } => {
+                "image-conditioned corpus perplexity of the eval set (lower is better)".into()
+            }
             Metric::Command { command, higher_is_better, .. } => {
                 format!("`{}` ({} is better)", command.join(" "), if *higher_is_better { "higher" } else { "lower" })
             }
@@ -531,6 +608,20 @@ impl ScoredBy {
         let cks: Vec<&Checkpoint> = members.iter().map(|&(i, _)| &ingredients[i].checkpoint).collect();
         let ws: Vec<f64> = members.iter().map(|&(_, w)| w).collect();
         let score = match &self.metric {
+            Metric::ImagePerplexity { records, dir } => {
+                let device = candle_core::Device::Cpu;
+                let tensors =
+                    average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
+                let vlm = crate::vision::llava::Llava::from_weights(dir, Some(vb))?;
+                let (mut nll, mut tokens) = (0f64, 0usize);
+                for (rgb, prompt, text) in records {
+                    let s = vlm.score(rgb, prompt, text)?;
+                    nll += s.nll_sum;
+                    tokens += s.tokens;
+                }
+                (nll / tokens as f64).exp()
+            }
             Metric::Perplexity { sequences, config, tokenizer_dir } => {
                 let device = candle_core::Device::Cpu;
                 let tensors =

@@ -33,6 +33,12 @@ pub struct Llava {
 
 impl Llava {
     pub fn load(dir: &Path) -> Result<Llava, ModelError> {
+        Self::from_weights(dir, None)
+    }
+
+    /// [`Llava::load`] with the weights given (a soup candidate's, in memory) instead of read
+    /// from `dir`, which still provides the config, preprocessor and tokenizer.
+    pub fn from_weights(dir: &Path, vb: Option<candle_nn::VarBuilder<'static>>) -> Result<Llava, ModelError> {
         let cfg_path = dir.join("config.json");
         let cfg_err = |message: String| ModelError::Config { path: cfg_path.clone(), message };
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| cfg_err(format!("cannot read it: {e}")))?;
@@ -54,7 +60,10 @@ impl Llava {
             })?;
         let preprocess =
             ClipPreprocessor::from_json(&pre_json).map_err(|message| ModelError::Config { path: pre_path, message })?;
-        let vb = weights::load(dir)?;
+        let vb = match vb {
+            Some(vb) => vb,
+            None => weights::load(dir)?,
+        };
         let vision_prefix = if vb.contains_tensor("vision_tower.vision_model.embeddings.class_embedding") {
             "vision_tower.vision_model"
         } else {

@@ -15,15 +15,8 @@ use std::time::Instant;
 use ladle_stages::vision::encoder::{ImageEncoder, Select};
 use ladle_stages::vision::images::load_rgb;
 
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
+mod support;
+use support::peak_rss;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();

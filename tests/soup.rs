@@ -141,12 +141,17 @@ fn greedy_soup_follows_points_algorithm_1_and_its_scores_match() {
 
 /// ft0 with every weight scaled by `factor`: a fifth, different ingredient.
 fn scaled_copy(dest: &Path, factor: f32) {
+    scaled_model(&soup_fixtures().join("ft0"), dest, factor);
+}
+
+/// A copy of the single-file f32 model `src` with every weight scaled by `factor`.
+fn scaled_model(src: &Path, dest: &Path, factor: f32) {
     std::fs::create_dir_all(dest).unwrap();
-    for entry in std::fs::read_dir(soup_fixtures().join("ft0")).unwrap() {
+    for entry in std::fs::read_dir(src).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
     }
-    let bytes = std::fs::read(soup_fixtures().join("ft0/model.safetensors")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let scaled: Vec<(String, Vec<u8>, Vec<usize>)> = st
         .tensors()
@@ -350,32 +355,7 @@ fn an_image_conditioned_metric_scores_vlm_candidates_like_the_perplexity_stage()
     let p = Project::new();
     // A second VLM: the tiny LLaVA with every weight scaled by 1.001.
     let other = p.path("llava-b");
-    std::fs::create_dir_all(&other).unwrap();
-    for entry in std::fs::read_dir(tiny.join("tiny-llava")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
-    }
-    let bytes = std::fs::read(tiny.join("tiny-llava/model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let scaled: Vec<(String, Vec<u8>, Vec<usize>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let data = t
-                .data()
-                .chunks_exact(4)
-                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 1.001).to_le_bytes())
-                .collect();
-            (n, data, t.shape().to_vec())
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = scaled
-        .iter()
-        .map(|(n, d, s)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &other.join("model.safetensors")).unwrap();
+    scaled_model(&tiny.join("tiny-llava"), &other, 1.001);
 
     let all: Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("expected.json")).unwrap()).unwrap();
     let prompt = all["prompt"].as_str().unwrap();

@@ -65,16 +65,7 @@ impl ImageEncoder {
             }
         };
         let config = ClipVisionConfig::from_json(vision_json).map_err(cfg_err)?;
-        let pre_path = dir.join("preprocessor_config.json");
-        let pre_json: Value = std::fs::read_to_string(&pre_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| ModelError::Config {
-                path: pre_path.clone(),
-                message: "missing or invalid preprocessor_config.json (the image preprocessing)".into(),
-            })?;
-        let preprocess =
-            ClipPreprocessor::from_json(&pre_json).map_err(|message| ModelError::Config { path: pre_path, message })?;
+        let preprocess = ClipPreprocessor::load(dir)?;
         let [cw, ch] = preprocess.crop;
         if cw as usize != config.image_size || ch as usize != config.image_size {
             return Err(cfg_err(format!(

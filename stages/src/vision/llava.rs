@@ -50,16 +50,7 @@ impl Llava {
         }
         let config = LlmConfig::from_json(&v["text_config"]).map_err(|e| cfg_err(format!("text_config: {e}")))?;
         let vision = ClipVisionConfig::from_json(&v["vision_config"]).map_err(cfg_err)?;
-        let pre_path = dir.join("preprocessor_config.json");
-        let pre_json: Value = std::fs::read_to_string(&pre_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| ModelError::Config {
-                path: pre_path.clone(),
-                message: "missing or invalid preprocessor_config.json".into(),
-            })?;
-        let preprocess =
-            ClipPreprocessor::from_json(&pre_json).map_err(|message| ModelError::Config { path: pre_path, message })?;
+        let preprocess = ClipPreprocessor::load(dir)?;
         let vb = match vb {
             Some(vb) => vb,
             None => weights::load(dir)?,

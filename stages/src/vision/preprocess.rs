@@ -22,6 +22,19 @@ pub struct ClipPreprocessor {
 }
 
 impl ClipPreprocessor {
+    /// From `dir/preprocessor_config.json`.
+    pub fn load(dir: &std::path::Path) -> Result<ClipPreprocessor, crate::llm::ModelError> {
+        let path = dir.join("preprocessor_config.json");
+        let json: Value =
+            std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).ok_or_else(|| {
+                crate::llm::ModelError::Config {
+                    path: path.clone(),
+                    message: "missing or invalid preprocessor_config.json (the image preprocessing)".into(),
+                }
+            })?;
+        ClipPreprocessor::from_json(&json).map_err(|message| crate::llm::ModelError::Config { path, message })
+    }
+
     /// From a `preprocessor_config.json` value; only CLIPImageProcessor's bicubic is supported.
     pub fn from_json(v: &Value) -> Result<ClipPreprocessor, String> {
         let kind = v["image_processor_type"].as_str().unwrap_or("CLIPImageProcessor");

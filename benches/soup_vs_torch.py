@@ -13,13 +13,14 @@ Prints GB/s of input for each, ladle's fraction of the read limit, the speed-up 
 peak memory of both, and checks that the two soups are identical.
 
 Needs torch and safetensors:
-    python3 benches/soup_vs_torch.py [--ingredients 4] [--size-gb 2] [--work DIR] [--out DIR]
+    python3 benches/soup_vs_torch.py [--ingredients 4] [--size-gb 2] [--work DIR] [--out DIR] [--repeat 3]
 """
 
 import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,20 +85,30 @@ def main():
     ap.add_argument("--ingredients", type=int, default=4)
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "ladle-soup-bench"))
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", help="where both write their soup (default: --work; /dev/shm takes the disk out)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     dirs = make_checkpoints(args.work, args.ingredients, args.size_gb)
     paths = files_of(dirs)
     read_all(paths)  # warm the page cache: every contender then reads from memory alike
-    total, read_s = read_all(paths)
-
     out_dir = args.out or args.work
     os.makedirs(out_dir, exist_ok=True)
     ladle_out = os.path.join(out_dir, "soup-ladle")
-    out = subprocess.run(["cargo", "bench", "--quiet", "--bench", "soup", "--", ladle_out, *dirs],
-                         cwd=ROOT, check=True, capture_output=True, text=True)
-    ladle = json.loads(out.stdout.strip().splitlines()[-1])
+    subprocess.run(["cargo", "bench", "--quiet", "--bench", "soup", "--no-run"], cwd=ROOT, check=True,
+                   capture_output=True)
+    # The read limit and ladle alternate, --repeat times each; medians are reported (this kind of
+    # machine varies by ±20% from run to run).
+    reads, runs = [], []
+    for _ in range(args.repeat):
+        total, read_s = read_all(paths)
+        reads.append(read_s)
+        shutil.rmtree(ladle_out, ignore_errors=True)
+        out = subprocess.run(["cargo", "bench", "--quiet", "--bench", "soup", "--", ladle_out, *dirs],
+                             cwd=ROOT, check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    read_s = sorted(reads)[len(reads) // 2]
+    ladle = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
 
     torch_out = os.path.join(out_dir, "soup-torch.safetensors")
     out = subprocess.run([sys.executable, "-c", TORCH_SOUP, torch_out, *paths], check=True, capture_output=True,

@@ -9,7 +9,9 @@
 //! attends to a later position, and pads come after all real tokens.
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use crate::kernels::FastLinear as Linear;
 
 use super::LlmConfig;
 
@@ -45,7 +47,7 @@ impl Rope {
 fn linear(vb: &VarBuilder, inp: usize, out: usize, bias: bool) -> candle_core::Result<Linear> {
     let w = vb.get((out, inp), "weight")?;
     let b = if bias { Some(vb.get(out, "bias")?) } else { None };
-    Ok(Linear::new(w, b))
+    Ok(Linear { weight: w, bias: b })
 }
 
 struct Attention {
@@ -278,7 +280,7 @@ impl Decoder {
 
     /// Logits [N, V] for hidden states [N, H].
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        hidden.matmul(&self.lm_head.t()?)
+        Linear { weight: self.lm_head.clone(), bias: None }.forward(hidden)
     }
 
     pub fn dtype(&self) -> DType {

@@ -177,7 +177,10 @@ impl EncoderLayer {
             bias(&self.fc2)?,
         ];
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let w = guards.iter().map(|(s, l)| f32_slice(s, l)).collect::<candle_core::Result<Vec<&[f32]>>>()?;
+        let w = guards
+            .iter()
+            .map(|(s, l)| crate::kernels::f32_values(s, l))
+            .collect::<candle_core::Result<Vec<&[f32]>>>()?;
         let [n1g, n1b, wqkv, bqkv, wout, bout, n2g, n2b, w1, b1, w2, b2] = w.as_slice() else { unreachable!() };
         use crate::kernels;
         kernels::layer_norm(x, n1g, n1b, self.eps, &mut buf.normed);
@@ -199,20 +202,6 @@ struct CpuBuffers {
     qkv: Vec<f32>,
     attended: Vec<f32>,
     mlp: Vec<f32>,
-}
-
-/// A contiguous f32 CPU tensor's values.
-fn f32_slice<'a>(
-    storage: &'a candle_core::StorageRef<'_>,
-    layout: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = &**storage else {
-        candle_core::bail!("the CPU path got a tensor on another device")
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (start, end) =
-        layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("a weight is not contiguous".into()))?;
-    Ok(&data[start..end])
 }
 
 pub struct ClipVisionTower {

@@ -4,14 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::Project;
+use common::{Project, points_tiny};
 use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny")
-}
 
 fn floats(st: &SafeTensors, name: &str) -> Vec<f32> {
     st.tensor(name).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
@@ -42,7 +38,7 @@ model = "encoder"
 image = "{{image}}"
 {extra}
 "#,
-        fixtures().join("captions.jsonl").display(),
+        points_tiny().join("captions.jsonl").display(),
         model.display()
     )
 }
@@ -64,14 +60,14 @@ const HIDDEN: usize = 32;
 
 #[test]
 fn patch_cls_and_mean_embeddings_match_transformers_hidden_states() {
-    let reference_bytes = std::fs::read(fixtures().join("clip_hidden.safetensors")).unwrap();
+    let reference_bytes = std::fs::read(points_tiny().join("clip_hidden.safetensors")).unwrap();
     let reference = SafeTensors::deserialize(&reference_bytes).unwrap();
     let p = Project::new();
     // layer -2 of 3 layers is hidden state 2; layer 1 is hidden state 1; -1 is 3.
     for (extra, state, select) in
         [("", 2, "patch"), ("layer = 1\nselect = \"cls\"", 1, "cls"), ("layer = -1\nselect = \"mean\"", 3, "mean")]
     {
-        let bytes = encode_and_export(&p, &fixtures().join("tiny-llava"), extra, "emb.safetensors");
+        let bytes = encode_and_export(&p, &points_tiny().join("tiny-llava"), extra, "emb.safetensors");
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let emb = st.tensor("embedding").unwrap();
         let row: usize = if select == "patch" { (TOKENS - 1) * HIDDEN } else { HIDDEN };
@@ -103,13 +99,13 @@ fn patch_cls_and_mean_embeddings_match_transformers_hidden_states() {
 /// (None drops one), `config.json` as given.
 fn tower_checkpoint(dir: &Path, config: serde_json::Value, rename: impl Fn(&str) -> Option<String>) {
     std::fs::create_dir_all(dir).unwrap();
-    let bytes = std::fs::read(fixtures().join("tiny-llava/model.safetensors")).unwrap();
+    let bytes = std::fs::read(points_tiny().join("tiny-llava/model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
         st.tensors().into_iter().filter_map(|(name, t)| rename(&name).map(|n| (n, t))).collect();
     safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    std::fs::copy(fixtures().join("tiny-llava/preprocessor_config.json"), dir.join("preprocessor_config.json"))
+    std::fs::copy(points_tiny().join("tiny-llava/preprocessor_config.json"), dir.join("preprocessor_config.json"))
         .unwrap();
 }
 
@@ -117,8 +113,8 @@ fn tower_checkpoint(dir: &Path, config: serde_json::Value, rename: impl Fn(&str)
 fn every_checkpoint_layout_gives_the_same_embeddings() {
     let p = Project::new();
     let llava_config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-llava/config.json")).unwrap()).unwrap();
-    let hub = encode_and_export(&p, &fixtures().join("tiny-llava"), "", "hub.safetensors");
+        serde_json::from_slice(&std::fs::read(points_tiny().join("tiny-llava/config.json")).unwrap()).unwrap();
+    let hub = encode_and_export(&p, &points_tiny().join("tiny-llava"), "", "hub.safetensors");
 
     // CLIPVisionModel: the vision config itself, weights under `vision_model.`.
     let clip = p.path("clip-vision");
@@ -137,8 +133,8 @@ fn every_checkpoint_layout_gives_the_same_embeddings() {
     // What transformers 5 saves for a LLaVA: `vision_tower.` without `vision_model.`.
     let v5 = p.path("llava-v5");
     tower_checkpoint(&v5, llava_config.clone(), |n| Some(n.replace("vision_tower.vision_model.", "vision_tower.")));
-    std::fs::copy(fixtures().join("tiny-llava/tokenizer.json"), v5.join("tokenizer.json")).unwrap();
-    std::fs::copy(fixtures().join("tiny-llava/tokenizer_config.json"), v5.join("tokenizer_config.json")).unwrap();
+    std::fs::copy(points_tiny().join("tiny-llava/tokenizer.json"), v5.join("tokenizer.json")).unwrap();
+    std::fs::copy(points_tiny().join("tiny-llava/tokenizer_config.json"), v5.join("tokenizer_config.json")).unwrap();
     assert_eq!(encode_and_export(&p, &v5, "", "v5.safetensors"), hub);
 
     // A tower missing a layer's weights: the error names the tensor.
@@ -158,10 +154,18 @@ fn every_checkpoint_layout_gives_the_same_embeddings() {
 #[test]
 fn batch_size_does_not_change_embeddings_and_npy_export_holds_them() {
     let p = Project::new();
-    let a =
-        encode_and_export(&p, &fixtures().join("tiny-llava"), "select = \"mean\"\nbatch_images = 1", "a.safetensors");
-    let b =
-        encode_and_export(&p, &fixtures().join("tiny-llava"), "select = \"mean\"\nbatch_images = 7", "b.safetensors");
+    let a = encode_and_export(
+        &p,
+        &points_tiny().join("tiny-llava"),
+        "select = \"mean\"\nbatch_images = 1",
+        "a.safetensors",
+    );
+    let b = encode_and_export(
+        &p,
+        &points_tiny().join("tiny-llava"),
+        "select = \"mean\"\nbatch_images = 7",
+        "b.safetensors",
+    );
     assert_eq!(a, b, "batching must not change a single bit (batch_images is not part of the key)");
     let out = p.ladle(&["export", "p.toml", "emb", "-o", "e.npy"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -183,17 +187,17 @@ fn catty_tiling_gives_each_record_its_tiles_and_a_thumbnail() {
     let p = Project::new();
     let bytes = encode_and_export(
         &p,
-        &fixtures().join("tiny-llava"),
+        &points_tiny().join("tiny-llava"),
         "select = \"cls\"\ntiling = { method = \"catty\", max_splits = 4 }",
         "tiled.safetensors",
     );
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (records, views) = (ints(&st, "record"), ints(&st, "view"));
-    let captions = std::fs::read_to_string(fixtures().join("captions.jsonl")).unwrap();
+    let captions = std::fs::read_to_string(points_tiny().join("captions.jsonl")).unwrap();
     let mut expected_rows = Vec::new();
     for (i, line) in captions.lines().enumerate() {
         let rec: serde_json::Value = serde_json::from_str(line).unwrap();
-        let t = catty_views(&fixtures().join(rec["image"].as_str().unwrap()), 4);
+        let t = catty_views(&points_tiny().join(rec["image"].as_str().unwrap()), 4);
         for v in 0..t {
             expected_rows.push((i as i64, v as i64));
         }
@@ -219,24 +223,24 @@ fn catty_views(path: &Path, max_splits: u32) -> usize {
 #[test]
 fn wrong_models_layers_and_ports_are_clear_errors() {
     let p = Project::new();
-    p.write("p.toml", pipeline(&fixtures().join("tiny-qwen2"), ""));
+    p.write("p.toml", pipeline(&points_tiny().join("tiny-qwen2"), ""));
     let out = p.ladle(&["run", "p.toml"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("not an image encoder"), "{err}");
 
-    p.write("p.toml", pipeline(&fixtures().join("tiny-llava"), "layer = 9"));
+    p.write("p.toml", pipeline(&points_tiny().join("tiny-llava"), "layer = 9"));
     let out = p.ladle(&["run", "p.toml"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("layer 9 is out of range") && err.contains("from -4 to 3"), "{err}");
 
-    p.write("p.toml", pipeline(&fixtures().join("tiny-llava"), "tiling = { method = \"grid\" }"));
+    p.write("p.toml", pipeline(&points_tiny().join("tiny-llava"), "tiling = { method = \"grid\" }"));
     let out = p.ladle(&["run", "p.toml"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("p.toml:") && err.contains("tiling method `grid` is not known"), "{err}");
 
     // Tensors are not records: a dataset port refuses them before anything runs.
-    let text = pipeline(&fixtures().join("tiny-llava"), "")
+    let text = pipeline(&points_tiny().join("tiny-llava"), "")
         + "\n[stages.keep]\nkind = \"select\"\ndata = \"emb\"\nby = \"x\"\nlowest = 0.5\n";
     p.write("p.toml", text);
     let out = p.ladle(&["run", "p.toml"]);

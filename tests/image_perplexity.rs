@@ -3,27 +3,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{Project, wasm_dir};
+use common::{Project, expected, points_tiny, wasm_dir};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny")
-}
-
-fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
-}
-
-fn jsonl(p: &Project, rel: &str) -> Vec<Value> {
-    String::from_utf8(p.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
 
 /// The fixture captions and their images, copied into the project under `data/`.
 fn copy_data(p: &Project) {
-    p.write("data/captions.jsonl", std::fs::read(fixtures().join("captions.jsonl")).unwrap());
-    for entry in std::fs::read_dir(fixtures().join("images")).unwrap() {
+    p.write("data/captions.jsonl", std::fs::read(points_tiny().join("captions.jsonl")).unwrap());
+    for entry in std::fs::read_dir(points_tiny().join("images")).unwrap() {
         let entry = entry.unwrap();
         p.write(&format!("data/images/{}", entry.file_name().to_string_lossy()), std::fs::read(entry.path()).unwrap());
     }
@@ -58,7 +46,7 @@ kind = "write"
 data = "ppl"
 path = "scored.jsonl"
 "#,
-        fixtures().join(model).display()
+        points_tiny().join(model).display()
     )
 }
 
@@ -74,7 +62,7 @@ fn image_conditioned_scores_match_transformers_and_edited_images_rescore_only_th
     let r = p.run("p.toml", &["-j", "2"]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.computed("ppl"), 3);
-    let scored = jsonl(&p, "scored.jsonl");
+    let scored = p.jsonl("scored.jsonl");
     let exp = expected();
     let want = exp["llava_image_conditioned"].as_array().unwrap();
     assert_eq!(scored.len(), want.len());
@@ -91,7 +79,7 @@ fn image_conditioned_scores_match_transformers_and_edited_images_rescore_only_th
 
     // Replace record 20's image (shard 1 of 0..2) with another: only that shard is scored again,
     // and `plan` says why.
-    p.write("data/images/img020.jpg", std::fs::read(fixtures().join("images/img002.jpg")).unwrap());
+    p.write("data/images/img020.jpg", std::fs::read(points_tiny().join("images/img002.jpg")).unwrap());
     let plan = p.ladle(&["plan", "p.toml"]);
     let plan = String::from_utf8_lossy(&plan.stdout).to_string();
     assert!(plan.contains("files named by its input records (images) changed"), "{plan}");
@@ -101,7 +89,7 @@ fn image_conditioned_scores_match_transformers_and_edited_images_rescore_only_th
     assert_eq!(edited.status("captions"), "cached");
     assert_eq!(edited.computed("ppl"), 1);
     let before = by_id(&scored);
-    let after = by_id(&jsonl(&p, "scored.jsonl"));
+    let after = by_id(&p.jsonl("scored.jsonl"));
     for (id, rec) in &after {
         if id == "r020" {
             assert_ne!(rec["ppl"], before[id]["ppl"], "the new image must change the score");
@@ -113,7 +101,7 @@ fn image_conditioned_scores_match_transformers_and_edited_images_rescore_only_th
 
 /// Writes a bad image for record `r005` and returns the run's error text.
 fn failure_with(p: &Project, image_field: &str, bytes: Option<Vec<u8>>) -> String {
-    let mut lines: Vec<Value> = jsonl(p, "data/captions.jsonl");
+    let mut lines: Vec<Value> = p.jsonl("data/captions.jsonl");
     lines[5]["image"] = Value::String(image_field.to_string());
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     p.write("data/captions.jsonl", text);
@@ -142,7 +130,7 @@ fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
     copy_data(&p);
     p.write("outside.png", png(8, 8));
     p.write("p.toml", pipeline("tiny-llava", ""));
-    let jpeg = std::fs::read(fixtures().join("images/img002.jpg")).unwrap();
+    let jpeg = std::fs::read(points_tiny().join("images/img002.jpg")).unwrap();
     let cases: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
         ("images/truncated.jpg", Some(jpeg[..jpeg.len() / 2].to_vec()), "truncated"),
         ("images/empty.png", Some(Vec::new()), "empty (0 bytes)"),
@@ -160,7 +148,7 @@ fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
 
     // Dropped instead: every bad record goes, the others are scored as before.
     copy_data(&p);
-    let mut lines: Vec<Value> = jsonl(&p, "data/captions.jsonl");
+    let mut lines: Vec<Value> = p.jsonl("data/captions.jsonl");
     for (i, (field, _, _)) in cases.iter().enumerate() {
         lines[3 + i * 7]["image"] = Value::String(field.to_string());
     }
@@ -169,7 +157,7 @@ fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.stage("ppl")["dropped_on_error"], 5, "{}", r.summary());
-    let scored = jsonl(&p, "scored.jsonl");
+    let scored = p.jsonl("scored.jsonl");
     assert_eq!(scored.len(), 42 - 5);
     let dropped: Vec<String> = (0..5).map(|i| format!("r{:03}", 3 + i * 7)).collect();
     assert!(scored.iter().all(|r| !dropped.contains(&r["id"].as_str().unwrap().to_string())));
@@ -200,13 +188,13 @@ fn images_embedded_in_parquet_score_as_their_files_do() {
     copy_data(&p);
     let exp = expected();
     let want = exp["llava_image_conditioned"].as_array().unwrap();
-    let records = jsonl(&p, "data/captions.jsonl");
+    let records = p.jsonl("data/captions.jsonl");
     // Six records with their image bytes embedded; the seventh has only a (relative) path.
     let mut rows: Vec<(String, String, Option<Vec<u8>>, String)> = records[..6]
         .iter()
         .map(|r| {
             let image = r["image"].as_str().unwrap().to_string();
-            let bytes = std::fs::read(fixtures().join(&image)).unwrap();
+            let bytes = std::fs::read(points_tiny().join(&image)).unwrap();
             (r["id"].as_str().unwrap().into(), r["caption"].as_str().unwrap().into(), Some(bytes), image)
         })
         .collect();
@@ -221,7 +209,7 @@ fn images_embedded_in_parquet_score_as_their_files_do() {
     p.write("p.toml", pipeline("tiny-llava", "").replace("data/captions.jsonl", "data/captions.parquet"));
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
-    let scored = jsonl(&p, "scored.jsonl");
+    let scored = p.jsonl("scored.jsonl");
     assert_eq!(scored.len(), 7);
     for (got, e) in scored.iter().zip(want) {
         assert_eq!(got["id"], e["id"]);
@@ -241,7 +229,7 @@ fn models_that_cannot_take_images_are_clear_errors() {
     // A LLaVA checkpoint whose projector is missing: the error names the tensor.
     let model = p.path("broken-llava");
     std::fs::create_dir_all(&model).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("tiny-llava")).unwrap() {
+    for entry in std::fs::read_dir(points_tiny().join("tiny-llava")).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
     }
@@ -253,7 +241,7 @@ fn models_that_cannot_take_images_are_clear_errors() {
     safetensors::serialize_to_file(kept, None, &weights).unwrap();
     p.write(
         "p.toml",
-        pipeline("tiny-llava", "").replace(&fixtures().join("tiny-llava").display().to_string(), "broken-llava"),
+        pipeline("tiny-llava", "").replace(&points_tiny().join("tiny-llava").display().to_string(), "broken-llava"),
     );
     let err = run_failing(&p);
     assert!(err.contains("multi_modal_projector.linear_2.weight"), "{err}");
@@ -280,7 +268,7 @@ fn the_bundled_points_pretrain_pipeline_runs_end_to_end() {
         .map(|e| (e["perplexity"].as_f64().unwrap(), e["id"].as_str().unwrap().to_string()))
         .collect();
     want.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let out = jsonl(&p, "out/points-pretrain.jsonl");
+    let out = p.jsonl("out/points-pretrain.jsonl");
     let mut got: Vec<String> = out.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     got.sort();
     let mut lowest: Vec<String> = want.iter().take(got.len()).map(|w| w.1.clone()).collect();

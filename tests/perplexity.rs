@@ -4,20 +4,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::Project;
+use common::{Project, expected, points_tiny};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny")
-}
-
-fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
-}
-
-fn jsonl(p: &Project, rel: &str) -> Vec<Value> {
-    String::from_utf8(p.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
 
 /// read captions → model → perplexity(extra) → write scored.jsonl (and select lowest 20% → kept.jsonl)
 fn pipeline(captions: &Path, model: &Path, extra: &str) -> String {
@@ -75,10 +63,10 @@ fn scores_match_transformers_and_the_filter_keeps_the_lowest_20_percent() {
         ("tiny-llama", "llama_text", String::new()),
     ] {
         let p = Project::new();
-        p.write("p.toml", pipeline(&fixtures().join("captions.jsonl"), &fixtures().join(model), &extra));
+        p.write("p.toml", pipeline(&points_tiny().join("captions.jsonl"), &points_tiny().join(model), &extra));
         let r = run(&p);
         assert_eq!(r.code(), 0, "{}", r.stderr());
-        let scored = jsonl(&p, "scored.jsonl");
+        let scored = p.jsonl("scored.jsonl");
         assert_eq!(scored.len(), 42);
         for (rec, e) in scored.iter().zip(exp[key].as_array().unwrap()) {
             assert_eq!(rec["id"], e["id"]);
@@ -101,7 +89,7 @@ fn scores_match_transformers_and_the_filter_keeps_the_lowest_20_percent() {
         let mut want: Vec<usize> = by_ref[..8].iter().map(|x| x.1).collect();
         want.sort();
         let want_ids: Vec<Value> = want.iter().map(|&i| exp[key][i]["id"].clone()).collect();
-        let kept: Vec<Value> = jsonl(&p, "kept.jsonl").iter().map(|r| r["id"].clone()).collect();
+        let kept: Vec<Value> = p.jsonl("kept.jsonl").iter().map(|r| r["id"].clone()).collect();
         assert_eq!(kept, want_ids, "{key}");
         // The six 'obscure' captions (serials, versions) are the last six records: all dropped.
         for i in 36..42 {
@@ -113,10 +101,13 @@ fn scores_match_transformers_and_the_filter_keeps_the_lowest_20_percent() {
 #[test]
 fn long_records_are_cut_and_marked() {
     let p = Project::new();
-    p.write("p.toml", pipeline(&fixtures().join("captions.jsonl"), &fixtures().join("tiny-qwen2"), "max_tokens = 6"));
+    p.write(
+        "p.toml",
+        pipeline(&points_tiny().join("captions.jsonl"), &points_tiny().join("tiny-qwen2"), "max_tokens = 6"),
+    );
     let r = run(&p);
     assert_eq!(r.code(), 0, "{}", r.stderr());
-    let scored = jsonl(&p, "scored.jsonl");
+    let scored = p.jsonl("scored.jsonl");
     for rec in &scored {
         // Qwen2's tokenizer adds no BOS: 6 tokens, 5 scored.
         assert_eq!(rec["ppl_tokens"], 5, "{rec}");
@@ -127,7 +118,7 @@ fn long_records_are_cut_and_marked() {
 fn copy_model(p: &Project, name: &str) -> PathBuf {
     let dest = p.path(name);
     std::fs::create_dir_all(&dest).unwrap();
-    for f in std::fs::read_dir(fixtures().join("tiny-qwen2")).unwrap().flatten() {
+    for f in std::fs::read_dir(points_tiny().join("tiny-qwen2")).unwrap().flatten() {
         std::fs::copy(f.path(), dest.join(f.file_name())).unwrap();
     }
     for f in std::fs::read_dir(&dest).unwrap().flatten() {
@@ -153,7 +144,7 @@ fn bad_models_and_records_give_one_clear_error() {
     let model = copy_model(&p, "m");
     let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
     std::fs::write(model.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
-    p.write("p.toml", pipeline(&fixtures().join("captions.jsonl"), &model, ""));
+    p.write("p.toml", pipeline(&points_tiny().join("captions.jsonl"), &model, ""));
     report.push_str(&format!("### a truncated safetensors file\n{}\n", ppl_error(&p)));
 
     let p = Project::new();
@@ -162,13 +153,13 @@ fn bad_models_and_records_give_one_clear_error() {
         .unwrap()
         .replace("\"vocab_size\": 400", "\"vocab_size\": 300");
     std::fs::write(model.join("config.json"), config).unwrap();
-    p.write("p.toml", pipeline(&fixtures().join("captions.jsonl"), &model, ""));
+    p.write("p.toml", pipeline(&points_tiny().join("captions.jsonl"), &model, ""));
     report.push_str(&format!("### a tokenizer that does not match the embedding size\n{}\n", ppl_error(&p)));
 
     let p = Project::new();
     let model = copy_model(&p, "m");
     std::fs::remove_file(model.join("model.safetensors")).unwrap();
-    p.write("p.toml", pipeline(&fixtures().join("captions.jsonl"), &model, ""));
+    p.write("p.toml", pipeline(&points_tiny().join("captions.jsonl"), &model, ""));
     report.push_str(&format!("### no weights\n{}\n", ppl_error(&p)));
 
     let p = Project::new();
@@ -176,18 +167,18 @@ fn bad_models_and_records_give_one_clear_error() {
         "c.jsonl",
         "{\"id\": \"a\", \"caption\": \"a dog on a mat\"}\n{\"id\": \"b\", \"text\": \"no caption field\"}\n",
     );
-    p.write("p.toml", pipeline(&p.path("c.jsonl"), &fixtures().join("tiny-qwen2"), ""));
+    p.write("p.toml", pipeline(&p.path("c.jsonl"), &points_tiny().join("tiny-qwen2"), ""));
     report.push_str(&format!("### a record whose template field is missing\n{}\n", ppl_error(&p)));
 
     let p = Project::new();
     p.write("c.jsonl", "{\"id\": \"a\", \"caption\": \"a dog on a mat\"}\n{\"id\": \"b\", \"caption\": \"   \"}\n");
-    p.write("p.toml", pipeline(&p.path("c.jsonl"), &fixtures().join("tiny-qwen2"), ""));
+    p.write("p.toml", pipeline(&p.path("c.jsonl"), &points_tiny().join("tiny-qwen2"), ""));
     report.push_str(&format!("### an empty caption\n{}\n", ppl_error(&p)));
 
     let p = Project::new();
     let model = copy_model(&p, "m");
     std::fs::remove_file(model.join("tokenizer_config.json")).unwrap();
-    p.write("p.toml", pipeline(&fixtures().join("captions.jsonl"), &model, "prompt = \"describe it\""));
+    p.write("p.toml", pipeline(&points_tiny().join("captions.jsonl"), &model, "prompt = \"describe it\""));
     report.push_str(&format!("### a prompt for a model without a chat template\n{}\n", ppl_error(&p)));
 
     insta::assert_snapshot!(report);
@@ -196,7 +187,7 @@ fn bad_models_and_records_give_one_clear_error() {
 fn generate_pipeline(extra: &str) -> String {
     format!(
         "[pipeline]\nname = \"gen\"\n\n[stages.prompts]\nkind = \"read\"\npath = \"prompts.jsonl\"\n\n[stages.llm]\nkind = \"model\"\npath = \"{}\"\n\n[stages.gen]\nkind = \"generate\"\ndata = \"prompts\"\nmodel = \"llm\"\nprompt = \"{{prompt}}\"\ncolumn = \"caption\"\nmax_new_tokens = 16\n{extra}\n\n[stages.out]\nkind = \"write\"\ndata = \"gen\"\npath = \"out.jsonl\"\n",
-        fixtures().join("tiny-qwen2").display()
+        points_tiny().join("tiny-qwen2").display()
     )
 }
 
@@ -212,7 +203,7 @@ fn the_generate_stage_writes_what_transformers_generates() {
     p.write("p.toml", generate_pipeline(""));
     let r = run(&p);
     assert_eq!(r.code(), 0, "{}", r.stderr());
-    let out = jsonl(&p, "out.jsonl");
+    let out = p.jsonl("out.jsonl");
     for (rec, case) in out.iter().zip(cases) {
         assert_eq!(rec["caption"], case["text"]);
         assert_eq!(rec["caption_tokens"], 16);
@@ -230,5 +221,5 @@ fn the_generate_stage_writes_what_transformers_generates() {
     q.write("p.toml", generate_pipeline("temperature = 1.5\ntop_p = 0.9\nseed = 8"));
     assert_eq!(run(&q).code(), 0);
     assert_ne!(q.read("out.jsonl"), sampled);
-    assert_ne!(jsonl(&q, "out.jsonl"), out, "sampling at temperature 1.5 differs from greedy");
+    assert_ne!(q.jsonl("out.jsonl"), out, "sampling at temperature 1.5 differs from greedy");
 }

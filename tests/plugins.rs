@@ -16,10 +16,6 @@ fn hostile() -> String {
     wasm_dir("tests/plugins").join("hostile.wasm").display().to_string()
 }
 
-fn jsonl(p: &Project, rel: &str) -> Vec<Value> {
-    String::from_utf8(p.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 /// read (shards of `shard`) → plugin(wasm, extra) → write o.jsonl
 fn pipeline(wasm: &str, extra: &str, shard: usize) -> String {
     format!(
@@ -122,7 +118,7 @@ fn examples_give_the_same_verdicts_as_their_logic_written_natively() {
     assert_eq!(p.run("p.toml", &[]).code(), 0);
     let expected: Vec<Value> =
         records.iter().filter(|r| native_min_words(r["caption"].as_str().unwrap(), 4)).cloned().collect();
-    assert_eq!(jsonl(&p, "o.jsonl"), expected);
+    assert_eq!(p.jsonl("o.jsonl"), expected);
 
     p.write("p.toml", pipeline(&example("caption_clean"), "", 5));
     assert_eq!(p.run("p.toml", &[]).code(), 0);
@@ -133,9 +129,9 @@ fn examples_give_the_same_verdicts_as_their_logic_written_natively() {
             (!cleaned.is_empty()).then(|| json!({"id": r["id"], "caption": cleaned}))
         })
         .collect();
-    assert_eq!(jsonl(&p, "o.jsonl"), expected);
+    assert_eq!(p.jsonl("o.jsonl"), expected);
     // Spot checks of the rule itself, by hand.
-    let by_id = |id: u64| jsonl(&p, "o.jsonl").into_iter().find(|r| r["id"] == id).map(|r| r["caption"].clone());
+    let by_id = |id: u64| p.jsonl("o.jsonl").into_iter().find(|r| r["id"] == id).map(|r| r["caption"].clone());
     assert_eq!(by_id(3), Some(json!("A yellow taxi in the rain")));
     assert_eq!(by_id(4), Some(json!("Tom & Jerry <3 on TV")));
     assert_eq!(by_id(5), Some(json!("see for the full photo")));
@@ -145,7 +141,7 @@ fn examples_give_the_same_verdicts_as_their_logic_written_natively() {
     assert_eq!(p.run("p.toml", &[]).code(), 0);
     let expected: Vec<Value> =
         records.iter().filter(|r| native_obscure_keeps(r["caption"].as_str().unwrap(), 0.4)).cloned().collect();
-    let got = jsonl(&p, "o.jsonl");
+    let got = p.jsonl("o.jsonl");
     assert_eq!(got, expected);
     let kept: Vec<u64> = got.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     // By hand: 9 has 2 obscure tokens of 4 (0.5), 13 has 3 of 5 (0.6): dropped. 10 has 2 of 5,
@@ -218,7 +214,7 @@ fn the_sandbox_gives_no_files_environment_network_or_clock() {
     p.write("p.toml", pipeline(&hostile(), "config = { mode = \"probe\" }", 3));
     let r = p.command(&["run", "p.toml", "--json"]).env("LADLE_SECRET", "hunter2").output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let seen = jsonl(&p, "o.jsonl");
+    let seen = p.jsonl("o.jsonl");
     assert_eq!(seen.len(), 2);
     let s = &seen[0];
     assert!(s["file"].as_str().unwrap().starts_with("error"), "{s}");
@@ -261,14 +257,14 @@ fn contract_breaches_and_errors_fail_clearly_or_drop_and_count() {
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.stage("f")["dropped_on_error"], 1);
-    let ids: Vec<u64> = jsonl(&p, "o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> = p.jsonl("o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [0, 1, 2, 3, 5, 6, 7, 8], "only the failing record is dropped");
 
     // A trap with on_error = "drop": the instance is replaced and the run goes on.
     p.write("p.toml", pipeline(&hostile(), "config = { mode = \"panic\", at = 2 }\non_error = \"drop\"", 3));
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
-    let ids: Vec<u64> = jsonl(&p, "o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> = p.jsonl("o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [0, 1, 3, 4, 5, 6, 7, 8]);
 }
 
@@ -393,5 +389,5 @@ fn plugin_new_makes_a_crate_that_builds_checks_and_runs() {
     assert_eq!(r.code(), 0, "{}", r.stderr());
     let expected: Vec<Value> =
         captions().into_iter().filter(|r| r["caption"].as_str().unwrap().trim().chars().count() >= 10).collect();
-    assert_eq!(jsonl(&p, "o.jsonl"), expected);
+    assert_eq!(p.jsonl("o.jsonl"), expected);
 }

@@ -7,10 +7,6 @@ use serde_json::{Value, json};
 
 const HEAD: &str = "[pipeline]\nname = \"stages\"\n\n";
 
-fn jsonl(p: &Project, rel: &str) -> Vec<Value> {
-    String::from_utf8(p.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 fn run_ok(p: &Project, body: &str) -> common::RunResult {
     p.write("p.toml", format!("{HEAD}{body}"));
     let r = p.run("p.toml", &["-j", "2"]);
@@ -62,7 +58,7 @@ data = "mid"
 path = "mid.jsonl"
 "#,
     );
-    let ids = |rel: &str| jsonl(&p, rel).iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    let ids = |rel: &str| p.jsonl(rel).iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>();
     // ⌊0.3·10⌋ = 3 lowest: 0.5 (id 9), 1.0 (id 3), then the first 2.0 (id 1); kept in record order.
     assert_eq!(ids("low.jsonl"), [1, 3, 9]);
     // ⌊0.25·10⌋ = 2 highest: 9.0 (id 2), 8.0 (id 5).
@@ -106,7 +102,7 @@ data = "both"
 path = "both.jsonl"
 "#,
     );
-    let ids = |rel: &str| jsonl(&p, rel).iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    let ids = |rel: &str| p.jsonl(rel).iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>();
     assert_eq!(ids("both.jsonl"), [4, 5, 1, 2, 3]);
     assert_eq!(ids("u.jsonl"), [4, 5, 1]);
 }
@@ -125,7 +121,7 @@ fn sample_is_deterministic_and_depends_on_the_seed() {
     b.write("d.jsonl", captions(0..2000));
     run_ok(&b, &body(1));
     assert_eq!(a.read("s.jsonl"), b.read("s.jsonl"), "same seed, same sample, in another store");
-    let n = jsonl(&a, "s.jsonl").len();
+    let n = a.jsonl("s.jsonl").len();
     // Binomial(2000, 0.3): mean 600, sd ≈ 20.5.
     assert!((500..=700).contains(&n), "{n}");
     run_ok(&b, &body(2));
@@ -161,7 +157,7 @@ fn llava_conversation_files_are_read_record_for_record() {
         &p,
         "[stages.c]\nkind = \"read\"\npath = \"llava.json\"\n[stages.w]\nkind = \"write\"\ndata = \"c\"\npath = \"o.jsonl\"\n",
     );
-    assert_eq!(jsonl(&p, "o.jsonl"), convs.as_array().unwrap().clone());
+    assert_eq!(p.jsonl("o.jsonl"), convs.as_array().unwrap().clone());
 }
 
 #[test]
@@ -181,7 +177,7 @@ fn parquet_round_trips_through_write_and_read() {
         "[stages.d]\nkind = \"read\"\npath = \"d.parquet\"\nshard_records = 64\n[stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"back.jsonl\"\n",
     );
     let expected: Vec<Value> = records.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(jsonl(&p, "back.jsonl"), expected);
+    assert_eq!(p.jsonl("back.jsonl"), expected);
 }
 
 #[test]
@@ -263,7 +259,7 @@ fn show_export_and_graph() {
     assert!(show.contains("  score: number"), "{show}");
     let export = p.ladle(&["export", "p.toml", "k", "-o", "k.jsonl"]);
     assert_eq!(export.status.code(), Some(0));
-    assert_eq!(jsonl(&p, "k.jsonl").len(), 25);
+    assert_eq!(p.jsonl("k.jsonl").len(), 25);
     let export = p.ladle(&["export", "p.toml", "k", "-o", "k.parquet"]);
     assert_eq!(export.status.code(), Some(0));
     assert_eq!(&p.read("k.parquet")[..4], b"PAR1");

@@ -72,6 +72,11 @@ impl Project {
         std::fs::read(self.path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
     }
 
+    /// The records of a JSONL file of the project.
+    pub fn jsonl(&self, rel: &str) -> Vec<Value> {
+        String::from_utf8(self.read(rel)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(ladle());
         c.args(args).current_dir(self.dir.path()).env_remove("LADLE_STORE");
@@ -103,6 +108,16 @@ impl Project {
         let canon = std::fs::canonicalize(self.dir.path()).map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
         text.replace(&canon, "[DIR]").replace(&dir, "[DIR]")
     }
+}
+
+/// tests/fixtures/points-tiny: the tiny models, captions, images and transformers' values.
+pub fn points_tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/points-tiny")
+}
+
+/// points-tiny/expected.json.
+pub fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(points_tiny().join("expected.json")).unwrap()).unwrap()
 }
 
 pub fn ladle() -> &'static Path {

@@ -83,17 +83,22 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
                 srcs.iter().map(|s| outputs[*s].as_ref().map(|o| o.0)).collect::<Option<Vec<_>>>().unwrap_or_default(),
             );
         }
-        let mut inputs = Inputs { pipeline_dir: pipeline.dir.clone(), ..Default::default() };
-        for (port, srcs) in &decl.inputs {
-            let artifacts = srcs.iter().filter_map(|s| outputs[*s].as_ref().map(|o| (*o.1).clone())).collect();
-            inputs.ports.insert(port.clone(), artifacts);
-        }
-        let salts = match record_files::shard_salts(&*decl.stage, &inputs, store) {
-            Ok(s) => s,
-            Err(e) => {
-                entries[i] = Some(entry(PlanStatus::Run, vec![format!("cannot read the files its records name: {e}")]));
-                continue;
+        let salts = if record_files::applies(&*decl.stage) {
+            let mut inputs = Inputs { pipeline_dir: pipeline.dir.clone(), ..Default::default() };
+            for (port, srcs) in &decl.inputs {
+                let artifacts = srcs.iter().filter_map(|s| outputs[*s].as_ref().map(|o| (*o.1).clone())).collect();
+                inputs.ports.insert(port.clone(), artifacts);
             }
+            match record_files::shard_salts(&*decl.stage, &inputs, store) {
+                Ok(s) => s,
+                Err(e) => {
+                    entries[i] =
+                        Some(entry(PlanStatus::Run, vec![format!("cannot read the files its records name: {e}")]));
+                    continue;
+                }
+            }
+        } else {
+            None
         };
         let parts = match key_parts(decl, digests, store) {
             Ok(mut p) => {

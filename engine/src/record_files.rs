@@ -13,6 +13,11 @@ use crate::digest::{Digest, hash_with_context};
 use crate::stage::{Execution, Inputs, ShardInput};
 use crate::store::Store;
 
+/// Whether `stage` is a map stage that reads files its records name (so has salts).
+pub fn applies(stage: &dyn crate::stage::Stage) -> bool {
+    matches!(stage.execution(), Execution::Map { stage, .. } if stage.reads_record_files())
+}
+
 /// One salt per shard of the mapped dataset, or `None` when the stage reads no record files.
 pub fn shard_salts(
     stage: &dyn crate::stage::Stage,

@@ -276,12 +276,14 @@ impl StageTask {
         };
         let inputs = Arc::new(inputs);
         // Files the input records name (images): their digests join the shard and stage keys.
-        let salts = {
+        let salts = if record_files::applies(&*self.pipeline.stages[self.idx].stage) {
             let (pipeline, store, idx, inputs) = (self.pipeline.clone(), self.store.clone(), self.idx, inputs.clone());
             tokio::task::spawn_blocking(move || {
                 record_files::shard_salts(&*pipeline.stages[idx].stage, &inputs, &store)
             })
             .await
+        } else {
+            Ok(Ok(None))
         };
         let salts = match salts {
             Ok(Ok(s)) => s,

@@ -33,10 +33,10 @@ use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 
-use crate::perplexity::{MODEL_PORT, image_files, model_dir};
+use crate::model::{MODEL_PORT, model_dir};
 use crate::tensors::TensorShard;
 use crate::vision::encoder::{ImageEncoder, Select};
-use crate::vision::source::ImageField;
+use crate::vision::source::{ImageField, bad_image};
 
 pub struct EncodeKind;
 
@@ -127,7 +127,7 @@ impl MapStage for Encode {
     }
 
     fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
-        image_files(&self.image, inputs.dataset_root("data").as_deref(), shard)
+        self.image.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
@@ -200,11 +200,7 @@ impl ShardMapper for Encoder {
                     }
                 }
                 Err(_) if self.drop_bad_images => dropped += 1,
-                Err(e) => {
-                    return Err(StageError::input(e)
-                        .at_record(i as u64)
-                        .with_hint("fix or remove the image, or set on_bad_image = \"drop\" to drop such records"));
-                }
+                Err(e) => return Err(bad_image(e).at_record(i as u64)),
             }
         }
         out.embedding.reserve(pixels.len() * out.row_shape.iter().product::<usize>());

@@ -35,7 +35,7 @@ use crate::template::Template;
 
 pub struct GenerateKind;
 
-const PORTS: &[PortSpec] = &[PortSpec::dataset("data"), crate::perplexity::MODEL_PORT];
+const PORTS: &[PortSpec] = &[PortSpec::dataset("data"), crate::model::MODEL_PORT];
 
 impl StageKind for GenerateKind {
     fn name(&self) -> &'static str {
@@ -94,7 +94,7 @@ impl Stage for Generate {
 
 impl MapStage for Generate {
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
-        let dir = crate::perplexity::model_dir(ctx, inputs)?;
+        let dir = crate::model::model_dir(ctx, inputs)?;
         let model = LanguageModel::load(&dir)?;
         if !model.tokenizer.has_chat_template() {
             return Err(StageError::input(format!(

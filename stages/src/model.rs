@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
-use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
+use ladle_engine::stage::{Accepts, Arity, Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
 use ladle_engine::{Artifact, StageContext};
 
 pub struct ModelKind;
@@ -55,5 +55,32 @@ impl WholeStage for Model {
     fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
         let files = ctx.store.folder_files(&self.path)?;
         Ok(Artifact::Folder { model: true, external: Some(self.path.clone()), files })
+    }
+}
+
+/// The `model` input port of the stages that run a model.
+pub const MODEL_PORT: PortSpec = PortSpec { name: "model", arity: Arity::One, required: true, accepts: Accepts::Model };
+
+/// Where the model on the `model` port is, materializing store-held ones if needed.
+pub fn model_dir(ctx: &StageContext<'_>, inputs: &Inputs) -> Result<PathBuf, StageError> {
+    model_folder(ctx, inputs.one("model")?, "input `model`", "model")
+}
+
+/// Where a model artifact's files are: an external folder as it is, a store-held one
+/// materialized (hard links) under the store's `tmp/` as `temp_name`. `what` names the input in
+/// errors.
+pub fn model_folder(
+    ctx: &StageContext<'_>,
+    artifact: &Artifact,
+    what: &str,
+    temp_name: &str,
+) -> Result<PathBuf, StageError> {
+    match artifact {
+        Artifact::Folder { external: Some(root), model: true, .. } => Ok(root.clone()),
+        a @ Artifact::Folder { model: true, .. } => ctx.materialize(a, &ctx.temp_path(temp_name)),
+        Artifact::Folder { .. } => {
+            Err(StageError::input(format!("{what} is a folder without config.json, not a model")))
+        }
+        other => Err(StageError::input(format!("{what} must be a model, but it is a {}", other.kind_name()))),
     }
 }

@@ -31,29 +31,25 @@
 //! length under `batch_tokens` (default 4096); a record's score does not depend on its batch.
 //! The model is loaded once per stage run, and only if some shard is not cached.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use ladle_engine::StageContext;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
-    Accepts, Arity, Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage,
-    StageKind,
+    Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
-use ladle_engine::{Artifact, StageContext};
 use serde_json::Value;
 
-use crate::llm::scorer::plan_batches;
 use crate::llm::{LanguageModel, Score, Scorer, Sequence};
+use crate::model::{MODEL_PORT, model_dir};
 use crate::template::Template;
 use crate::vision::llava::Llava;
-use crate::vision::source::{ImageField, ImageRef};
+use crate::vision::source::{ImageField, bad_image};
 
 pub struct PerplexityKind;
-
-/// The `model` input port of the stages that run a model.
-pub const MODEL_PORT: PortSpec = PortSpec { name: "model", arity: Arity::One, required: true, accepts: Accepts::Model };
 
 const PORTS: &[PortSpec] = &[PortSpec::dataset("data"), MODEL_PORT];
 
@@ -123,16 +119,6 @@ impl Stage for Perplexity {
     }
 }
 
-/// Where a model artifact's files are, materializing store-held ones (hard links) if needed.
-pub fn model_dir(ctx: &StageContext<'_>, inputs: &Inputs) -> Result<PathBuf, StageError> {
-    match inputs.one("model")? {
-        Artifact::Folder { external: Some(root), .. } => Ok(root.clone()),
-        a @ Artifact::Folder { model: true, .. } => ctx.materialize(a, &ctx.temp_path("model")),
-        Artifact::Folder { .. } => Err(StageError::input("input `model` is a folder without config.json, not a model")),
-        other => Err(StageError::input(format!("input `model` must be a model, but it is a {}", other.kind_name()))),
-    }
-}
-
 impl MapStage for Perplexity {
     fn reads_record_files(&self) -> bool {
         self.image.is_some()
@@ -140,7 +126,7 @@ impl MapStage for Perplexity {
 
     fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
         let Some(field) = &self.image else { return Ok(Vec::new()) };
-        image_files(field, inputs.dataset_root("data").as_deref(), shard)
+        field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
@@ -208,10 +194,8 @@ impl Mapper {
             return Err("the text to score is empty".into());
         }
         let tok = &self.model.tokenizer;
-        let mut seq = match &self.prompt {
-            Some(prompt) => tok.answer_sequence(&prompt.render(record)?, &text).map_err(|e| e.to_string())?,
-            None => Sequence { ids: tok.encode(&text, true).map_err(|e| e.to_string())?, score_from: 1 },
-        };
+        let prompt = self.prompt.as_ref().map(|p| p.render(record)).transpose()?;
+        let mut seq = tok.scored_sequence(prompt.as_deref(), &text).map_err(|e| e.to_string())?;
         let truncated = seq.ids.len() > self.max_tokens;
         seq.ids.truncate(self.max_tokens);
         if seq.ids.len() <= seq.score_from.max(1) {
@@ -237,19 +221,10 @@ impl ShardMapper for Mapper {
             seqs.push(seq);
             truncated.push(cut);
         }
-        let scorer = Scorer { decoder: &self.model.decoder, pad: 0 };
-        let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
-        let mut scores = vec![None; seqs.len()];
-        for batch in plan_batches(&lengths, self.batch_tokens) {
-            let refs: Vec<&Sequence> = batch.iter().map(|&i| &seqs[i]).collect();
-            for (&i, s) in batch.iter().zip(scorer.score_batch(&refs)?) {
-                scores[i] = Some(s);
-            }
-        }
+        let scores = Scorer { decoder: &self.model.decoder, pad: 0 }.score_all(&seqs, self.batch_tokens)?;
         let mut out = Vec::with_capacity(shard.jsonl.len() + records.len() * 64);
         let n = records.len() as u64;
-        for ((mut record, score), cut) in records.into_iter().zip(scores).zip(truncated) {
-            let s = score.ok_or_else(|| StageError::internal("a record was not scored"))?;
+        for ((mut record, s), cut) in records.into_iter().zip(scores).zip(truncated) {
             add_score(&mut record, &self.column, &s, cut);
             write_record(&record, &mut out);
         }
@@ -265,23 +240,6 @@ fn add_score(record: &mut serde_json::Map<String, Value>, column: &str, s: &Scor
     if truncated {
         record.insert(format!("{column}_truncated"), Value::Bool(true));
     }
-}
-
-/// The image files the records of a shard name (for their digests in the shard's key); records
-/// whose image cannot be located are left for `map_shard` to report.
-pub fn image_files(
-    field: &ImageField,
-    root: Option<&Path>,
-    shard: &ShardInput<'_>,
-) -> Result<Vec<PathBuf>, StageError> {
-    let mut files = Vec::new();
-    for (i, line) in lines(shard.jsonl).enumerate() {
-        let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
-        if let Ok(ImageRef::File(path)) = field.locate(&record, root) {
-            files.push(path);
-        }
-    }
-    Ok(files)
 }
 
 /// Image-conditioned scoring with a LLaVA-format VLM, one record at a time.
@@ -335,11 +293,7 @@ impl ShardMapper for ImageMapper {
                     kept += 1;
                 }
                 Err(RecordFailure::Image(_)) if self.drop_bad_images => dropped += 1,
-                Err(RecordFailure::Image(e)) => {
-                    return Err(StageError::input(e)
-                        .at_record(i as u64)
-                        .with_hint("fix or remove the image, or set on_bad_image = \"drop\" to drop such records"));
-                }
+                Err(RecordFailure::Image(e)) => return Err(bad_image(e).at_record(i as u64)),
                 Err(RecordFailure::Other(e)) => return Err(e.at_record(i as u64)),
             }
         }

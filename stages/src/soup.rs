@@ -46,7 +46,6 @@ use ladle_engine::stage::{Accepts, Arity, Execution, Inputs, PortSpec, Produces,
 use ladle_engine::{Artifact, ArtifactDigest, Digest, StageContext, StageKey};
 use serde_json::json;
 
-use crate::llm::scorer::plan_batches;
 use crate::llm::{LanguageModel, LlmConfig, Scorer, Sequence};
 use crate::template::Template;
 use checkpoint::{Checkpoint, check_compatible};
@@ -258,18 +257,7 @@ impl WholeStage for Soup {
         }
         let mut ingredients = Vec::new();
         for (i, m) in models.iter().enumerate() {
-            let dir = match m {
-                Artifact::Folder { external: Some(root), model: true, .. } => root.clone(),
-                a @ Artifact::Folder { model: true, .. } => {
-                    ctx.materialize(a, &ctx.temp_path(&format!("model-{i}")))?
-                }
-                other => {
-                    return Err(StageError::input(format!(
-                        "input {i} of `models` is a {}, not a model (a folder with config.json)",
-                        other.kind_name()
-                    )));
-                }
-            };
+            let dir = crate::model::model_folder(ctx, m, &format!("input {i} of `models`"), &format!("model-{i}"))?;
             let checkpoint = Checkpoint::open(&dir).map_err(|e| StageError::input(e.to_string()))?;
             ingredients.push(Ingredient { dir, digest: m.digest(), checkpoint });
         }
@@ -531,15 +519,13 @@ impl Soup {
                         let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(n))?;
                         let rendered =
                             text.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
-                        let seq = match prompt {
-                            Some(p) => {
-                                let prompt = p
-                                    .render(&record)
-                                    .map_err(|e| StageError::input(format!("eval record {n}: {e}")))?;
-                                tok.answer_sequence(&prompt, &rendered)?
-                            }
-                            None => Sequence { ids: tok.encode(&rendered, true)?, score_from: 1 },
+                        let prompt = match prompt {
+                            Some(p) => Some(
+                                p.render(&record).map_err(|e| StageError::input(format!("eval record {n}: {e}")))?,
+                            ),
+                            None => None,
                         };
+                        let seq = tok.scored_sequence(prompt.as_deref(), &rendered)?;
                         if seq.ids.len() > seq.score_from.max(1) {
                             sequences.push(seq);
                         }
@@ -628,16 +614,9 @@ impl ScoredBy {
                     average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
                 let model = LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model")?;
-                let scorer = Scorer { decoder: &model.decoder, pad: 0 };
-                let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
-                let (mut nll, mut tokens) = (0f64, 0usize);
-                for batch in plan_batches(&lengths, 4096) {
-                    let refs: Vec<&Sequence> = batch.iter().map(|&i| &sequences[i]).collect();
-                    for s in scorer.score_batch(&refs)? {
-                        nll += s.nll_sum;
-                        tokens += s.tokens;
-                    }
-                }
+                let scores = Scorer { decoder: &model.decoder, pad: 0 }.score_all(sequences, 4096)?;
+                let nll: f64 = scores.iter().map(|s| s.nll_sum).sum();
+                let tokens: usize = scores.iter().map(|s| s.tokens).sum();
                 (nll / tokens as f64).exp()
             }
             Metric::Command { command, timeout, cwd, .. } => {

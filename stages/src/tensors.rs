@@ -124,25 +124,15 @@ pub fn export(
         out.write_all(&npy_header(&shape)).map_err(io)?;
     } else {
         let emb_bytes = rows * row_len * 4;
-        let mut header = serde_json::Map::new();
-        let mut entry = |name: &str, dtype: &str, shape: Vec<usize>, from: usize, len: usize| {
-            header.insert(
-                name.into(),
-                serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [from, from + len] }),
-            );
-        };
-        entry("embedding", "F32", shape.clone(), 0, emb_bytes);
-        entry("record", "I64", vec![rows], emb_bytes, rows * 8);
+        let mut entries = vec![
+            StreamedTensor { name: "embedding", dtype: "F32", shape: shape.clone(), bytes: emb_bytes },
+            StreamedTensor { name: "record", dtype: "I64", shape: vec![rows], bytes: rows * 8 },
+        ];
         if has_view {
-            entry("view", "I64", vec![rows], emb_bytes + rows * 8, rows * 8);
+            entries.push(StreamedTensor { name: "view", dtype: "I64", shape: vec![rows], bytes: rows * 8 });
         }
-        header.insert("__metadata__".into(), serde_json::json!({ "format": "ladle tensors v1" }));
-        let mut json = serde_json::to_vec(&header).map_err(|e| StageError::internal(e.to_string()))?;
-        while (json.len() + 8) % 8 != 0 {
-            json.push(b' ');
-        }
-        out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
-        out.write_all(&json).map_err(io)?;
+        let meta = std::collections::BTreeMap::from([("format".to_string(), "ladle tensors v1".to_string())]);
+        out.write_all(&streamed_header(&entries, &meta)).map_err(io)?;
     }
     // Pass 2: the data, shard by shard.
     for s in shards {
@@ -162,6 +152,41 @@ pub fn export(
     file.sync_all().map_err(io)?;
     let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
     Ok(if npy { format!("embedding [{dims}] f32") } else { format!("embedding [{dims}] f32 with record positions") })
+}
+
+/// One tensor of a safetensors file written by streaming its data after the header.
+pub struct StreamedTensor<'a> {
+    pub name: &'a str,
+    /// safetensors' spelling: `F32`, `BF16`, `I64`, ...
+    pub dtype: &'a str,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+/// What precedes the data of a safetensors file whose tensors are then written one after the
+/// other in `tensors` order: the header's length and the header (offsets from the sizes, padded
+/// to 8 bytes, `metadata` as `__metadata__`). For writers that cannot hold the data in memory.
+pub fn streamed_header(
+    tensors: &[StreamedTensor<'_>],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for t in tensors {
+        header.insert(
+            t.name.to_string(),
+            serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes] }),
+        );
+        offset += t.bytes;
+    }
+    header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
+    let mut json = serde_json::to_vec(&header).expect("a header serializes");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out
 }
 
 /// A `.npy` (format 1.0) header for a little-endian f32 C-order array of `shape`.

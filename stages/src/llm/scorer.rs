@@ -39,6 +39,20 @@ pub struct Scorer<'a> {
 }
 
 impl Scorer<'_> {
+    /// Scores every sequence, in batches of at most `batch_tokens` tokens planned by length
+    /// ([`plan_batches`]); the scores come back in the order of `seqs`.
+    pub fn score_all(&self, seqs: &[Sequence], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+        let mut scores: Vec<Option<Score>> = vec![None; seqs.len()];
+        for batch in plan_batches(&lengths, batch_tokens) {
+            let refs: Vec<&Sequence> = batch.iter().map(|&i| &seqs[i]).collect();
+            for (&i, s) in batch.iter().zip(self.score_batch(&refs)?) {
+                scores[i] = Some(s);
+            }
+        }
+        scores.into_iter().map(|s| s.ok_or_else(|| ModelError::Compute("a sequence was not scored".into()))).collect()
+    }
+
     pub fn score_batch(&self, seqs: &[&Sequence]) -> Result<Vec<Score>, ModelError> {
         let b = seqs.len();
         let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);

@@ -116,6 +116,15 @@ impl TextTokenizer {
         env.get_template("chat").and_then(|t| t.render(ctx)).map_err(err)
     }
 
+    /// The tokens a perplexity scores: with a `prompt`, [`TextTokenizer::answer_sequence`];
+    /// without, `text` with the tokenizer's special tokens, every token after the first scored.
+    pub fn scored_sequence(&self, prompt: Option<&str>, text: &str) -> Result<super::Sequence, ModelError> {
+        match prompt {
+            Some(prompt) => self.answer_sequence(prompt, text),
+            None => Ok(super::Sequence { ids: self.encode(text, true)?, score_from: 1 }),
+        }
+    }
+
     /// `text` as the answer to `prompt` in a chat: the chat prefix (not scored), then the tokens of
     /// `text` and the end-of-turn token (scored).
     pub fn answer_sequence(&self, prompt: &str, text: &str) -> Result<super::Sequence, ModelError> {

@@ -252,25 +252,23 @@ pub fn write_soup(
             format!("model-{:05}-of-{count:05}.safetensors", i + 1)
         };
         let path = dir.join(&file_name);
-        let mut header = serde_json::Map::new();
-        let mut offset = 0usize;
-        for (name, t) in shard {
-            let len = t.end - t.start;
-            header.insert(
-                (*name).clone(),
-                serde_json::json!({ "dtype": dtype_name(t.dtype), "shape": t.shape, "data_offsets": [offset, offset + len] }),
-            );
-            offset += len;
+        let dtypes: Vec<String> = shard.iter().map(|(_, t)| dtype_name(t.dtype)).collect();
+        let entries: Vec<crate::tensors::StreamedTensor<'_>> = shard
+            .iter()
+            .zip(&dtypes)
+            .map(|((name, t), dtype)| crate::tensors::StreamedTensor {
+                name,
+                dtype,
+                shape: t.shape.clone(),
+                bytes: t.end - t.start,
+            })
+            .collect();
+        for (name, _) in shard {
             weight_map.insert((*name).clone(), file_name.clone().into());
-        }
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
-        let mut json = serde_json::to_vec(&header).expect("a header serializes");
-        while !json.len().is_multiple_of(8) {
-            json.push(b' ');
         }
         let file = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-        w.write_all(&(json.len() as u64).to_le_bytes()).and_then(|_| w.write_all(&json)).map_err(|e| io(&path, e))?;
+        w.write_all(&crate::tensors::streamed_header(&entries, metadata)).map_err(|e| io(&path, e))?;
         // A writer thread takes finished steps while the next ones are computed.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
         std::thread::scope(|scope| -> Result<(), CheckpointError> {

@@ -147,9 +147,6 @@ impl EncoderLayer {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
         let y = self.fc1.forward(&self.norm2.forward(&x)?)?;
         let y = match self.activation {
-            Activation::QuickGelu if y.device().is_cpu() && y.dtype() == candle_core::DType::F32 => {
-                y.contiguous()?.apply_op1_no_bwd(&crate::kernels::QuickGelu)?
-            }
             Activation::QuickGelu => (&y * candle_nn::ops::sigmoid(&(&y * 1.702)?)?)?,
             Activation::Gelu => y.gelu_erf()?,
         };

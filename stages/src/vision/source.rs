@@ -91,6 +91,33 @@ impl ImageField {
     }
 }
 
+impl ImageField {
+    /// The image files the records of a shard name, for their digests in the shard's key
+    /// ([`ladle_engine::stage::MapStage::record_files`]); records whose image cannot be located
+    /// are left for the stage to report (or drop) with their position.
+    pub fn files_of_shard(
+        &self,
+        root: Option<&Path>,
+        shard: &ladle_engine::stage::ShardInput<'_>,
+    ) -> Result<Vec<PathBuf>, ladle_engine::StageError> {
+        let mut files = Vec::new();
+        for (i, line) in ladle_engine::records::lines(shard.jsonl).enumerate() {
+            let record = ladle_engine::records::parse_record(line)
+                .map_err(|e| ladle_engine::StageError::internal(e).at_record(i as u64))?;
+            if let Ok(ImageRef::File(path)) = self.locate(&record, root) {
+                files.push(path);
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// The error for a record whose image cannot be used, with the way out.
+pub fn bad_image(message: String) -> ladle_engine::StageError {
+    ladle_engine::StageError::input(message)
+        .with_hint("fix or remove the image, or set on_bad_image = \"drop\" to drop such records")
+}
+
 /// A path from a record, resolved against the dataset's root.
 fn resolve(written: &str, root: Option<&Path>) -> Result<PathBuf, String> {
     if written.trim().is_empty() {

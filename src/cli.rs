@@ -116,6 +116,69 @@ enum Cmd {
     /// Look at how images are prepared for vision models
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Measure the native model code on random-weight models of real shapes (JSON lines)
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Perplexity scoring throughput (tokens/s) and its fraction of the device's matmul roofline
+    Score {
+        /// A decoder shape (qwen2-0.5b, qwen2-1.5b, qwen2-7b) or a config.json
+        #[arg(long, default_value = "qwen2-0.5b")]
+        shape: String,
+        /// Keep only this many layers (a quicker run of the same widths)
+        #[arg(long, value_name = "N")]
+        layers: Option<u64>,
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, bf16 or f16 [default: f32 on the CPU, bf16 on a GPU]
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Random token sequences to score
+        #[arg(long, default_value_t = 256)]
+        sequences: usize,
+        /// Their mean length in tokens (lengths spread over half to 1.5 times it)
+        #[arg(long, default_value_t = 60)]
+        length: usize,
+        /// Tokens per batch, padding included (the `perplexity` stage's `batch_tokens`)
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+        /// Also write the random model here (config.json, model.safetensors), and the token ids
+        /// as tokens.json, for a reference implementation to score the very same thing
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
+    },
+    /// Soup averaging (GB/s of input) against plain reads of the same checkpoints
+    Soup {
+        /// Ingredient model folders (or --make synthetic ones)
+        ingredients: Vec<PathBuf>,
+        /// Make this many synthetic bf16 checkpoints of --size-gb each in --work
+        #[arg(long, value_name = "N")]
+        make: Option<usize>,
+        #[arg(long, default_value_t = 2.0)]
+        size_gb: f64,
+        #[arg(long, default_value = "/tmp/ladle-soup-bench")]
+        work: PathBuf,
+        /// Where the soup goes (tmpfs keeps the disk's write speed out of the figure)
+        #[arg(long, default_value = "/dev/shm/ladle-soup-bench")]
+        out: PathBuf,
+        /// Runs of each, alternated; medians are reported
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+    /// The device's dense matmul rate (FLOP/s): the roofline `score` reports against
+    Matmul {
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Square size [default: 8192 on a GPU, 2048 on the CPU]
+        #[arg(long)]
+        size: Option<usize>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -336,6 +399,10 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
             Ok(Outcome::Success)
         }
+        Cmd::Bench(cmd) => {
+            bench(cmd, &mut out)?;
+            Ok(Outcome::Success)
+        }
         Cmd::Verify { pipeline, store } => {
             let store = open_existing_store(&store, pipeline.as_deref())?;
             let r = store.verify().context("verify failed")?;
@@ -365,4 +432,40 @@ pub fn human_bytes(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// `ladle bench`: see [`ladle_stages::bench`].
+fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {
+    use ladle_stages::bench;
+    use ladle_stages::device::Placement;
+    let place = |device: &str, dtype: Option<&str>| {
+        Placement::from_names(Some(device), dtype).map_err(|(name, e)| anyhow::anyhow!("{e} (--{name})"))
+    };
+    let json = match cmd {
+        BenchCmd::Matmul { device, dtype, size } => bench::run_matmul(&place(&device, dtype.as_deref())?, size)?,
+        BenchCmd::Soup { ingredients, make, size_gb, work, out, repeat } => {
+            let json = bench::run_soup(&bench::SoupOptions {
+                ingredients,
+                make: make.map(|n| (n, size_gb)),
+                work,
+                out: out.clone(),
+                repeat,
+            })?;
+            let _ = std::fs::remove_dir_all(&out);
+            json
+        }
+        BenchCmd::Score { shape, layers, device, dtype, sequences, length, batch_tokens, save } => {
+            bench::run_score(&bench::ScoreOptions {
+                shape,
+                layers,
+                placement: place(&device, dtype.as_deref())?,
+                sequences,
+                length,
+                batch_tokens,
+                save,
+            })?
+        }
+    };
+    writeln!(out, "{json}")?;
+    Ok(())
 }

@@ -209,6 +209,16 @@ fn the_generate_stage_writes_what_transformers_generates() {
         assert_eq!(rec["caption_tokens"], 16);
     }
 
+    // In bf16 it generates too (its own cache entry; greedy paths may part from f32's).
+    p.write("p.toml", generate_pipeline("dtype = \"bf16\""));
+    let r = run(&p);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.status("gen"), "ran");
+    for rec in p.jsonl("out.jsonl") {
+        let n = rec["caption_tokens"].as_u64().unwrap();
+        assert!((1..=16).contains(&n) && !rec["caption"].as_str().unwrap().is_empty(), "{rec}");
+    }
+
     // Sampling is seeded per record: the same in another store, different with another seed.
     p.write("p.toml", generate_pipeline("temperature = 1.5\ntop_p = 0.9\nseed = 7"));
     assert_eq!(run(&p).code(), 0);

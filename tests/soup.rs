@@ -204,6 +204,7 @@ fn a_fifth_ingredient_evaluates_only_new_candidates_and_matches_a_cold_run() {
     // The run's summary counts the evaluations as the soup's units of work.
     assert_eq!(r.stage("soup")["shards_computed"], evaluated as u64, "{}", r.summary());
     assert_eq!(r.stage("soup")["shards_total"], (evaluated + cached) as u64);
+    assert_eq!(r.stage("soup")["work_unit"], "candidate score(s)");
     let soup: Value = serde_json::from_slice(&std::fs::read(warm.join("soup.json")).unwrap()).unwrap();
     let tries = soup["greedy_trace"].as_array().unwrap().len();
     assert_eq!(evaluated + cached, 5 + tries - 1);
@@ -383,4 +384,24 @@ fn an_image_conditioned_metric_scores_vlm_candidates_like_the_perplexity_stage()
     assert_eq!(soup["greedy_trace"].as_array().unwrap().len(), 2);
     // The soup is a VLM that `perplexity` runs with images.
     assert!(dir.join("preprocessor_config.json").exists());
+}
+
+#[test]
+fn scores_in_bf16_are_cached_apart_from_f32_and_stay_within_2e2() {
+    let exp = expected();
+    let p = Project::new();
+    p.write("p.toml", pipeline(&ingredients(), GREEDY));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    p.write("p.toml", pipeline(&ingredients(), &format!("{GREEDY}\ndtype = \"bf16\"")));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    // None of the f32 scores is reused: every candidate is scored again, in bf16.
+    assert_eq!(r.stage("soup")["shards_computed"], r.stage("soup")["shards_total"], "{}", r.summary());
+    let dir = run_and_export(&p, "bf16");
+    let soup: Value = serde_json::from_slice(&std::fs::read(dir.join("soup.json")).unwrap()).unwrap();
+    for (i, e) in exp["single_heldout_ppl"].as_array().unwrap().iter().enumerate() {
+        let (g, e) = (soup["ingredients"][i]["metric"].as_f64().unwrap(), e.as_f64().unwrap());
+        assert!((g - e).abs() / e < 2e-2, "ingredient {i} in bf16: {g} vs {e}");
+    }
 }

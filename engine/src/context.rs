@@ -13,6 +13,14 @@ use crate::error::StageError;
 use crate::events::{Event, EventSink};
 use crate::store::Store;
 
+/// Work a whole stage reports (see [`StageContext::report_work`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Work {
+    pub unit: &'static str,
+    pub total: u64,
+    pub computed: u64,
+}
+
 pub struct StageContext<'a> {
     pub stage: &'a str,
     pub store: &'a Store,
@@ -23,7 +31,7 @@ pub struct StageContext<'a> {
     /// Work slots shared by the whole run (`-j`). The stage already holds one while it runs.
     pub(crate) slots: Arc<Semaphore>,
     /// Units of work a whole stage reports (see [`StageContext::report_work`]).
-    pub(crate) work: Mutex<Option<(u64, u64)>>,
+    pub(crate) work: Mutex<Option<Work>>,
 }
 
 impl StageContext<'_> {
@@ -39,10 +47,10 @@ impl StageContext<'_> {
     }
 
     /// For a whole stage whose work comes in units some of which may be cached (a soup's
-    /// candidate evaluations): `total` units, `computed` of them done in this run. They appear in
-    /// the run's summary where a map stage's shards do.
-    pub fn report_work(&self, total: u64, computed: u64) {
-        *self.work.lock().unwrap_or_else(|p| p.into_inner()) = Some((total, computed));
+    /// candidate scores): `total` units, `computed` of them done in this run. They appear in the
+    /// run's summary where a map stage's shards do, named `unit` (plural, as "candidate score(s)").
+    pub fn report_work(&self, unit: &'static str, total: u64, computed: u64) {
+        *self.work.lock().unwrap_or_else(|p| p.into_inner()) = Some(Work { unit, total, computed });
     }
 
     pub fn progress(&self, done: u64, total: u64) {

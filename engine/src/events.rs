@@ -46,6 +46,9 @@ pub enum Event {
         records: Option<u64>,
         shards_total: u64,
         shards_computed: u64,
+        /// What a whole stage counts in `shards_*` instead of shards (`"candidate score(s)"`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        work_unit: Option<&'static str>,
         /// Records dropped because processing them failed (`on_error = "drop"`).
         dropped_on_error: u64,
         /// The output equals the previous run's: stages downstream stay cached (early cutoff).

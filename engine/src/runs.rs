@@ -23,6 +23,9 @@ pub struct StageRecord {
     pub status: StageStatus,
     pub shards_total: u64,
     pub shards_computed: u64,
+    /// What `shards_*` count when not shards (a soup's "candidate score(s)").
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub work_unit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub records: Option<u64>,
     #[serde(skip_serializing_if = "is_zero", default)]
@@ -86,6 +89,7 @@ impl EventSink for RunRecorder {
             status,
             shards_total: 0,
             shards_computed: 0,
+            work_unit: None,
             records: None,
             dropped_on_error: 0,
             artifact: None,
@@ -106,10 +110,12 @@ impl EventSink for RunRecorder {
                 records,
                 shards_total,
                 shards_computed,
+                work_unit,
                 dropped_on_error,
                 seconds,
                 ..
             } => rec.stages.push(StageRecord {
+                work_unit: work_unit.map(str::to_string),
                 dropped_on_error: *dropped_on_error,
                 artifact: Some(artifact.clone()),
                 records: *records,

@@ -5,7 +5,8 @@
 //! cutoff). Map stages run shard by shard: each shard is looked up in the shard cache, or computed
 //! on a blocking thread holding one of the run's `-j` work slots, then committed on its own (object
 //! fsynced, index entry flushed) — a crash loses only the shards in flight. A failed stage does not
-//! stop independent branches; its dependants are skipped.
+//! stop independent branches; its dependants are skipped. A stage that names a device (a GPU)
+//! holds that device's slot while it computes, so two stages never share one GPU's memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,22 @@ impl Default for RunOptions {
     }
 }
 
+/// One slot per device a stage holds exclusively (see [`crate::stage::Stage::device_slot`]):
+/// two stages on one GPU would fight over its memory, so they take turns. Created per run.
+#[derive(Default)]
+struct DeviceSlots(std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>);
+
+impl DeviceSlots {
+    /// Waits until `device` is free and holds it until the permit is dropped.
+    async fn hold(&self, device: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let slot = {
+            let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry(device.to_string()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
+        };
+        slot.acquire_owned().await.expect("a device semaphore is never closed")
+    }
+}
+
 /// Everything a stage task needs, shared with its shard tasks.
 struct StageEnv {
     pipeline: Arc<Pipeline>,
@@ -55,6 +72,7 @@ struct StageEnv {
     store: Store,
     sink: Arc<dyn EventSink>,
     slots: Arc<Semaphore>,
+    devices: Arc<DeviceSlots>,
     key: StageKey,
     run: u64,
 }
@@ -155,6 +173,7 @@ async fn schedule(
 ) -> Result<()> {
     let n = pipeline.stages.len();
     let slots = Arc::new(Semaphore::new(jobs));
+    let devices = Arc::new(DeviceSlots::default());
     let sources: Vec<BTreeSet<usize>> =
         pipeline.stages.iter().map(|s| s.inputs.values().flatten().copied().collect()).collect();
     let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -182,6 +201,7 @@ async fn schedule(
             store: store.clone(),
             sink: sink.clone(),
             slots: slots.clone(),
+            devices: devices.clone(),
             forced: options.force.contains(&decl.name),
             run: run_id,
         };
@@ -247,6 +267,7 @@ struct StageTask {
     store: Store,
     sink: Arc<dyn EventSink>,
     slots: Arc<Semaphore>,
+    devices: Arc<DeviceSlots>,
     forced: bool,
     run: u64,
 }
@@ -317,6 +338,7 @@ impl StageTask {
             store: self.store.clone(),
             sink: self.sink.clone(),
             slots: self.slots.clone(),
+            devices: self.devices.clone(),
             key,
             run: self.run,
         });
@@ -354,14 +376,22 @@ impl StageTask {
             }
         }
 
+        // What a whole stage counted instead of shards, when it reported its work.
+        let mut work_unit = None;
         let result = match self.pipeline.stages[self.idx].stage.execution() {
             Execution::Map { port, .. } => run_map(env.clone(), inputs, &parts, salts, port, self.forced).await,
             Execution::Whole(_) => {
                 self.sink.emit(&Event::StageStarted { stage: name.clone(), kind: kind.clone(), shards_total: None });
+                // The device first, then a work slot: nothing holds a work slot while it waits for a
+                // device, so the two kinds of slot cannot deadlock.
+                let device = match self.pipeline.stages[self.idx].stage.device_slot() {
+                    Some(d) => Some(self.devices.hold(&d).await),
+                    None => None,
+                };
                 let permit = self.slots.clone().acquire_owned().await;
                 let env2 = env.clone();
                 let joined = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
+                    let _held = (permit, device);
                     let Execution::Whole(stage) = env2.pipeline.stages[env2.idx].stage.execution() else {
                         unreachable!()
                     };
@@ -373,7 +403,8 @@ impl StageTask {
                 .await;
                 match joined {
                     Ok(Ok((a, work))) => {
-                        let (total, computed) = work.unwrap_or_else(|| {
+                        work_unit = work.map(|w| w.unit);
+                        let (total, computed) = work.map(|w| (w.total, w.computed)).unwrap_or_else(|| {
                             let n = match &a {
                                 Artifact::Dataset { shards, .. } => shards.len() as u64,
                                 _ => 0,
@@ -410,6 +441,7 @@ impl StageTask {
                     records: artifact.records(),
                     shards_total,
                     shards_computed,
+                    work_unit,
                     dropped_on_error,
                     unchanged: previous.is_some_and(|p| p.artifact == digest),
                     seconds: started.elapsed().as_secs_f64(),
@@ -459,6 +491,9 @@ async fn run_map(
     let mut done = 0u64;
     let mut computed = 0u64;
     let mut set: JoinSet<(usize, std::result::Result<ShardEntry, String>)> = JoinSet::new();
+    // The stage's device, held from its first computed shard to its end (cached shards need none).
+    let device_slot = env.pipeline.stages[env.idx].stage.device_slot();
+    let mut device = None;
 
     let handle =
         |joined: std::result::Result<(usize, std::result::Result<ShardEntry, String>), tokio::task::JoinError>,
@@ -494,6 +529,9 @@ async fn run_map(
                     break;
                 }
             }
+        }
+        if let (Some(d), None) = (&device_slot, &device) {
+            device = Some(env.devices.hold(d).await);
         }
         let permit = env.slots.clone().acquire_owned().await.expect("the work-slot semaphore is never closed");
         while let Some(j) = set.try_join_next() {

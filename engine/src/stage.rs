@@ -87,6 +87,12 @@ pub trait Stage: Send + Sync {
     fn still_valid(&self, _artifact: &Artifact, _ctx: &StageContext<'_>) -> bool {
         true
     }
+    /// A device the stage holds alone while it computes (`"cuda:0"`): stages naming the same
+    /// device take turns, so two models never share one GPU's memory. Held only when something
+    /// is computed (not for a cached stage or cached shards), before any `-j` work slot.
+    fn device_slot(&self) -> Option<String> {
+        None
+    }
 }
 
 pub enum Execution<'a> {

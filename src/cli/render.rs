@@ -55,6 +55,7 @@ fn line_for(event: &Event) -> Option<String> {
             records: n,
             shards_total,
             shards_computed,
+            work_unit,
             dropped_on_error,
             unchanged,
             seconds,
@@ -63,7 +64,7 @@ fn line_for(event: &Event) -> Option<String> {
             let dropped =
                 if *dropped_on_error > 0 { format!(", {dropped_on_error} dropped on error") } else { String::new() };
             let shards = if *shards_total > 0 {
-                format!(", {shards_computed}/{shards_total} shard(s) computed")
+                format!(", {shards_computed}/{shards_total} {} computed", work_unit.unwrap_or("shard(s)"))
             } else {
                 String::new()
             };
@@ -153,5 +154,34 @@ impl EventSink for Bars {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(work_unit: Option<&'static str>) -> Event {
+        Event::StageFinished {
+            stage: "soup".into(),
+            kind: "soup".into(),
+            artifact: "0123456789abcdef".into(),
+            records: None,
+            shards_total: 9,
+            shards_computed: 2,
+            work_unit,
+            dropped_on_error: 0,
+            unchanged: false,
+            seconds: 1.5,
+        }
+    }
+
+    #[test]
+    fn a_stage_finished_line_names_what_was_computed() {
+        assert_eq!(line_for(&finished(None)).unwrap(), "soup: done in 1.50 s (0123456789ab, 2/9 shard(s) computed)");
+        assert_eq!(
+            line_for(&finished(Some("candidate score(s)"))).unwrap(),
+            "soup: done in 1.50 s (0123456789ab, 2/9 candidate score(s) computed)"
+        );
     }
 }

@@ -10,7 +10,8 @@
 //! select = "patch"            # "patch" [patches, hidden] | "cls" [hidden] | "mean" [hidden]
 //! tiling = { method = "catty", max_splits = 8 }   # optional: POINTS' CATTY views of each image
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
-//! ```
+//! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
+//! ```                         # (see crate::device: default f32 on the CPU, bf16 on a GPU)
 //!
 //! The output is a *tensors* artifact, not records: one safetensors shard per input shard (see
 //! [`crate::tensors`]), with `embedding` [rows, ...] and `record` (each row's record position).
@@ -20,7 +21,8 @@
 //! Images are decoded and preprocessed as [`crate::vision::preprocess`] says (bit-exact with
 //! transformers' CLIPImageProcessor), then run through the tower `batch_images` at a time (default
 //! 16; it does not change results, so it is not part of the key). The tower runs only up to
-//! `layer`. Image contents are part of each shard's key, as for `perplexity`.
+//! `layer`. Image contents are part of each shard's key, as for `perplexity`. Embeddings are
+//! written as f32 whatever the dtype the tower computes in.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 
+use crate::device::Placement;
 use crate::model::{MODEL_PORT, model_dir};
 use crate::tensors::TensorShard;
 use crate::vision::encoder::{ImageEncoder, Select};
@@ -79,7 +82,8 @@ impl StageKind for EncodeKind {
         params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
         let batch_images = params.positive("batch_images")?.unwrap_or(16) as usize;
         params.exclude_from_key("batch_images");
-        Ok(Arc::new(Encode { image, layer, select, tiling, drop_bad_images, batch_images }))
+        let placement = Placement::configure(params)?;
+        Ok(Arc::new(Encode { image, layer, select, tiling, drop_bad_images, batch_images, placement }))
     }
 }
 
@@ -110,6 +114,7 @@ struct Encode {
     tiling: Option<Catty>,
     drop_bad_images: bool,
     batch_images: usize,
+    placement: Placement,
 }
 
 impl Stage for Encode {
@@ -118,6 +123,9 @@ impl Stage for Encode {
     }
     fn execution(&self) -> Execution<'_> {
         Execution::Map { port: "data", stage: self }
+    }
+    fn device_slot(&self) -> Option<String> {
+        self.placement.slot()
     }
 }
 
@@ -132,7 +140,7 @@ impl MapStage for Encode {
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
-        let encoder = ImageEncoder::load(&dir)?;
+        let encoder = ImageEncoder::load_on(&dir, &self.placement.device()?, self.placement.dtype)?;
         if encoder.tower.state_index(self.layer).is_none() {
             let n = encoder.config.num_layers as i64;
             return Err(StageError::input(format!(

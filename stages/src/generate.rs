@@ -18,6 +18,7 @@
 //! `max_new_tokens`; the column holds the new text without special tokens, and
 //! `{column}_tokens` the number of new tokens. A sampled record's seed is derived from `seed` and
 //! the record itself, so its output does not depend on shards, workers or reruns.
+//! `device` and `dtype` choose where and in what precision it runs (see [`crate::device`]).
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 
+use crate::device::Placement;
 use crate::llm::LanguageModel;
 use crate::llm::generate::{Rng, Sampling, generate};
 use crate::template::Template;
@@ -64,12 +66,14 @@ impl StageKind for GenerateKind {
         }
         let seed = params.integer("seed")?.unwrap_or(0);
         params.record("sampling", serde_json::json!({"temperature": temperature, "top_p": top_p, "seed": seed}));
+        let placement = Placement::configure(params)?;
         Ok(Arc::new(Generate {
             prompt,
             column,
             max_new_tokens,
             sampling: Sampling { temperature, top_p },
             seed: seed as u64,
+            placement,
         }))
     }
 }
@@ -81,6 +85,7 @@ struct Generate {
     max_new_tokens: usize,
     sampling: Sampling,
     seed: u64,
+    placement: Placement,
 }
 
 impl Stage for Generate {
@@ -90,12 +95,15 @@ impl Stage for Generate {
     fn execution(&self) -> Execution<'_> {
         Execution::Map { port: "data", stage: self }
     }
+    fn device_slot(&self) -> Option<String> {
+        self.placement.slot()
+    }
 }
 
 impl MapStage for Generate {
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = crate::model::model_dir(ctx, inputs)?;
-        let model = LanguageModel::load(&dir)?;
+        let model = LanguageModel::load_on(&dir, &self.placement.device()?, self.placement.dtype)?;
         if !model.tokenizer.has_chat_template() {
             return Err(StageError::input(format!(
                 "{}: the model has no chat template (`chat_template` in tokenizer_config.json)",

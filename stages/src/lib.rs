@@ -3,10 +3,15 @@
 //! Each stage kind is one module: it reads its parameters, declares its ports and implements the
 //! engine's [`Stage`](ladle_engine::stage::Stage) traits. [`registry`] returns them all for the
 //! binary. ML stages live here too: [`llm`] (the language-model core), [`vision`] (images, CLIP,
-//! LLaVA), [`perplexity`], [`generate`] and [`encode`]; soups and a `cuda` feature will follow.
+//! LLaVA), [`perplexity`], [`generate`], [`encode`] and [`soup`]; [`device`] places model stages
+//! on the CPU or, with the `cuda` feature, a GPU.
 
+pub mod bench;
 pub mod concat;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dedup;
+pub mod device;
 pub mod encode;
 pub mod exec;
 pub mod generate;

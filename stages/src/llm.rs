@@ -34,6 +34,9 @@ pub enum ModelError {
     /// An image the model cannot take (too elongated to preprocess, say).
     #[error("{0}")]
     Image(String),
+    /// The device asked for is not there (see [`crate::device`]).
+    #[error("{0}")]
+    Device(String),
 }
 
 impl From<candle_core::Error> for ModelError {
@@ -72,8 +75,17 @@ pub struct LanguageModel {
 impl LanguageModel {
     /// Loads `dir` in f32 on the CPU.
     pub fn load(dir: &Path) -> Result<LanguageModel, ModelError> {
+        Self::load_on(dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+    }
+
+    /// Loads `dir` onto `device`, its weights converted to `dtype`.
+    pub fn load_on(
+        dir: &Path,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> Result<LanguageModel, ModelError> {
         let config = LlmConfig::load(dir)?;
-        let vb = weights::load(dir)?;
+        let vb = weights::load(dir, device, dtype)?;
         Self::from_parts(dir, config, &vb, "model")
     }
 

@@ -10,7 +10,8 @@
 //! column = "ppl"              # adds ppl, ppl_nll, ppl_tokens (and ppl_truncated when cut)
 //! image = "{image}"           # optional: image-conditioned scoring with a LLaVA-format VLM
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
-//! ```
+//! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
+//! ```                         # (see crate::device: default f32 on the CPU, bf16 on a GPU)
 //!
 //! Semantics (those of the transformers fixtures):
 //! - text mode: tokens = tokenizer(text) with its special tokens (BOS where the tokenizer adds
@@ -28,7 +29,8 @@
 //! `{column}` is the perplexity exp(mean NLL), `{column}_nll` the mean NLL, `{column}_tokens` the
 //! number of scored tokens. A record longer than `max_tokens` (default: the model's maximum
 //! positions) is cut from the end and gets `{column}_truncated = true`. Records are batched by
-//! length under `batch_tokens` (default 4096); a record's score does not depend on its batch.
+//! length under `batch_tokens` (default 4096 on the CPU, 16384 on a GPU; image-conditioned
+//! records too, image slots counted); a record's score does not depend on its batch.
 //! The model is loaded once per stage run, and only if some shard is not cached.
 
 use std::path::PathBuf;
@@ -43,10 +45,11 @@ use ladle_engine::stage::{
 };
 use serde_json::Value;
 
+use crate::device::{Placement, Processor};
 use crate::llm::{LanguageModel, Score, Scorer, Sequence};
 use crate::model::{MODEL_PORT, model_dir};
 use crate::template::Template;
-use crate::vision::llava::Llava;
+use crate::vision::llava::{Llava, PreparedRecord};
 use crate::vision::source::{ImageField, bad_image};
 
 pub struct PerplexityKind;
@@ -81,7 +84,7 @@ impl StageKind for PerplexityKind {
         if max_tokens == Some(1) {
             return Err(params.error("max_tokens", "`max_tokens` must be at least 2: one token predicts the next"));
         }
-        let batch_tokens = params.positive("batch_tokens")?.unwrap_or(4096) as usize;
+        let batch_tokens = params.positive("batch_tokens")?;
         params.exclude_from_key("batch_tokens");
         let image = match params.string("image")? {
             Some(src) => Some(ImageField::parse(&src).map_err(|e| params.error("image", e))?),
@@ -96,7 +99,11 @@ impl StageKind for PerplexityKind {
         if image.is_some() {
             params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
         }
-        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, drop_bad_images }))
+        let placement = Placement::configure(params)?;
+        // A GPU wants bigger batches to be kept busy; the CPU gains nothing past a few thousand.
+        let gpu = placement.processor != Processor::Cpu;
+        let batch_tokens = batch_tokens.unwrap_or(if gpu { 16384 } else { 4096 }) as usize;
+        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, drop_bad_images, placement }))
     }
 }
 
@@ -108,6 +115,7 @@ struct Perplexity {
     batch_tokens: usize,
     image: Option<ImageField>,
     drop_bad_images: bool,
+    placement: Placement,
 }
 
 impl Stage for Perplexity {
@@ -116,6 +124,9 @@ impl Stage for Perplexity {
     }
     fn execution(&self) -> Execution<'_> {
         Execution::Map { port: "data", stage: self }
+    }
+    fn device_slot(&self) -> Option<String> {
+        self.placement.slot()
     }
 }
 
@@ -131,8 +142,9 @@ impl MapStage for Perplexity {
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
+        let device = self.placement.device()?;
         if let Some(field) = &self.image {
-            let vlm = Llava::load(&dir).map_err(|e| {
+            let vlm = Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
                 StageError::from(e).with_hint("`image` needs a LLaVA-format VLM; drop `image` to score the text alone")
             })?;
             let max_tokens = self.max_tokens.unwrap_or(vlm.lm.config.max_positions).min(vlm.lm.config.max_positions);
@@ -144,10 +156,11 @@ impl MapStage for Perplexity {
                 image: field.clone(),
                 root: inputs.dataset_root("data"),
                 drop_bad_images: self.drop_bad_images,
+                batch_tokens: self.batch_tokens,
                 vlm,
             }));
         }
-        let model = LanguageModel::load(&dir)?;
+        let model = LanguageModel::load_on(&dir, &device, self.placement.dtype)?;
         // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
         match &self.prompt {
             Some(_) if !model.tokenizer.has_chat_template() => {
@@ -251,6 +264,7 @@ struct ImageMapper {
     image: ImageField,
     root: Option<PathBuf>,
     drop_bad_images: bool,
+    batch_tokens: usize,
     vlm: Llava,
 }
 
@@ -261,7 +275,8 @@ enum RecordFailure {
 }
 
 impl ImageMapper {
-    fn score(&self, record: &serde_json::Map<String, Value>) -> Result<(Score, bool), RecordFailure> {
+    /// The record's image and sequence, ready to score with others.
+    fn prepare(&self, record: &serde_json::Map<String, Value>) -> Result<PreparedRecord, RecordFailure> {
         let text = self.text.render(record).map_err(|e| RecordFailure::Other(StageError::input(e)))?;
         if text.trim().is_empty() {
             return Err(RecordFailure::Other(StageError::input("the text to score is empty")));
@@ -272,31 +287,59 @@ impl ImageMapper {
         };
         let image = self.image.locate(record, self.root.as_deref()).map_err(RecordFailure::Image)?;
         let rgb = image.load().map_err(|e| RecordFailure::Image(e.to_string()))?;
-        let (score, truncated) = self.vlm.score_within(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
+        self.vlm.prepare(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
             crate::llm::ModelError::Image(m) => RecordFailure::Image(m),
             other => RecordFailure::Other(other.into()),
-        })?;
-        Ok((score, truncated))
+        })
+    }
+}
+
+/// Records prepared at a time: their preprocessed images are held until scored (1.4 MB each at
+/// 336 pixels), so a window bounds memory whatever the shard's size.
+const IMAGE_WINDOW: usize = 64;
+
+impl ImageMapper {
+    /// Scores a window of prepared records in batches of similar length under `batch_tokens`,
+    /// and writes them in order.
+    fn flush(
+        &self,
+        window: &mut Vec<(usize, serde_json::Map<String, Value>, PreparedRecord)>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StageError> {
+        let Some(first) = window.first().map(|w| w.0 as u64) else { return Ok(()) };
+        let items: Vec<&PreparedRecord> = window.iter().map(|w| &w.2).collect();
+        let scores = self.vlm.score_all(&items, self.batch_tokens).map_err(|e| StageError::from(e).at_record(first))?;
+        for ((_, mut record, p), score) in window.drain(..).zip(scores) {
+            add_score(&mut record, &self.column, &score, p.truncated);
+            write_record(&record, out);
+        }
+        Ok(())
     }
 }
 
 impl ShardMapper for ImageMapper {
+    /// Records are prepared one by one (an unusable image fails or drops its record there), then
+    /// scored together, [`IMAGE_WINDOW`] at a time.
     fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
         let mut out = Vec::with_capacity(shard.jsonl.len() * 2);
+        let mut window = Vec::with_capacity(IMAGE_WINDOW);
         let (mut kept, mut dropped) = (0u64, 0u64);
         for (i, line) in lines(shard.jsonl).enumerate() {
-            let mut record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
-            match self.score(&record) {
-                Ok((score, cut)) => {
-                    add_score(&mut record, &self.column, &score, cut);
-                    write_record(&record, &mut out);
+            let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+            match self.prepare(&record) {
+                Ok(p) => {
+                    window.push((i, record, p));
                     kept += 1;
                 }
                 Err(RecordFailure::Image(_)) if self.drop_bad_images => dropped += 1,
                 Err(RecordFailure::Image(e)) => return Err(bad_image(e).at_record(i as u64)),
                 Err(RecordFailure::Other(e)) => return Err(e.at_record(i as u64)),
             }
+            if window.len() == IMAGE_WINDOW {
+                self.flush(&mut window, &mut out)?;
+            }
         }
+        self.flush(&mut window, &mut out)?;
         Ok(MappedShard { bytes: out, records: kept, dropped_on_error: dropped })
     }
 }

@@ -9,6 +9,8 @@
 //! method = "greedy"                   # "uniform" | "weighted" (weights = [...]) | "maximum" (top = N)
 //! strict = false                      # greedy: keep an ingredient only if strictly better
 //! max_shard_size = "5GB"              # output shards (with model.safetensors.index.json)
+//! device = "auto"                      # where the built-in metric scores (see crate::device);
+//! dtype = "f32"                        # default f32 on the CPU, bf16 on a GPU
 //! ```
 //!
 //! - `uniform`: the mean of all; `weighted`: Σ wᵢ·modelᵢ / Σ wᵢ.
@@ -46,6 +48,7 @@ use ladle_engine::stage::{Accepts, Arity, Execution, Inputs, PortSpec, Produces,
 use ladle_engine::{Artifact, ArtifactDigest, Digest, StageContext, StageKey};
 use serde_json::json;
 
+use crate::device::Placement;
 use crate::llm::{LanguageModel, LlmConfig, Scorer, Sequence};
 use crate::template::Template;
 use checkpoint::{Checkpoint, check_compatible};
@@ -154,7 +157,20 @@ impl StageKind for SoupKind {
             })?,
         };
         params.exclude_from_key("max_shard_size");
-        Ok(Arc::new(Soup { method, metric, metric_deps, max_shard_bytes }))
+        // Averaging streams on the CPU at the speed the checkpoints can be read; only the
+        // built-in metric runs a model, and `device` and `dtype` place it.
+        let builtin = matches!(metric, Some(MetricSpec::Perplexity { .. }));
+        if let Some(p) = ["device", "dtype"].into_iter().find(|p| !builtin && params.has(p)) {
+            return Err(params.error(
+                p,
+                format!(
+                    "`{p}` places the model of the built-in metric (`eval` with `text`), which this soup does not \
+                     use; averaging itself always streams on the CPU"
+                ),
+            ));
+        }
+        let placement = if builtin { Placement::configure(params)? } else { Placement::CPU_F32 };
+        Ok(Arc::new(Soup { method, metric, metric_deps, max_shard_bytes, placement }))
     }
 }
 
@@ -182,6 +198,8 @@ struct Soup {
     /// Files the metric command reads (its script, say): their digests join the score cache key.
     metric_deps: Vec<PathBuf>,
     max_shard_bytes: u64,
+    /// Where the built-in metric's candidates are scored.
+    placement: Placement,
 }
 
 /// How candidates are scored.
@@ -229,6 +247,9 @@ impl Stage for Soup {
     }
     fn execution(&self) -> Execution<'_> {
         Execution::Whole(self)
+    }
+    fn device_slot(&self) -> Option<String> {
+        matches!(self.metric, Some(MetricSpec::Perplexity { .. })).then(|| self.placement.slot()).flatten()
     }
 }
 
@@ -326,7 +347,7 @@ impl WholeStage for Soup {
                     _ => unreachable!(),
                 }
                 let candidates = ingredients.len() + trace.len().saturating_sub(1);
-                ctx.report_work(candidates as u64, evaluated as u64);
+                ctx.report_work("candidate score(s)", candidates as u64, evaluated as u64);
                 log.push_str(&format!(
                     "metric: {}; {evaluated} evaluated, {} from the cache\n",
                     metric.describe(),
@@ -414,11 +435,15 @@ enum Metric {
     ImagePerplexity {
         records: Vec<(image::RgbImage, String, String)>,
         dir: PathBuf,
+        device: candle_core::Device,
+        dtype: candle_core::DType,
     },
     Perplexity {
         sequences: Vec<Sequence>,
         config: LlmConfig,
         tokenizer_dir: PathBuf,
+        device: candle_core::Device,
+        dtype: candle_core::DType,
     },
     Command {
         command: Vec<String>,
@@ -436,6 +461,15 @@ struct ScoredBy {
 }
 
 impl Soup {
+    /// A built-in metric's identity with the dtype it scores in, when not f32 (f32 scores are
+    /// those cached before `dtype` existed).
+    fn with_dtype(&self, mut identity: serde_json::Value) -> serde_json::Value {
+        if self.placement.dtype != candle_core::DType::F32 {
+            identity["dtype"] = crate::device::dtype_name(self.placement.dtype).into();
+        }
+        identity
+    }
+
     fn metric(&self, ctx: &StageContext<'_>, inputs: &Inputs, first: &Path) -> Result<ScoredBy, StageError> {
         let mut deps = Vec::new();
         for d in &self.metric_deps {
@@ -494,10 +528,16 @@ impl Soup {
                     h.extend(Digest::of(prompt.as_bytes()).0);
                     h.extend(Digest::of(text.as_bytes()).0);
                 }
-                let identity =
-                    json!({ "metric": "image-conditioned corpus perplexity v1", "records": Digest::of(&h).to_hex() });
+                let identity = self.with_dtype(
+                    json!({ "metric": "image-conditioned corpus perplexity v1", "records": Digest::of(&h).to_hex() }),
+                );
                 Ok(ScoredBy {
-                    metric: Metric::ImagePerplexity { records, dir: first.to_path_buf() },
+                    metric: Metric::ImagePerplexity {
+                        records,
+                        dir: first.to_path_buf(),
+                        device: self.placement.device()?,
+                        dtype: self.placement.dtype,
+                    },
                     identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
                 })
             }
@@ -537,16 +577,18 @@ impl Soup {
                         "the eval dataset has nothing to score (no records, or only one-token texts)",
                     ));
                 }
-                let identity = json!({
+                let identity = self.with_dtype(json!({
                     "metric": "corpus perplexity v1",
                     "eval": eval.digest().to_hex(),
                     "sequences": sequences.iter().map(|s| (&s.ids, s.score_from)).collect::<Vec<_>>(),
-                });
+                }));
                 Ok(ScoredBy {
                     metric: Metric::Perplexity {
                         sequences,
                         config: model.config.clone(),
                         tokenizer_dir: first.to_path_buf(),
+                        device: self.placement.device()?,
+                        dtype: self.placement.dtype,
                     },
                     identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
                 })
@@ -594,25 +636,25 @@ impl ScoredBy {
         let cks: Vec<&Checkpoint> = members.iter().map(|&(i, _)| &ingredients[i].checkpoint).collect();
         let ws: Vec<f64> = members.iter().map(|&(_, w)| w).collect();
         let score = match &self.metric {
-            Metric::ImagePerplexity { records, dir } => {
-                let device = candle_core::Device::Cpu;
-                let tensors =
-                    average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
-                let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
-                let vlm = crate::vision::llava::Llava::from_weights(dir, Some(vb))?;
-                let (mut nll, mut tokens) = (0f64, 0usize);
-                for (rgb, prompt, text) in records {
-                    let s = vlm.score(rgb, prompt, text)?;
-                    nll += s.nll_sum;
-                    tokens += s.tokens;
-                }
+            Metric::ImagePerplexity { records, dir, device, dtype } => {
+                let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
+                    .map_err(|e| StageError::input(e.to_string()))?;
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
+                let vlm = crate::vision::llava::Llava::from_weights(dir, vb)?;
+                // Batched as the perplexity stage batches them.
+                let prepared = records
+                    .iter()
+                    .map(|(rgb, prompt, text)| vlm.prepare(rgb, prompt, text, usize::MAX))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let scores = vlm.score_all(&prepared.iter().collect::<Vec<_>>(), 4096)?;
+                let nll: f64 = scores.iter().map(|s| s.nll_sum).sum();
+                let tokens: usize = scores.iter().map(|s| s.tokens).sum();
                 (nll / tokens as f64).exp()
             }
-            Metric::Perplexity { sequences, config, tokenizer_dir } => {
-                let device = candle_core::Device::Cpu;
-                let tensors =
-                    average::soup_tensors(&cks, &ws, &device).map_err(|e| StageError::input(e.to_string()))?;
-                let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
+            Metric::Perplexity { sequences, config, tokenizer_dir, device, dtype } => {
+                let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
+                    .map_err(|e| StageError::input(e.to_string()))?;
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
                 let model = LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model")?;
                 let scores = Scorer { decoder: &model.decoder, pad: 0 }.score_all(sequences, 4096)?;
                 let nll: f64 = scores.iter().map(|s| s.nll_sum).sum();

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device};
 use ladle_stages::llm::scorer::plan_batches;
 use ladle_stages::llm::{LanguageModel, Scorer, Sequence};
 use serde_json::Value;
@@ -35,7 +36,13 @@ fn prompted_sequence(m: &LanguageModel, prompt: &str, caption: &str) -> Sequence
 }
 
 fn check(model: &str, key: &str, prompted: bool) {
-    let m = LanguageModel::load(&fixtures().join(model)).unwrap();
+    check_in(model, key, prompted, DType::F32, 1e-4);
+}
+
+/// The fixture's perplexities with the model computing in `dtype` on the CPU, each within
+/// relative `tolerance` (issue #7: 1e-4 in f32, 2e-2 in bf16 and f16).
+fn check_in(model: &str, key: &str, prompted: bool, dtype: DType, tolerance: f64) {
+    let m = LanguageModel::load_on(&fixtures().join(model), &Device::Cpu, dtype).unwrap();
     let exp = expected();
     let prompt = exp["prompt"].as_str().unwrap();
     let scorer = Scorer { decoder: &m.decoder, pad: 0 };
@@ -54,9 +61,22 @@ fn check(model: &str, key: &str, prompted: bool) {
         let want = e["perplexity"].as_f64().unwrap();
         let rel = (s.perplexity() - want).abs() / want;
         worst = worst.max(rel);
-        assert!(rel < 1e-4, "{key} {id}: {} vs {want} (rel {rel:e})", s.perplexity());
+        assert!(rel < tolerance, "{key} {dtype:?} {id}: {} vs {want} (rel {rel:e})", s.perplexity());
     }
-    eprintln!("{key}: worst relative error {worst:e} over {} captions", caps.len());
+    eprintln!("{key} {dtype:?}: worst relative error {worst:e} over {} captions", caps.len());
+}
+
+#[test]
+fn qwen2_in_bf16_and_f16() {
+    check_in("tiny-qwen2", "qwen2_text", false, DType::BF16, 2e-2);
+    check_in("tiny-qwen2", "qwen2_prompted", true, DType::BF16, 2e-2);
+    check_in("tiny-qwen2", "qwen2_text", false, DType::F16, 2e-2);
+}
+
+#[test]
+fn llama_in_bf16_and_f16() {
+    check_in("tiny-llama", "llama_text", false, DType::BF16, 2e-2);
+    check_in("tiny-llama", "llama_prompted", true, DType::F16, 2e-2);
 }
 
 #[test]

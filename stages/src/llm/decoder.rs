@@ -21,7 +21,9 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &LlmConfig, device: &Device) -> candle_core::Result<Rope> {
+    /// The tables are computed in f64, stored in the model's dtype (as transformers casts them
+    /// to the activations' dtype).
+    fn new(cfg: &LlmConfig, device: &Device, dtype: DType) -> candle_core::Result<Rope> {
         let half = cfg.head_dim / 2;
         let inv: Vec<f64> =
             (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
@@ -35,7 +37,10 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok(Rope { cos: Tensor::from_vec(cos, (n, half), device)?, sin: Tensor::from_vec(sin, (n, half), device)? })
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+        })
     }
 
     fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
@@ -105,11 +110,13 @@ impl Attention {
         let kr = self.repeat_kv(k.clone())?.contiguous()?;
         let vr = self.repeat_kv(v.clone())?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&kr.t()?)? * scale)?;
+        // Scores and their softmax in f32 whatever the dtype (the mask is f32 too).
+        let dtype = q.dtype();
+        let mut scores = (q.matmul(&kr.t()?)?.to_dtype(DType::F32)? * scale)?;
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let y = probs.matmul(&vr)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         Ok((self.o.forward(&y)?, (k, v)))
     }
@@ -209,7 +216,7 @@ impl Decoder {
             layers,
             norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
             lm_head,
-            rope: Rope::new(cfg, vb.device())?,
+            rope: Rope::new(cfg, vb.device(), vb.dtype())?,
             device: vb.device().clone(),
         })
     }
@@ -297,17 +304,26 @@ impl Decoder {
         let mut start = 0;
         while start < n {
             let len = rows.min(n - start);
-            let logits = self.logits(&hidden.narrow(0, start, len)?)?.contiguous()?;
-            let (storage, layout) = logits.storage_and_layout();
-            match &*storage {
+            // Log-softmax sums in f32 whatever the dtype the model computes in.
+            let logits = self.logits(&hidden.narrow(0, start, len)?)?;
+            let targets = &targets[start..start + len];
+            match &self.device {
                 // The fused, vectorized pass (see `logsumexp`).
-                candle_core::Storage::Cpu(cpu) => {
-                    let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + len * vocab];
-                    out.extend(super::logsumexp::target_log_probs(data, vocab, &targets[start..start + len]));
+                Device::Cpu => {
+                    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+                    let (storage, layout) = logits.storage_and_layout();
+                    let data = crate::kernels::f32_values(&storage, layout)?;
+                    out.extend(super::logsumexp::target_log_probs(data, vocab, targets));
+                }
+                // One fused kernel over the logits in their own dtype (see `crate::cuda`).
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => {
+                    let idx = Tensor::from_slice(targets, len, &self.device)?;
+                    out.extend(crate::cuda::target_log_probs(&logits, &idx)?.to_vec1::<f32>()?);
                 }
                 _ => {
-                    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-                    let idx = Tensor::from_slice(&targets[start..start + len], (len, 1), &self.device)?;
+                    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+                    let idx = Tensor::from_slice(targets, (len, 1), &self.device)?;
                     out.extend(logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
                 }
             }

@@ -96,7 +96,7 @@ pub fn generate(
         let hidden = decoder.step(&Tensor::from_vec(input.clone(), (1, input.len()), device)?, &mut cache)?;
         let (_, t, h) = hidden.dims3()?;
         let last = hidden.narrow(1, t - 1, 1)?.reshape((1, h))?;
-        let logits = decoder.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
+        let logits = decoder.logits(&last)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let next = pick(&logits, sampling, rng);
         out.push(next);
         if stop.contains(&next) {

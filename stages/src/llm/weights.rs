@@ -1,5 +1,6 @@
 //! Weights from one `.safetensors` file or a sharded set with `model.safetensors.index.json`,
-//! memory-mapped, stored as f32, f16 or bf16 and read as f32.
+//! memory-mapped, stored as f32, f16 or bf16 and read in the dtype and onto the device the stage
+//! computes with (see [`crate::device`]).
 
 use std::path::{Path, PathBuf};
 
@@ -41,8 +42,8 @@ pub fn files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     })
 }
 
-/// A memory-mapped view of the folder's weights, read as f32 on the CPU.
-pub fn load(dir: &Path) -> Result<VarBuilder<'static>, ModelError> {
+/// A memory-mapped view of the folder's weights, each read as `dtype` onto `device` when asked for.
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<VarBuilder<'static>, ModelError> {
     let files = files(dir)?;
     for f in &files {
         // Check the header ourselves (mapped, so only its pages are read): a truncated or foreign
@@ -59,7 +60,7 @@ pub fn load(dir: &Path) -> Result<VarBuilder<'static>, ModelError> {
     }
     // SAFETY: the files are only read; the store and model folders are not modified while a
     // stage runs (a model's digest is checked before the run).
-    unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
         .map_err(|e| ModelError::Weights { path: dir.to_path_buf(), message: e.to_string() })
 }
 

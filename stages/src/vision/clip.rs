@@ -112,8 +112,12 @@ impl Attention {
                 qkv.narrow(2, i * h, h)?.reshape((b, t, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
-            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?
+            // Scores and their softmax in f32 whatever the dtype.
+            let dtype = q.dtype();
+            let scores =
+                (q.matmul(&k.t()?)?.to_dtype(candle_core::DType::F32)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+            probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?
         };
         self.out.forward(&y)
     }
@@ -306,12 +310,26 @@ impl ClipVisionTower {
     /// Patch embedding, class token and positions, pre-layernorm: [B, 1 + patches, hidden].
     fn embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixels.dim(0)?;
-        let patches = self.patch.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?; // [B, N, H]
+        let patches = self.patch_embeddings(pixels)?.flatten_from(2)?.transpose(1, 2)?; // [B, N, H]
         let h = patches.dim(2)?;
         let cls = self.class_embedding.reshape((1, 1, h))?.expand((b, 1, h))?;
         let ids = Tensor::arange(0u32, self.num_positions as u32, pixels.device())?;
         let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.positions.forward(&ids)?)?;
         self.pre_norm.forward(&x)
+    }
+
+    /// The patch convolution [B, H, grid, grid]. candle's CPU convolution has no bf16 kernel, so
+    /// there a half-precision tower convolves in f32 and rounds the result to its dtype.
+    fn patch_embeddings(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = pixels.dtype();
+        if !pixels.device().is_cpu() || dtype == candle_core::DType::F32 {
+            return self.patch.forward(pixels);
+        }
+        let f32 = candle_core::DType::F32;
+        let weight = self.patch.weight().to_dtype(f32)?;
+        let cfg = *self.patch.config();
+        let conv = candle_nn::Conv2d::new(weight, self.patch.bias().map(|b| b.to_dtype(f32)).transpose()?, cfg);
+        conv.forward(&pixels.to_dtype(f32)?)?.to_dtype(dtype)
     }
 
     /// post_layernorm of the class token of the last hidden state: [B, hidden].

@@ -45,10 +45,22 @@ pub struct ImageEncoder {
     pub config: ClipVisionConfig,
     pub preprocess: ClipPreprocessor,
     device: candle_core::Device,
+    /// What the tower computes in; embeddings come out as f32.
+    dtype: candle_core::DType,
 }
 
 impl ImageEncoder {
+    /// Loads `dir` in f32 on the CPU.
     pub fn load(dir: &Path) -> Result<ImageEncoder, ModelError> {
+        Self::load_on(dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+    }
+
+    /// Loads `dir` onto `device`, its weights converted to `dtype`.
+    pub fn load_on(
+        dir: &Path,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> Result<ImageEncoder, ModelError> {
         let cfg_path = dir.join("config.json");
         let cfg_err = |message: String| ModelError::Config { path: cfg_path.clone(), message };
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| cfg_err(format!("cannot read it: {e}")))?;
@@ -73,7 +85,7 @@ impl ImageEncoder {
                 config.image_size
             )));
         }
-        let vb = weights::load(dir)?;
+        let vb = weights::load(dir, device, dtype)?;
         // transformers 5 saves a CLIPVisionModel's tensors with no prefix at all.
         let tower_vb = if vb.contains_tensor("embeddings.class_embedding") {
             vb.clone()
@@ -85,15 +97,16 @@ impl ImageEncoder {
             vb.pp(prefix)
         };
         let tower = ClipVisionTower::new(&config, tower_vb).map_err(|e| weights::explain(dir, e))?;
-        Ok(ImageEncoder { tower, config, preprocess, device: vb.device().clone() })
+        Ok(ImageEncoder { tower, config, preprocess, device: vb.device().clone(), dtype })
     }
 
     /// Embeddings of a batch of preprocessed images (`pixels`: `batch` × [3, S, S], as
-    /// [`ClipPreprocessor::pixels`] makes them) from hidden state `layer`: [batch, ...row].
+    /// [`ClipPreprocessor::pixels`] makes them) from hidden state `layer`: [batch, ...row], f32.
     pub fn encode(&self, pixels: Vec<f32>, batch: usize, layer: i64, select: Select) -> Result<Tensor, ModelError> {
         let s = self.config.image_size;
-        let x = Tensor::from_vec(pixels, (batch, self.config.num_channels, s, s), &self.device)?;
-        let h = self.tower.hidden_state(&x, layer)?;
+        let x =
+            Tensor::from_vec(pixels, (batch, self.config.num_channels, s, s), &self.device)?.to_dtype(self.dtype)?;
+        let h = self.tower.hidden_state(&x, layer)?.to_dtype(candle_core::DType::F32)?;
         let tokens = h.dim(1)?;
         Ok(match select {
             Select::Patch => h.narrow(1, 1, tokens - 1)?,

@@ -15,8 +15,20 @@ use serde_json::Value;
 
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::preprocess::ClipPreprocessor;
-use crate::llm::scorer::score_hidden;
+use crate::llm::scorer::{plan_batches, score_hidden};
 use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, weights};
+
+/// A record ready to score: see [`Llava::prepare`].
+pub struct PreparedRecord {
+    /// The preprocessed image [3, S, S].
+    pixels: Vec<f32>,
+    /// Token ids with the image's slots in place of `<image>`.
+    pub seq: Sequence,
+    /// Where the slots start.
+    at: usize,
+    /// Whether `max_tokens` cut the sequence.
+    pub truncated: bool,
+}
 
 pub struct Llava {
     /// The language model: tokenizer and decoder (weights under `language_model.`).
@@ -32,13 +44,19 @@ pub struct Llava {
 }
 
 impl Llava {
+    /// Loads `dir` in f32 on the CPU.
     pub fn load(dir: &Path) -> Result<Llava, ModelError> {
-        Self::from_weights(dir, None)
+        Self::load_on(dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+    }
+
+    /// Loads `dir` onto `device`, its weights converted to `dtype`.
+    pub fn load_on(dir: &Path, device: &candle_core::Device, dtype: candle_core::DType) -> Result<Llava, ModelError> {
+        Self::from_weights(dir, weights::load(dir, device, dtype)?)
     }
 
     /// [`Llava::load`] with the weights given (a soup candidate's, in memory) instead of read
     /// from `dir`, which still provides the config, preprocessor and tokenizer.
-    pub fn from_weights(dir: &Path, vb: Option<candle_nn::VarBuilder<'static>>) -> Result<Llava, ModelError> {
+    pub fn from_weights(dir: &Path, vb: candle_nn::VarBuilder<'static>) -> Result<Llava, ModelError> {
         let cfg_path = dir.join("config.json");
         let cfg_err = |message: String| ModelError::Config { path: cfg_path.clone(), message };
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| cfg_err(format!("cannot read it: {e}")))?;
@@ -51,10 +69,6 @@ impl Llava {
         let config = LlmConfig::from_json(&v["text_config"]).map_err(|e| cfg_err(format!("text_config: {e}")))?;
         let vision = ClipVisionConfig::from_json(&v["vision_config"]).map_err(cfg_err)?;
         let preprocess = ClipPreprocessor::load(dir)?;
-        let vb = match vb {
-            Some(vb) => vb,
-            None => weights::load(dir)?,
-        };
         let vision_prefix = if vb.contains_tensor("vision_tower.vision_model.embeddings.class_embedding") {
             "vision_tower.vision_model"
         } else {
@@ -84,19 +98,19 @@ impl Llava {
         })
     }
 
-    /// Projected image features [slots, text hidden].
-    pub fn image_features(&self, image: &image::RgbImage) -> Result<Tensor, ModelError> {
-        let pixels = self.preprocess.pixels(image).map_err(ModelError::Image)?;
+    /// Projected image features [batch, slots, text hidden] of preprocessed images (each
+    /// [3, S, S], as [`ClipPreprocessor::pixels`] makes them), the tower run once for all.
+    fn image_features(&self, pixels: &[&[f32]]) -> Result<Tensor, ModelError> {
         let [w, h] = self.preprocess.crop;
-        let x = Tensor::from_vec(pixels, (1, 3, h as usize, w as usize), self.lm.decoder.device())?;
-        let states = self.tower.hidden_states(&x)?;
-        let layer = if self.feature_layer < 0 { states.len() as i64 + self.feature_layer } else { self.feature_layer };
-        let mut f = states
-            .get(layer as usize)
-            .ok_or_else(|| ModelError::Compute(format!("vision_feature_layer {} is out of range", self.feature_layer)))?
-            .squeeze(0)?;
+        let decoder = &self.lm.decoder;
+        let x = Tensor::from_vec(pixels.concat(), (pixels.len(), 3, h as usize, w as usize), decoder.device())?
+            .to_dtype(decoder.dtype())?;
+        let layer = self.tower.state_index(self.feature_layer).ok_or_else(|| {
+            ModelError::Compute(format!("vision_feature_layer {} is out of range", self.feature_layer))
+        })?;
+        let mut f = self.tower.hidden_state(&x, layer as i64)?;
         if self.drop_cls {
-            f = f.narrow(0, 1, f.dim(0)? - 1)?;
+            f = f.narrow(1, 1, f.dim(1)? - 1)?;
         }
         Ok(self.proj2.forward(&self.proj1.forward(&f)?.gelu_erf()?)?)
     }
@@ -116,19 +130,27 @@ impl Llava {
         text: &str,
         max_tokens: usize,
     ) -> Result<(Score, bool), ModelError> {
+        let item = self.prepare(image, prompt, text, max_tokens)?;
+        let truncated = item.truncated;
+        Ok((self.score_prepared(&[&item])?[0], truncated))
+    }
+
+    /// Everything about one record that needs no model: its pixels and its token sequence with
+    /// the image slots, cut to `max_tokens`. Image errors come out here, before any scoring.
+    pub fn prepare(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<PreparedRecord, ModelError> {
+        let pixels = self.preprocess.pixels(image).map_err(ModelError::Image)?;
         let seq = self.lm.tokenizer.answer_sequence(&format!("<image>\n{prompt}"), text)?;
         let at = seq.ids[..seq.score_from]
             .iter()
             .position(|&t| t == self.image_token)
             .ok_or_else(|| ModelError::Compute("the prompt lost its <image> token".into()))?;
-        let features = self.image_features(image)?;
-        let slots = features.dim(0)?;
-        if slots != self.image_seq_length {
-            return Err(ModelError::Compute(format!(
-                "the image gives {slots} feature slots but the model expects image_seq_length = {}",
-                self.image_seq_length
-            )));
-        }
+        let slots = self.image_seq_length;
         // The one <image> token becomes `slots` positions, which take the features.
         let mut ids: Vec<u32> = seq.ids[..at].to_vec();
         ids.extend(std::iter::repeat_n(self.image_token, slots));
@@ -141,14 +163,58 @@ impl Llava {
                 "the prompt and the image's {slots} slots fill max_tokens ({max_tokens}): nothing is left to score"
             )));
         }
-        let t = seq.ids.len();
+        if at + slots > seq.ids.len() {
+            return Err(ModelError::Compute(format!(
+                "max_tokens ({max_tokens}) cuts into the image's {slots} slots: raise it"
+            )));
+        }
+        Ok(PreparedRecord { pixels, seq, at, truncated })
+    }
+
+    /// Scores prepared records in batches of similar length under `batch_tokens` (image slots
+    /// counted), as [`crate::llm::Scorer::score_all`] does for text; scores in `items`' order.
+    pub fn score_all(&self, items: &[&PreparedRecord], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        let lengths: Vec<usize> = items.iter().map(|p| p.seq.ids.len()).collect();
+        let mut scores = vec![None; items.len()];
+        for batch in plan_batches(&lengths, batch_tokens) {
+            let group: Vec<&PreparedRecord> = batch.iter().map(|&k| items[k]).collect();
+            for (&k, score) in batch.iter().zip(self.score_prepared(&group)?) {
+                scores[k] = Some(score);
+            }
+        }
+        scores.into_iter().map(|s| s.ok_or_else(|| ModelError::Compute("a record was not scored".into()))).collect()
+    }
+
+    /// Scores prepared records together: one tower pass over their images, one decoder pass
+    /// over their sequences right-padded to the longest (causal attention keeps real tokens
+    /// from seeing the pads, so a record's score does not depend on its batch).
+    pub fn score_prepared(&self, items: &[&PreparedRecord]) -> Result<Vec<Score>, ModelError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pixels: Vec<&[f32]> = items.iter().map(|r| r.pixels.as_slice()).collect();
+        let features = self.image_features(&pixels)?;
+        let slots = features.dim(1)?;
+        if slots != self.image_seq_length {
+            return Err(ModelError::Compute(format!(
+                "the image gives {slots} feature slots but the model expects image_seq_length = {}",
+                self.image_seq_length
+            )));
+        }
         let decoder = &self.lm.decoder;
-        let emb = decoder.embed(&Tensor::from_vec(seq.ids.clone(), (1, t), decoder.device())?)?;
-        let x = Tensor::cat(
-            &[&emb.narrow(1, 0, at)?, &features.unsqueeze(0)?, &emb.narrow(1, at + slots, t - at - slots)?],
-            1,
-        )?;
-        let hidden = decoder.hidden_from_embeddings(x)?.squeeze(0)?;
-        Ok((score_hidden(decoder, &hidden, &seq)?, truncated))
+        let longest = items.iter().map(|r| r.seq.ids.len()).max().unwrap_or(0);
+        let mut rows = Vec::with_capacity(items.len());
+        for (b, r) in items.iter().enumerate() {
+            let t = r.seq.ids.len();
+            let emb = decoder.embed(&Tensor::from_vec(r.seq.ids.clone(), (1, t), decoder.device())?)?.squeeze(0)?;
+            let mut parts =
+                vec![emb.narrow(0, 0, r.at)?, features.get(b)?, emb.narrow(0, r.at + slots, t - r.at - slots)?];
+            if t < longest {
+                parts.push(Tensor::zeros((longest - t, emb.dim(1)?), emb.dtype(), emb.device())?);
+            }
+            rows.push(Tensor::cat(&parts, 0)?);
+        }
+        let hidden = decoder.hidden_from_embeddings(Tensor::stack(&rows, 0)?)?;
+        items.iter().enumerate().map(|(b, r)| score_hidden(decoder, &hidden.get(b)?, &r.seq)).collect()
     }
 }

@@ -1,0 +1,141 @@
+//! Stages that name the same device never compute at once; others still run side by side.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use ladle_engine::error::{PipelineError, StageError};
+use ladle_engine::events::NoEvents;
+use ladle_engine::pipeline::params::Params;
+use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
+use ladle_engine::{Artifact, Pipeline, Registry, RunOptions, StageContext, Store};
+
+/// How many `hold` stages compute right now, and the most seen at once.
+#[derive(Default)]
+struct Overlap {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+struct HoldKind {
+    overlap: Arc<Overlap>,
+    /// Stages without a device meet here: they pass only if two compute at the same time.
+    meeting: Arc<Barrier>,
+    /// Which stages ran, for a sanity check.
+    ran: Arc<Mutex<Vec<String>>>,
+}
+
+struct Hold {
+    device: Option<String>,
+    tag: String,
+    overlap: Arc<Overlap>,
+    meeting: Arc<Barrier>,
+    ran: Arc<Mutex<Vec<String>>>,
+}
+
+impl StageKind for HoldKind {
+    fn name(&self) -> &'static str {
+        "hold"
+    }
+    fn about(&self) -> &'static str {
+        "computes for a while, on a device if given"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        &[]
+    }
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        Ok(Arc::new(Hold {
+            device: params.string("device")?,
+            tag: params.required_string("tag")?,
+            overlap: self.overlap.clone(),
+            meeting: self.meeting.clone(),
+            ran: self.ran.clone(),
+        }))
+    }
+}
+
+impl Stage for Hold {
+    fn produces(&self) -> Produces {
+        Produces::File
+    }
+    fn execution(&self) -> Execution<'_> {
+        Execution::Whole(self)
+    }
+    fn device_slot(&self) -> Option<String> {
+        self.device.clone()
+    }
+}
+
+impl WholeStage for Hold {
+    fn run(&self, _ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
+        let now = self.overlap.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.overlap.most.fetch_max(now, Ordering::SeqCst);
+        if self.device.is_none() {
+            self.meeting.wait();
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.overlap.now.fetch_sub(1, Ordering::SeqCst);
+        self.ran.lock().unwrap().push(self.tag.clone());
+        Ok(Artifact::Metrics { value: serde_json::json!({ "tag": self.tag }) })
+    }
+}
+
+fn run(toml: &str) -> (usize, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let overlap = Arc::new(Overlap::default());
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    registry.register(Arc::new(HoldKind {
+        overlap: overlap.clone(),
+        meeting: Arc::new(Barrier::new(2)),
+        ran: ran.clone(),
+    }));
+    let path = dir.path().join("p.toml");
+    let pipeline = Arc::new(Pipeline::parse(&path, toml.as_bytes(), &registry).unwrap());
+    let store = Store::open(&dir.path().join(".ladle")).unwrap();
+    let options = RunOptions { jobs: 4, ..Default::default() };
+    ladle_engine::run(pipeline, &store, &options, Arc::new(NoEvents)).unwrap();
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort();
+    (overlap.most.load(Ordering::SeqCst), ran)
+}
+
+#[test]
+fn stages_on_one_device_take_turns() {
+    let (most, ran) = run(r#"
+        [pipeline]
+        name = "gpu"
+        [stages.a]
+        kind = "hold"
+        tag = "a"
+        device = "cuda:0"
+        [stages.b]
+        kind = "hold"
+        tag = "b"
+        device = "cuda:0"
+        [stages.c]
+        kind = "hold"
+        tag = "c"
+        device = "cuda:0"
+    "#);
+    assert_eq!(ran, ["a", "b", "c"]);
+    assert_eq!(most, 1, "two stages computed on cuda:0 at once");
+}
+
+#[test]
+fn stages_without_a_device_still_run_side_by_side() {
+    // Each waits at a two-party barrier: the run finishes only if both compute at once.
+    let (most, ran) = run(r#"
+        [pipeline]
+        name = "cpu"
+        [stages.a]
+        kind = "hold"
+        tag = "a"
+        [stages.b]
+        kind = "hold"
+        tag = "b"
+    "#);
+    assert_eq!(ran, ["a", "b"]);
+    assert_eq!(most, 2);
+}

@@ -1,0 +1,184 @@
+//! Where a model stage computes and in what precision: its `device` and `dtype` parameters.
+//!
+//! ```toml
+//! device = "auto"    # or "cpu", "cuda" (= "cuda:0"), "cuda:N"; auto: the first GPU if this
+//!                    # build has the `cuda` feature and the machine a GPU, else the CPU
+//! dtype = "bf16"     # or "f16", "f32"; default f32 on the CPU, bf16 on a GPU
+//! ```
+//!
+//! Weights are converted to `dtype` as they are loaded; a stage's model is loaded once per run.
+//! Sums that decide a score (softmax, log-sum-exp, norms) are taken in f32 whatever the dtype.
+//!
+//! **Keys.** The dtype changes the numbers, so the resolved dtype enters the stage key, but only
+//! when it is not f32: pipelines written before these parameters existed keep their caches. The
+//! device does not enter the key: in the same dtype a GPU and the CPU compute the same numbers to
+//! within rounding, as different thread counts do, so a run on a GPU machine is served from a
+//! CPU machine's cache and back. `auto` is resolved when the pipeline is loaded, so `ladle plan`
+//! on a machine without a GPU says what that machine would compute.
+//!
+//! A CPU build never touches CUDA: `cuda` asked of it is an error before anything runs, naming
+//! the feature to build with.
+
+use candle_core::{DType, Device};
+use ladle_engine::error::PipelineError;
+use ladle_engine::pipeline::params::Params;
+
+use crate::llm::ModelError;
+
+/// A processor a stage computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processor {
+    Cpu,
+    /// The GPU of this ordinal (`cuda:N`).
+    Cuda(usize),
+}
+
+/// Where and in what precision a model stage computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub processor: Processor,
+    pub dtype: DType,
+}
+
+impl Placement {
+    /// f32 on the CPU: the reference every other placement is checked against.
+    pub const CPU_F32: Placement = Placement { processor: Processor::Cpu, dtype: DType::F32 };
+
+    /// Reads `device` and `dtype` from a model stage's parameters (see the module docs).
+    pub fn configure(params: &mut Params<'_>) -> Result<Placement, PipelineError> {
+        let device = params.string("device")?;
+        params.exclude_from_key("device");
+        let dtype = params.choice("dtype", &["f32", "bf16", "f16"])?;
+        let placement =
+            Placement::from_names(device.as_deref(), dtype.as_deref()).map_err(|(name, e)| params.error(name, e))?;
+        if placement.dtype == DType::F32 {
+            params.exclude_from_key("dtype");
+        } else {
+            params.record("dtype", dtype_name(placement.dtype).into());
+        }
+        Ok(placement)
+    }
+
+    /// The placement `device` and `dtype` name (absent: their defaults). An error says which of
+    /// the two is wrong, and why.
+    pub fn from_names(device: Option<&str>, dtype: Option<&str>) -> Result<Placement, (&'static str, String)> {
+        let processor = match device {
+            None | Some("auto") => {
+                if gpu_count() > 0 {
+                    Processor::Cuda(0)
+                } else {
+                    Processor::Cpu
+                }
+            }
+            Some("cpu") => Processor::Cpu,
+            Some(other) => {
+                let ordinal = parse_cuda(other).ok_or_else(|| {
+                    ("device", format!("`device` is \"{other}\"; expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))
+                })?;
+                if !cfg!(feature = "cuda") {
+                    return Err((
+                        "device",
+                        format!(
+                            "device = \"{other}\", but this ladle was built without GPU support: build it with the \
+                             `cuda` feature (scripts/build-cuda.sh, see docs/cuda.md), or set device = \"cpu\""
+                        ),
+                    ));
+                }
+                Processor::Cuda(ordinal)
+            }
+        };
+        let dtype = match dtype {
+            Some("bf16") => DType::BF16,
+            Some("f16") => DType::F16,
+            Some("f32") => DType::F32,
+            Some(other) => {
+                return Err(("dtype", format!("`dtype` is \"{other}\"; expected \"f32\", \"bf16\" or \"f16\"")));
+            }
+            None if processor == Processor::Cpu => DType::F32,
+            None => DType::BF16,
+        };
+        Ok(Placement { processor, dtype })
+    }
+
+    /// Opens the device (a GPU's context is created here, once per stage run).
+    pub fn device(&self) -> Result<Device, ModelError> {
+        match self.processor {
+            Processor::Cpu => Ok(Device::Cpu),
+            Processor::Cuda(n) => {
+                let count = gpu_count();
+                if n >= count {
+                    return Err(ModelError::Device(format!(
+                        "device = \"cuda:{n}\", but this machine has {count} GPU(s){}",
+                        if count > 0 { format!(" (cuda:0 to cuda:{})", count - 1) } else { String::new() }
+                    )));
+                }
+                Device::new_cuda(n).map_err(|e| {
+                    ModelError::Device(format!("cannot open GPU cuda:{n}: {}", crate::llm::candle_message(&e)))
+                })
+            }
+        }
+    }
+
+    /// `cpu` or `cuda:N`.
+    pub fn name(&self) -> String {
+        match self.processor {
+            Processor::Cpu => "cpu".into(),
+            Processor::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+
+    /// The device slot the stage holds while it computes ([`ladle_engine::stage::Stage::device_slot`]):
+    /// a GPU's name; none for the CPU, whose sharing `-j` bounds.
+    pub fn slot(&self) -> Option<String> {
+        (self.processor != Processor::Cpu).then(|| self.name())
+    }
+}
+
+/// `f32`, `bf16` or `f16`, as the parameter is written.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// The ordinal of `cuda` or `cuda:N`.
+fn parse_cuda(s: &str) -> Option<usize> {
+    match s.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(rest) => rest.strip_prefix(':')?.parse().ok(),
+        None => None,
+    }
+}
+
+/// How many GPUs this process can use: none in a CPU build; in a `cuda` build, those the
+/// driver reports (none when there is no driver), asked once.
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *COUNT.get_or_init(|| {
+            cudarc::driver::result::init()
+                .and_then(|_| cudarc::driver::result::device::get_count())
+                .map(|n| n.max(0) as usize)
+                .unwrap_or(0)
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_names_parse() {
+        assert_eq!(parse_cuda("cuda"), Some(0));
+        assert_eq!(parse_cuda("cuda:3"), Some(3));
+        assert_eq!(parse_cuda("cuda:"), None);
+        assert_eq!(parse_cuda("cuda3"), None);
+        assert_eq!(parse_cuda("gpu"), None);
+    }
+}

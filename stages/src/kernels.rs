@@ -111,6 +111,15 @@ with_best_simd!(softmax_rows_fast, (scores: &mut [f32], t: usize), {
     }
 });
 
+with_best_simd!(swiglu_rows_fast, (gate_up: &[f32], dst: &mut [f32], inter: usize), {
+    for (row, out) in gate_up.chunks_exact(2 * inter).zip(dst.chunks_exact_mut(inter)) {
+        let (gate, up) = row.split_at(inter);
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+});
+
 /// Elements per parallel task: big enough to amortize scheduling, small enough to balance.
 const CHUNK: usize = 1 << 14;
 
@@ -230,13 +239,44 @@ pub fn quick_gelu_in_place(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(quick_gelu_inplace_fast);
 }
 
+/// SwiGLU over a fused gate-and-up projection: each row of the input, `[.., 2·I]`, holds the
+/// gate's `I` values, then the up projection's; the output `[.., I]` is `silu(gate) · up`, in one
+/// pass across threads (candle's `silu` then `*` are two passes and two allocations, with libm's
+/// scalar `expf`).
+pub struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "swiglu")?;
+        let mut dims = layout.shape().dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            candle_core::bail!("swiglu: the fused gate-and-up width {width} is odd");
+        }
+        let inter = width / 2;
+        let mut dst = vec![0f32; x.len() / 2];
+        if let Some(rows_per_task) = CHUNK.checked_div(inter) {
+            let rows_per_task = rows_per_task.max(1);
+            dst.par_chunks_mut(rows_per_task * inter)
+                .zip(x.par_chunks(rows_per_task * width))
+                .for_each(|(dst, x)| swiglu_rows_fast(x, dst, inter));
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = inter;
+        }
+        Ok((CpuStorage::F32(dst), Shape::from(dims)))
+    }
+}
+
 /// `dst[r] (+)= bias + x[r] · Wᵀ` for the `rows` rows of `x` ([rows, in]) and `w` ([out, in],
 /// as checkpoints store it): a linear layer by one `gemm` call with the bias (and, with
 /// `accumulate`, the residual already in `dst`) as its starting value.
 pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], dst: &mut [f32], accumulate: bool) {
-    let (inp, out) = (x.len() / rows.max(1), bias.len());
-    debug_assert_eq!(w.len(), inp * out);
-    debug_assert_eq!(dst.len(), rows * out);
+    let out = bias.len();
     dst.par_chunks_mut(out * 64).for_each(|block| {
         for row in block.chunks_exact_mut(out) {
             if accumulate {
@@ -246,6 +286,15 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], dst: &mut [f32], 
             }
         }
     });
+    matmul_wt(x, rows, w, out, dst, true);
+}
+
+/// `dst = x · Wᵀ` for the `rows` rows of `x` ([rows, in]) and `w` ([out, in]): [`linear`]
+/// without a bias, which neither fills `dst` first nor reads it.
+pub fn matmul_wt(x: &[f32], rows: usize, w: &[f32], out: usize, dst: &mut [f32], read_dst: bool) {
+    let inp = x.len() / rows.max(1);
+    assert_eq!(w.len(), inp * out, "matmul_wt: the weight is not [{out}, {inp}]");
+    assert_eq!(dst.len(), rows * out, "matmul_wt: the output is not [{rows}, {out}]");
     // One single-threaded gemm per thread, on an even share of the work: measured faster on 2
     // cores than gemm's own threading (which synchronizes inside every call). Many rows (a ViT
     // batch) split by rows; few rows (a batch of short captions) split the output columns, so
@@ -256,7 +305,7 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], dst: &mut [f32], 
         let per = rows.div_ceil(threads);
         dst.par_chunks_mut(per * out).zip(x.par_chunks(per * inp)).for_each(|(dst, x)| {
             let m = x.len() / inp.max(1);
-            unsafe { gemm_rows(m, out, inp, dst.as_mut_ptr(), out, x.as_ptr(), w.as_ptr()) };
+            unsafe { gemm_rows(m, out, inp, dst.as_mut_ptr(), out, x.as_ptr(), w.as_ptr(), read_dst) };
         });
     } else {
         let per = out.div_ceil(threads).div_ceil(16) * 16;
@@ -264,16 +313,29 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], dst: &mut [f32], 
         (0..out.div_ceil(per)).into_par_iter().for_each(|part| {
             let (c0, c1) = (part * per, ((part + 1) * per).min(out));
             let dst = dst_ptr;
-            unsafe { gemm_rows(rows, c1 - c0, inp, dst.0.add(c0), out, x.as_ptr(), w.as_ptr().add(c0 * inp)) };
+            unsafe {
+                gemm_rows(rows, c1 - c0, inp, dst.0.add(c0), out, x.as_ptr(), w.as_ptr().add(c0 * inp), read_dst)
+            };
         });
     }
 }
 
-/// `dst[m, n] += x[m, k] · w[n, k]ᵀ` with `dst` rows `dst_rs` apart, on this thread.
+/// `dst[m, n] (+)= x[m, k] · w[n, k]ᵀ` with `dst` rows `dst_rs` apart, on this thread (`+=` with
+/// `read_dst`).
 ///
 /// # Safety
 /// The pointers must cover `m × k` (x), `n × k` (w) and `m` rows of `n` at stride `dst_rs` (dst).
-unsafe fn gemm_rows(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, x: *const f32, w: *const f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    x: *const f32,
+    w: *const f32,
+    read_dst: bool,
+) {
     unsafe {
         gemm::gemm(
             m,
@@ -282,7 +344,7 @@ unsafe fn gemm_rows(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, 
             dst,
             1,
             dst_rs as isize,
-            true,
+            read_dst,
             x,
             1,
             k as isize,
@@ -349,20 +411,14 @@ impl CustomOp1 for LinearOp<'_> {
         }
         let (ws, wl) = self.weight.storage_and_layout();
         let w = f32_values(&ws, wl)?;
-        let zeros;
-        let guard;
-        let bias = match self.bias {
-            Some(b) => {
-                guard = b.storage_and_layout();
-                f32_values(&guard.0, guard.1)?
-            }
-            None => {
-                zeros = vec![0f32; out];
-                &zeros
-            }
-        };
         let mut dst = vec![0f32; rows * out];
-        linear(x, rows, w, bias, &mut dst, false);
+        match self.bias {
+            Some(b) => {
+                let (bs, bl) = b.storage_and_layout();
+                linear(x, rows, w, f32_values(&bs, bl)?, &mut dst, false);
+            }
+            None => matmul_wt(x, rows, w, out, &mut dst, false),
+        }
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out;
@@ -392,6 +448,27 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f64, dst: &mut [f
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn swiglu_is_silu_of_the_gate_times_up_in_every_row() {
+        // Rows that do not divide the per-task share, values well past where sigmoid saturates.
+        let (rows, inter) = (CHUNK / 96 * 3 + 5, 96);
+        let x: Vec<f32> = (0..rows * 2 * inter).map(|i| ((i * 7919 % 2001) as f32 - 1000.0) / 37.0).collect();
+        let t = Tensor::from_vec(x.clone(), (rows, 2 * inter), &Device::Cpu).unwrap();
+        let got = t.apply_op1_no_bwd(&SwiGlu).unwrap();
+        assert_eq!(got.dims(), &[rows, inter]);
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            for c in 0..inter {
+                let (g, u) = (x[r * 2 * inter + c] as f64, x[r * 2 * inter + inter + c] as f64);
+                let want = g / (1.0 + (-g).exp()) * u;
+                let e = (got[r * inter + c] as f64 - want).abs();
+                assert!(e <= 1e-6 * want.abs().max(1.0), "row {r} col {c}: {} vs {want}", got[r * inter + c]);
+            }
+        }
+        let odd = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(odd.apply_op1_no_bwd(&SwiGlu).unwrap_err().to_string().contains("odd"));
+    }
 
     #[test]
     fn exp_is_accurate_where_it_is_used() {

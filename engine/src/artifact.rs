@@ -148,4 +148,17 @@ mod tests {
         let old = serde_json::to_string(&plain).unwrap();
         assert!(!old.contains("root"), "{old}");
     }
+
+    #[test]
+    fn metric_values_read_back_to_the_same_bits() {
+        // Values whose shortest form needs 17 digits; serde_json's default parser was one unit
+        // in the last place off for the first (a soup score), so a cached score differed from a
+        // freshly computed one.
+        for v in [38.676144612088244_f64, 0.1 + 0.2, 1.0 / 3.0, 2f64.powi(-1074), f64::MAX] {
+            let a = Artifact::Metrics { value: serde_json::json!({ "score": v }) };
+            let back: Artifact = serde_json::from_slice(&serde_json::to_vec(&a).unwrap()).unwrap();
+            let Artifact::Metrics { value } = back else { panic!("not metrics") };
+            assert_eq!(value["score"].as_f64().map(f64::to_bits), Some(v.to_bits()), "{v:e}");
+        }
+    }
 }

@@ -8,7 +8,11 @@ same token ids with the same batch sizes in f32 with both:
   - ladle: `cargo bench --bench llm` (its own forward pass, as the perplexity stage runs it).
 Prints tokens/s for each, the ratio, peak memory, and checks the two agree on the NLL sum.
 
-Needs torch and transformers: python3 benches/llm_vs_transformers.py [--layers N] [--texts N]
+The two alternate batch by batch, `--repeat` times (this machine's speed drifts within minutes);
+the ratio is the median of each repeat's ratio.
+
+Needs torch and transformers:
+    python3 benches/llm_vs_transformers.py [--layers N] [--texts N] [--batches 1,4,16] [--repeat 3]
 """
 
 import argparse
@@ -70,6 +74,7 @@ def main():
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--dir", default="/tmp/ladle-bench-qwen2-0.5b")
+    ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     out = f"{a.dir}-{a.layers}l"
     make_model(out, a.layers)
@@ -82,21 +87,28 @@ def main():
           f"{scored} scored tokens (mean {scored / len(seqs):.0f}/text); torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads, transformers {transformers.__version__}")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
-    hf = {}
-    for b in map(int, a.batches.split(",")):
-        secs, nll = hf_score(model, seqs, b)
-        hf[b] = (secs, nll)
+    subprocess.run(["cargo", "bench", "--quiet", "--bench", "llm", "--no-run"], cwd=ROOT, check=True, capture_output=True)
+    # This machine's speed drifts within minutes, so the two run alternately, batch by batch, and
+    # each repeat's ratio compares neighbours; medians over the repeats.
+    hf, ours = {}, {}
+    for _ in range(a.repeat):
+        for b in map(int, a.batches.split(",")):
+            hf.setdefault(b, []).append(hf_score(model, seqs, b))
+            run = subprocess.run(["cargo", "bench", "--quiet", "--bench", "llm", "--", out, path, str(b)],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
+            ours.setdefault(b, []).extend(json.loads(l) for l in run.stdout.splitlines() if l.startswith("{"))
     hf_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    del model
-    run = subprocess.run(["cargo", "bench", "--quiet", "--bench", "llm", "--", out, path, a.batches],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    rows = [json.loads(l) for l in run.stdout.splitlines() if l.startswith("{")]
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    print(f"medians of {a.repeat} alternating repeats")
     print(f"{'batch':>5}  {'transformers tok/s':>18}  {'ladle tok/s':>11}  {'ladle/hf':>8}  {'NLL rel. diff':>13}")
-    for r in rows:
-        secs, nll = hf[r["batch"]]
-        print(f"{r['batch']:>5}  {scored / secs:>18.0f}  {r['tokens_per_s']:>11.0f}  {r['tokens_per_s'] / (scored / secs):>8.2f}  "
-              f"{abs(r['nll_sum'] - nll) / nll:>13.1e}")
-    print(f"peak RSS: transformers {hf_rss / 2**30:.2f} GiB, ladle {rows[-1]['peak_rss_bytes'] / 2**30:.2f} GiB")
+    for b in hf:
+        hf_tps = [scored / secs for secs, _ in hf[b]]
+        tps = [r["tokens_per_s"] for r in ours[b]]
+        ratio = med([t / h for t, h in zip(tps, hf_tps)])
+        diff = max(abs(r["nll_sum"] - nll) / nll for r, (_, nll) in zip(ours[b], hf[b]))
+        print(f"{b:>5}  {med(hf_tps):>18.0f}  {med(tps):>11.0f}  {ratio:>8.2f}  {diff:>13.1e}")
+    peak = max(r["peak_rss_bytes"] for rs in ours.values() for r in rs)
+    print(f"peak RSS: transformers {hf_rss / 2**30:.2f} GiB, ladle {peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

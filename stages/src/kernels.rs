@@ -11,6 +11,8 @@
 //!   transposes), one T×T scores buffer per thread;
 //! - [`linear`] (and [`FastLinear`], a drop-in for candle's `Linear`): bias and residual folded
 //!   into the gemm call, one single-threaded gemm per thread on rows or output columns;
+//!   [`matmul_wt`], the same without a bias (the LM head's logits);
+//! - [`SwiGlu`]: `silu(gate) · up` over a fused gate-and-up projection (the LLM's MLP);
 //! - [`layer_norm`].
 //!
 //! `exp` is Cody–Waite range reduction and a degree-7 polynomial (relative error below 5e-7,

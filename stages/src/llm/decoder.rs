@@ -310,7 +310,7 @@ impl Decoder {
         self.lm_head.dtype()
     }
 
-    /// Log-probabilities of `targets` [N] given hidden states [N, H], in row chunks so that the
+    /// Log-probabilities of the `[N]` `targets` given hidden states `[N, H]`, in row chunks so that the
     /// full [N, vocab] matrix is never held at once.
     pub fn target_log_probs(&self, hidden: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f32>> {
         if self.device.is_cpu() && hidden.dtype() == DType::F32 && self.lm_head.dtype() == DType::F32 {

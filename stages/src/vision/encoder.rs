@@ -23,9 +23,9 @@ use crate::llm::{ModelError, weights};
 pub enum Select {
     /// Every patch token (the class token left out): [patches, hidden].
     Patch,
-    /// The class token: [hidden].
+    /// The class token: `[hidden]`.
     Cls,
-    /// The mean of the patch tokens: [hidden].
+    /// The mean of the patch tokens: `[hidden]`.
     Mean,
 }
 

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use crate::device::{Placement, Processor, dtype_name};
 use crate::llm::generate::Rng;
 use crate::llm::scorer::plan_batches;
-use crate::llm::{Decoder, LlmConfig, ModelError, Scorer, Sequence};
+use crate::llm::{Decoder, LlmConfig, ModelError, Score, Scorer, Sequence};
 
 /// Decoder shapes by name: `config.json` as the hub has them (random weights are made for them).
 pub fn llm_shape(name: &str) -> Option<Value> {
@@ -192,7 +192,7 @@ pub fn score(
         tokens_per_s,
         matmul_params,
         flops_per_s: 2.0 * matmul_params as f64 * tokens_per_s,
-        nll_sum: scores.iter().map(|s| s.nll_sum).sum(),
+        nll_sum: Score::total(&scores).nll_sum,
     })
 }
 

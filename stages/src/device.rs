@@ -132,6 +132,12 @@ impl Placement {
     pub fn slot(&self) -> Option<String> {
         (self.processor != Processor::Cpu).then(|| self.name())
     }
+
+    /// Tokens per scoring batch when a stage does not say: a GPU wants bigger batches to be kept
+    /// busy; the CPU gains nothing past a few thousand.
+    pub fn default_batch_tokens(&self) -> usize {
+        if self.processor == Processor::Cpu { 4096 } else { 16384 }
+    }
 }
 
 /// `f32`, `bf16` or `f16`, as the parameter is written.

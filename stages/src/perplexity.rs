@@ -45,7 +45,7 @@ use ladle_engine::stage::{
 };
 use serde_json::Value;
 
-use crate::device::{Placement, Processor};
+use crate::device::Placement;
 use crate::llm::{LanguageModel, Score, Scorer, Sequence};
 use crate::model::{MODEL_PORT, model_dir};
 use crate::template::Template;
@@ -100,9 +100,7 @@ impl StageKind for PerplexityKind {
             params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
         }
         let placement = Placement::configure(params)?;
-        // A GPU wants bigger batches to be kept busy; the CPU gains nothing past a few thousand.
-        let gpu = placement.processor != Processor::Cpu;
-        let batch_tokens = batch_tokens.unwrap_or(if gpu { 16384 } else { 4096 }) as usize;
+        let batch_tokens = batch_tokens.map_or(placement.default_batch_tokens(), |n| n as usize);
         Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, drop_bad_images, placement }))
     }
 }

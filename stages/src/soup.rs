@@ -49,7 +49,7 @@ use ladle_engine::{Artifact, ArtifactDigest, Digest, StageContext, StageKey};
 use serde_json::json;
 
 use crate::device::Placement;
-use crate::llm::{LanguageModel, LlmConfig, Scorer, Sequence};
+use crate::llm::{LanguageModel, LlmConfig, Score, Scorer, Sequence};
 use crate::template::Template;
 use checkpoint::{Checkpoint, check_compatible};
 
@@ -437,6 +437,7 @@ enum Metric {
         dir: PathBuf,
         device: candle_core::Device,
         dtype: candle_core::DType,
+        batch_tokens: usize,
     },
     Perplexity {
         sequences: Vec<Sequence>,
@@ -444,6 +445,7 @@ enum Metric {
         tokenizer_dir: PathBuf,
         device: candle_core::Device,
         dtype: candle_core::DType,
+        batch_tokens: usize,
     },
     Command {
         command: Vec<String>,
@@ -537,6 +539,7 @@ impl Soup {
                         dir: first.to_path_buf(),
                         device: self.placement.device()?,
                         dtype: self.placement.dtype,
+                        batch_tokens: self.placement.default_batch_tokens(),
                     },
                     identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
                 })
@@ -589,6 +592,7 @@ impl Soup {
                         tokenizer_dir: first.to_path_buf(),
                         device: self.placement.device()?,
                         dtype: self.placement.dtype,
+                        batch_tokens: self.placement.default_batch_tokens(),
                     },
                     identity: Digest::of(&serde_json::to_vec(&identity).expect("json")),
                 })
@@ -636,7 +640,7 @@ impl ScoredBy {
         let cks: Vec<&Checkpoint> = members.iter().map(|&(i, _)| &ingredients[i].checkpoint).collect();
         let ws: Vec<f64> = members.iter().map(|&(_, w)| w).collect();
         let score = match &self.metric {
-            Metric::ImagePerplexity { records, dir, device, dtype } => {
+            Metric::ImagePerplexity { records, dir, device, dtype, batch_tokens } => {
                 let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
                     .map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
@@ -646,20 +650,15 @@ impl ScoredBy {
                     .iter()
                     .map(|(rgb, prompt, text)| vlm.prepare(rgb, prompt, text, usize::MAX))
                     .collect::<Result<Vec<_>, _>>()?;
-                let scores = vlm.score_all(&prepared.iter().collect::<Vec<_>>(), 4096)?;
-                let nll: f64 = scores.iter().map(|s| s.nll_sum).sum();
-                let tokens: usize = scores.iter().map(|s| s.tokens).sum();
-                (nll / tokens as f64).exp()
+                Score::total(&vlm.score_all(&prepared.iter().collect::<Vec<_>>(), *batch_tokens)?).perplexity()
             }
-            Metric::Perplexity { sequences, config, tokenizer_dir, device, dtype } => {
+            Metric::Perplexity { sequences, config, tokenizer_dir, device, dtype, batch_tokens } => {
                 let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
                     .map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
                 let model = LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model")?;
-                let scores = Scorer { decoder: &model.decoder, pad: 0 }.score_all(sequences, 4096)?;
-                let nll: f64 = scores.iter().map(|s| s.nll_sum).sum();
-                let tokens: usize = scores.iter().map(|s| s.tokens).sum();
-                (nll / tokens as f64).exp()
+                let scorer = Scorer { decoder: &model.decoder, pad: 0 };
+                Score::total(&scorer.score_all(sequences, *batch_tokens)?).perplexity()
             }
             Metric::Command { command, timeout, cwd, .. } => {
                 // The candidate as a model folder, for the command to load.

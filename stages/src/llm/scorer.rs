@@ -30,6 +30,10 @@ impl Score {
     pub fn perplexity(&self) -> f64 {
         self.mean_nll().exp()
     }
+    /// The score of a corpus: the sums of its sequences' scores.
+    pub fn total(scores: &[Score]) -> Score {
+        Score { nll_sum: scores.iter().map(|s| s.nll_sum).sum(), tokens: scores.iter().map(|s| s.tokens).sum() }
+    }
 }
 
 pub struct Scorer<'a> {

@@ -58,8 +58,8 @@ fn main() {
     let mut instance = plugin.instantiate(r#"{"min_words":4}"#).unwrap();
     let t = Instant::now();
     let mut kept_plugin = 0;
-    for batch in recs.chunks(256) {
-        let verdicts = instance.filter(batch).unwrap();
+    for (i, batch) in recs.chunks(256).enumerate() {
+        let verdicts = instance.filter(batch, &i.to_le_bytes()).unwrap();
         kept_plugin += verdicts.iter().filter(|v| matches!(v, Verdict::Keep)).count();
     }
     let plugin_s = t.elapsed().as_secs_f64();
@@ -68,13 +68,13 @@ fn main() {
     let calls = 20_000;
     let t = Instant::now();
     for _ in 0..calls {
-        instance.filter(&[]).unwrap();
+        instance.filter(&[], b"empty").unwrap();
     }
     let empty_us = t.elapsed().as_secs_f64() / calls as f64 * 1e6;
     let one = [recs[0].clone()];
     let t = Instant::now();
     for _ in 0..calls {
-        instance.filter(&one).unwrap();
+        instance.filter(&one, b"one").unwrap();
     }
     let one_us = t.elapsed().as_secs_f64() / calls as f64 * 1e6;
 

@@ -185,7 +185,7 @@ fn the_deadline_stops_a_call_within_a_second_of_it() {
     let plugin = Plugin::load(std::path::Path::new(&hostile()), limits).unwrap();
     let mut instance = plugin.instantiate(r#"{"mode": "loop"}"#).unwrap();
     let t = Instant::now();
-    let result = instance.filter(&["{\"id\": 1}".to_string()]);
+    let result = instance.filter(&["{\"id\": 1}".to_string()], b"batch");
     let elapsed = t.elapsed();
     assert_eq!(result.unwrap_err(), CallError::Timeout(400));
     assert!(elapsed >= Duration::from_millis(400) && elapsed < Duration::from_millis(1400), "{elapsed:?}");
@@ -339,9 +339,13 @@ fn the_wasm_digest_and_config_are_in_the_key() {
     // Limits do not change results: still cached.
     p.write(
         "p.toml",
-        pipeline("mw.wasm", "config = { min_words = 3 }\nlimits = { memory_mb = 64 }\nbatch_records = 2", 4),
+        pipeline("mw.wasm", "config = { min_words = 3 }\nlimits = { memory_mb = 64, max_output_factor = 2 }", 4),
     );
     assert_eq!(p.run("p.toml", &[]).status("f"), "cached");
+    // Batch sizes may (a plugin's randomness is drawn per batch): they are in the key.
+    p.write("p.toml", pipeline("mw.wasm", "config = { min_words = 3 }\nbatch_records = 2", 4));
+    assert_eq!(p.run("p.toml", &[]).status("f"), "ran");
+    p.write("p.toml", pipeline("mw.wasm", "config = { min_words = 3 }", 4));
 
     // One byte of the .wasm changed (in its producers section: still a valid component).
     let at = wasm.windows(5).position(|w| w == b"rustc").expect("a producers section naming rustc");
@@ -390,4 +394,161 @@ fn plugin_new_makes_a_crate_that_builds_checks_and_runs() {
     let expected: Vec<Value> =
         captions().into_iter().filter(|r| r["caption"].as_str().unwrap().trim().chars().count() >= 10).collect();
     assert_eq!(p.jsonl("o.jsonl"), expected);
+}
+
+// ---- limits a hostile plugin once walked past ------------------------------------------------
+
+#[test]
+fn a_sleep_counts_against_the_deadline_and_cannot_outlast_it() {
+    use ladle_plugins::host::{CallError, Limits, Plugin};
+    let limits = Limits { batch_timeout: Duration::from_secs(2), ..Limits::default() };
+    let plugin = Plugin::load(std::path::Path::new(&hostile()), limits).unwrap();
+    let batch = ["{\"id\": 1}".to_string()];
+    for secs in [3600.0, 5.0, 2.0] {
+        let mut instance = plugin.instantiate(&format!(r#"{{"mode": "sleep", "secs": {secs}}}"#)).unwrap();
+        let t = Instant::now();
+        let result = instance.filter(&batch, b"batch");
+        let elapsed = t.elapsed();
+        let Err(CallError::Slept(message)) = result else { panic!("a {secs} s sleep: {result:?}") };
+        assert!(message.contains(&format!("asked to sleep {} ms", secs * 1000.0)), "{message}");
+        assert!(message.contains("past its deadline of 2000 ms"), "{message}");
+        assert!(elapsed < Duration::from_secs(3), "a {secs} s sleep held the call {elapsed:?}");
+    }
+    // A sleep within the deadline returns (at once: time is not the plugin's to spend), and every
+    // call has a deadline of its own.
+    let mut instance = plugin.instantiate(r#"{"mode": "sleep", "secs": 1.5}"#).unwrap();
+    let t = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(instance.filter(&batch, b"batch").unwrap().len(), 1);
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_sleeping_plugin_fails_the_run_naming_the_plugin() {
+    let p = Project::new();
+    write_records(&p, &records(6));
+    let (error, elapsed) =
+        run_failing(&p, "config = { mode = \"sleep\", secs = 3600 }\nlimits = { batch_timeout_ms = 2000 }");
+    assert!(error.contains("plugin `hostile`") && error.contains("records 0..=2"), "{error}");
+    assert!(error.contains("asked to sleep 3600000 ms, which ends past its deadline of 2000 ms"), "{error}");
+    // Compiling the plugin takes a moment in debug builds; the sleep itself costs nothing.
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+}
+
+#[test]
+fn replacements_past_the_record_limit_fail_or_drop_and_memory_stays_bounded() {
+    let p = Project::new();
+    write_records(&p, &records(6));
+    let r = {
+        p.write("p.toml", pipeline(&hostile(), "config = { mode = \"huge\", mb = 60, every = 3 }", 3));
+        p.run("p.toml", &["-j", "1"])
+    };
+    assert_eq!(r.code(), 1, "{}", r.stderr());
+    let error = r.stage("f")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("plugin `hostile`") && error.contains("record 0:"), "{error}");
+    assert!(
+        error.contains("replaced the record with 60.0 MiB of text, past its limit of 16.0 MiB (limits.max_record_mb)"),
+        "{error}"
+    );
+    let peak = r.summary()["peak_rss_bytes"].as_u64().unwrap();
+    assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+
+    // Dropped and counted; the other records of each batch are kept.
+    p.write("p.toml", pipeline(&hostile(), "config = { mode = \"huge\", mb = 60, every = 3 }\non_error = \"drop\"", 3));
+    let r = p.run("p.toml", &["-j", "1"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.stage("f")["dropped_on_error"], 2);
+    let ids: Vec<u64> = p.jsonl("o.jsonl").iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 4, 5]);
+    let peak = r.summary()["peak_rss_bytes"].as_u64().unwrap();
+    assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+
+    // Within a raised record limit, the shard's output is still bounded by its input.
+    // Three 20 MiB records in a shard of 3 records (about 60 bytes of input) pass the floor of
+    // max_record_mb = 24 at the second.
+    p.write(
+        "p.toml",
+        pipeline(&hostile(), "config = { mode = \"huge\", mb = 20 }\nlimits = { max_record_mb = 24 }", 3),
+    );
+    let r = p.run("p.toml", &["-j", "1"]);
+    assert_eq!(r.code(), 1, "{}", r.stderr());
+    let error = r.stage("f")["error"].as_str().unwrap();
+    assert!(error.contains("record 1: the shard's output passed 24.0 MiB, the most a shard of"), "{error}");
+    assert!(error.contains("(limits.max_output_factor = 16 times its input"), "{error}");
+    // And with both raised, a 20 MiB record goes through, whole.
+    p.write(
+        "p.toml",
+        pipeline(
+            &hostile(),
+            "config = { mode = \"huge\", mb = 20, every = 3 }\nlimits = { max_record_mb = 64, max_output_factor = 1000000 }",
+            3,
+        ),
+    );
+    let r = p.run("p.toml", &["-j", "1"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let out = p.jsonl("o.jsonl");
+    assert_eq!(out.len(), 6);
+    assert_eq!(out[0]["filler"].as_str().unwrap().len(), 20 << 20);
+    assert_eq!(out[1]["id"], 1);
+}
+
+/// Bytes of all files under `dir`.
+fn size_of(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() { size_of(&e.path()) } else { e.metadata().unwrap().len() }
+        })
+        .sum()
+}
+
+#[test]
+fn a_huge_error_message_is_cut_before_it_is_kept_or_shown() {
+    // The same failure with an empty message and with a 100 MiB one, each in a store of its own.
+    let mut seen = Vec::new();
+    for mb in [0, 100] {
+        let p = Project::new();
+        write_records(&p, &records(6));
+        p.write("p.toml", pipeline(&hostile(), &format!("config = {{ mode = \"bigerr\", mb = {mb} }}"), 3));
+        let r = p.run("p.toml", &["-j", "1"]);
+        assert_eq!(r.code(), 1, "{}", r.stderr());
+        let shown = r.output.stdout.len() + r.output.stderr.len();
+        let error = r.stage("f")["error"].as_str().unwrap().to_string();
+        // Another pipeline on the same store, run twice: the second is all cached.
+        p.write("q.toml", "[pipeline]\nname = \"q\"\n\n[stages.d]\nkind = \"read\"\npath = \"d.jsonl\"\n\n[stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"q.jsonl\"\n");
+        assert_eq!(p.run("q.toml", &[]).code(), 0);
+        let cached = p.run("q.toml", &[]);
+        assert_eq!(cached.status("w"), "cached");
+        let peak = cached.summary()["peak_rss_bytes"].as_u64().unwrap();
+        seen.push((shown, error, size_of(&p.path(".ladle")), peak));
+    }
+    let (small, big) = (&seen[0], &seen[1]);
+    assert!(big.1.contains("the plugin returned an error: eeee"), "{}", &big.1[..200]);
+    assert!(big.1.contains(&format!("… [{} more bytes cut]", (100 << 20) - 4096)), "{}", &big.1[big.1.len() - 200..]);
+    assert!(big.0 < small.0 + 3 * 4096, "the run printed {} bytes ({} with an empty message)", big.0, small.0);
+    assert!(big.2 < small.2 + (1 << 20), "the store holds {} bytes ({} with an empty message)", big.2, small.2);
+    assert!(big.3 < small.3 + (8 << 20), "a cached rerun peaked at {} MiB ({} MiB)", big.3 >> 20, small.3 >> 20);
+}
+
+#[test]
+fn a_sampling_plugin_gets_reproducible_randomness_that_differs_by_record() {
+    let recs = records(200);
+    let mut outputs = Vec::new();
+    for jobs in ["1", "3"] {
+        let p = Project::new();
+        write_records(&p, &recs);
+        p.write("p.toml", pipeline(&hostile(), "config = { mode = \"sample\" }\nbatch_records = 16", 50));
+        let r = p.run("p.toml", &["-j", jobs]);
+        assert_eq!(r.code(), 0, "{}", r.stderr());
+        outputs.push(p.jsonl("o.jsonl"));
+    }
+    assert_eq!(outputs[0], outputs[1], "two runs (one and three workers) give the same sample");
+    let kept = &outputs[0];
+    // A fair coin over 200 records: 100 ± 40 is more than 5 standard deviations wide.
+    assert!((60..=140).contains(&kept.len()), "kept {} of 200", kept.len());
+    let draws: std::collections::BTreeSet<u64> = kept.iter().map(|r| r["draw"].as_u64().unwrap()).collect();
+    assert!(draws.len() > 40, "only {} different draws among {} records", draws.len(), kept.len());
+    assert!(draws.iter().all(|d| *d < 128));
 }

@@ -41,4 +41,4 @@ pub use error::{Category, Error, PipelineError, Result, StageError};
 pub use pipeline::Pipeline;
 pub use registry::Registry;
 pub use scheduler::{RunOptions, run};
-pub use store::Store;
+pub use store::{ObjectWriter, Store};

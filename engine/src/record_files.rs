@@ -34,7 +34,7 @@ pub fn shard_salts(
     for (index, shard) in shards.iter().enumerate() {
         let bytes = store.get(&shard.digest).map_err(|e| e.to_string())?;
         let paths = stage
-            .record_files(inputs, &ShardInput { index, first_record, jsonl: &bytes })
+            .record_files(inputs, &ShardInput { index, first_record, digest: shard.digest, jsonl: &bytes })
             .map_err(|e| format!("shard {index}: {e}"))?;
         let mut parts: Vec<[u8; 32]> = Vec::with_capacity(paths.len());
         for path in &paths {

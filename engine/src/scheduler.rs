@@ -585,13 +585,16 @@ fn compute_shard(
         .as_ref()
         .map_err(|e| e.to_string())?;
     let bytes = env.store.get(&shard.digest).map_err(|e| e.to_string())?;
-    let mapped = mapper.map_shard(&ShardInput { index, first_record, jsonl: &bytes }).map_err(|e| match e.record {
+    let mut out = env.store.writer();
+    let input = ShardInput { index, first_record, digest: shard.digest, jsonl: &bytes };
+    let mapped = mapper.map_shard(&input, &mut out).map_err(|e| match e.record {
         Some(r) => format!("record {} (shard {index}, line {} of the shard): {e}", first_record + r, r + 1),
         None => format!("shard {index}: {e}"),
     })?;
+    drop(bytes);
     let commit = || -> Result<ShardEntry> {
-        let digest = env.store.put(&mapped.bytes)?;
-        let shard = ShardRef { digest, records: mapped.records, bytes: mapped.bytes.len() as u64 };
+        let (digest, size) = out.commit()?;
+        let shard = ShardRef { digest, records: mapped.records, bytes: size };
         let out = ShardEntry { shard, dropped_on_error: mapped.dropped_on_error };
         env.store.put_shard(key, &out)?;
         env.store.flush()?;

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use crate::artifact::{Artifact, ShardRef};
 use crate::context::StageContext;
+use crate::digest::Digest;
 use crate::error::{PipelineError, StageError};
 use crate::pipeline::params::Params;
+use crate::store::ObjectWriter;
 
 /// How many stages a port connects to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +128,11 @@ pub trait MapStage: Send + Sync {
 }
 
 pub trait ShardMapper: Send + Sync {
-    /// Maps one shard of canonical JSONL to canonical JSONL (see [`crate::records`]).
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError>;
+    /// Maps one shard of canonical JSONL (see [`crate::records`]) to an output shard written
+    /// into `out`: canonical JSONL, or a safetensors file for a stage that produces
+    /// [`Produces::Tensors`]. Write as the output is made: `out` spills to disk past a few MiB,
+    /// so a shard's output need not fit in memory. On an error, what was written is discarded.
+    fn map_shard(&self, shard: &ShardInput<'_>, out: &mut ObjectWriter) -> Result<MappedShard, StageError>;
 }
 
 pub struct ShardInput<'a> {
@@ -135,15 +140,15 @@ pub struct ShardInput<'a> {
     pub index: usize,
     /// Position of the shard's first record in the dataset.
     pub first_record: u64,
+    /// The shard's digest: a name for its contents that does not depend on where it sits.
+    pub digest: Digest,
     pub jsonl: &'a [u8],
 }
 
+/// What a mapper reports of the shard it wrote.
 #[derive(Debug, Default)]
 pub struct MappedShard {
-    /// The output shard: canonical JSONL, or a safetensors file for a stage that produces
-    /// [`Produces::Tensors`].
-    pub bytes: Vec<u8>,
-    /// Records (or tensor rows) in it.
+    /// Records (or tensor rows) in the output shard.
     pub records: u64,
     /// Records dropped because processing them failed (a plugin with `on_error = "drop"`).
     pub dropped_on_error: u64,

@@ -22,6 +22,7 @@
 
 mod maintenance;
 mod memo;
+mod writer;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 pub use maintenance::{GcReport, VerifyReport};
+pub use writer::ObjectWriter;
 
 use crate::artifact::{Artifact, ShardRef};
 use crate::digest::{ArtifactDigest, Digest, ShardKey, StageKey};
@@ -191,6 +193,12 @@ impl Store {
             self.adopt_file(&tmp, &d, bytes.len() as u64)?;
         }
         Ok(d)
+    }
+
+    /// A writer for an object too large, or too gradual, to hand over whole (see
+    /// [`ObjectWriter`]).
+    pub fn writer(&self) -> ObjectWriter {
+        ObjectWriter::new(self.clone())
     }
 
     /// Moves a finished file (written under `tmp/` or elsewhere on the same disk) into the store.

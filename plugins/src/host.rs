@@ -7,14 +7,21 @@
 //! trap (a trapped instance may be in any state).
 //!
 //! The sandbox: WASI is linked because std Rust guests import it, but with no capabilities — no
-//! preopened folders, no environment, no arguments, no sockets, no stdin. Clocks are frozen at
-//! zero and randomness is a fixed byte cycle, so a plugin is deterministic. stdout is discarded and
-//! stderr is captured (64 KiB) so a guest panic message can be shown. Memory is capped with a
-//! trap on growth failure.
+//! preopened folders, no environment, no arguments, no sockets, no stdin. Clocks read zero,
+//! sleeps are charged to the deadline and randomness is seeded per call ([`crate::sandbox`]), so
+//! a plugin is deterministic and cannot wait past its deadline. stdout is discarded and stderr
+//! is captured (64 KiB) so a guest panic message can be shown. Memory is capped with a trap on
+//! growth failure.
+//!
+//! Text a plugin hands the host (errors, log lines, panic messages) is clipped to
+//! [`MAX_PLUGIN_TEXT`] before it is kept anywhere: it ends up in events, run records and the
+//! index, and a plugin is not trusted to keep it short.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use crate::sandbox::{CallBudget, SeededRandom, SleptPastDeadline, deadline_ticks, link_sleeps};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
@@ -34,6 +41,22 @@ pub const WORLD: &str = "ladle:filter/plugin@0.1.0";
 
 /// How often the epoch advances; deadlines are whole ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The most bytes of text from a plugin (an error, a log line, a panic message) that ladle keeps
+/// or shows; the rest is cut, and the cut says how much.
+pub const MAX_PLUGIN_TEXT: usize = 4096;
+
+/// `text`, cut to at most `max` bytes (at a character boundary) with a note of what was cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} more bytes cut]", &text[..end], text.len() - end)
+}
 
 /// Limits for one plugin instance.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,6 +83,9 @@ pub enum CallError {
     WrongLength { got: usize, want: usize },
     #[error("the plugin ran past its deadline of {0} ms and was stopped")]
     Timeout(u128),
+    /// A sleep that would end past the deadline (sleeps count against it).
+    #[error("{0}, and was stopped (sleeps count against the deadline)")]
+    Slept(String),
     #[error("the plugin ran out of fuel ({0} units per call)")]
     OutOfFuel(u64),
     #[error("the plugin hit its memory limit of {0} MiB")]
@@ -102,7 +128,10 @@ fn engine(fuel: bool) -> &'static Engine {
 /// What a store holds.
 pub struct State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
+    /// The time the current call has used (see [`crate::sandbox`]).
+    pub(crate) budget: CallBudget,
+    random: SeededRandom,
     limits: StoreLimits,
     stderr: MemoryOutputPipe,
     log: Arc<Mutex<PluginLog>>,
@@ -122,7 +151,10 @@ impl bindings::ladle::filter::host::Host for State {
             Level::Warn => "warn",
             Level::Error => "error",
         };
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).push(&format!("{level}: {message}"));
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(&format!("{level}: {}", clip(&message, PluginLog::MAX_LINE)));
     }
 }
 
@@ -134,12 +166,14 @@ pub struct PluginLog {
 
 impl PluginLog {
     const MAX_LINES: usize = 1000;
+    /// Bytes of one line's message that are kept.
+    const MAX_LINE: usize = 1024;
 
     fn push(&mut self, line: &str) {
         if self.lines.len() == Self::MAX_LINES {
             self.lines.pop_front();
         }
-        self.lines.push_back(line.chars().take(2000).collect());
+        self.lines.push_back(line.to_string());
     }
 
     pub fn text(&self) -> String {
@@ -153,6 +187,8 @@ pub struct Plugin {
     component: Component,
     limits: Limits,
     pre: bindings::PluginPre<State>,
+    /// BLAKE3 of the component's bytes: with the config, what seeds its randomness.
+    digest: [u8; 32],
     pub log: Arc<Mutex<PluginLog>>,
 }
 
@@ -208,6 +244,7 @@ impl Plugin {
             .map_err(|e| LoadError::Invalid { path: path.clone(), message: format!("{e:#}") })?;
         let mut linker: Linker<State> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| link_sleeps(&mut linker))
             .map_err(|e| LoadError::Invalid { path: path.clone(), message: format!("{e:#}") })?;
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| LoadError::Invalid { path: path.clone(), message: format!("{e:#}") })?;
@@ -219,7 +256,8 @@ impl Plugin {
         };
         let instance_pre = linker.instantiate_pre(&component).map_err(interface_error)?;
         let pre = bindings::PluginPre::new(instance_pre).map_err(interface_error)?;
-        Ok(Plugin { name, component, limits, pre, log: Arc::default() })
+        let digest = *blake3::hash(bytes).as_bytes();
+        Ok(Plugin { name, component, limits, pre, digest, log: Arc::default() })
     }
 
     pub fn component(&self) -> &Component {
@@ -230,14 +268,21 @@ impl Plugin {
     pub fn instantiate(&self, config: &str) -> Result<Instance, CallError> {
         let engine = self.pre.engine();
         let stderr = MemoryOutputPipe::new(64 * 1024);
+        let random_key = blake3::Hasher::new_derive_key("ladle plugin randomness v1")
+            .update(&self.digest)
+            .update(config.as_bytes())
+            .finalize();
+        let random_key = *random_key.as_bytes();
+        let (secure, insecure) = (SeededRandom::new(), SeededRandom::new());
+        let insecure_seed = u128::from_le_bytes(random_key[..16].try_into().expect("16 of 32 bytes"));
         let wasi = WasiCtxBuilder::new()
             .stdout(std::io::empty())
             .stderr(stderr.clone())
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
-            .secure_random(wasmtime_wasi::Deterministic::new(vec![7, 42, 131, 201]))
-            .insecure_random(wasmtime_wasi::Deterministic::new(vec![3, 17, 99, 250]))
-            .insecure_random_seed(0x1ad1e)
+            .secure_random(secure.clone())
+            .insecure_random(insecure.clone())
+            .insecure_random_seed(insecure_seed)
             .allow_ip_name_lookup(false)
             .allow_tcp(false)
             .allow_udp(false)
@@ -247,16 +292,29 @@ impl Plugin {
             .instances(16)
             .trap_on_grow_failure(true)
             .build();
-        let state = State { wasi, table: ResourceTable::new(), limits, stderr, log: self.log.clone() };
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            budget: CallBudget::new(self.limits.batch_timeout),
+            random: secure,
+            limits,
+            stderr,
+            log: self.log.clone(),
+        };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
-        let mut instance = Instance { store, bindings: None, limits: self.limits };
-        instance.arm();
+        let mut instance = Instance { store, bindings: None, limits: self.limits, random_key, insecure };
+        instance.arm(b"instantiate");
         let bindings = self.pre.instantiate(&mut instance.store).map_err(|e| instance.classify(e))?;
-        instance.arm();
+        instance.arm(b"configure");
         match bindings.ladle_filter_filter().call_configure(&mut instance.store, config) {
             Ok(Ok(())) => {}
-            Ok(Err(message)) => return Err(CallError::Returned(format!("it rejected its config: {message}"))),
+            Ok(Err(message)) => {
+                return Err(CallError::Returned(format!(
+                    "it rejected its config: {}",
+                    clip(&message, MAX_PLUGIN_TEXT)
+                )));
+            }
             Err(e) => return Err(instance.classify(e)),
         }
         instance.bindings = Some(bindings);
@@ -303,16 +361,23 @@ pub struct Instance {
     store: Store<State>,
     bindings: Option<bindings::Plugin>,
     limits: Limits,
+    /// Seeds the randomness of every call, with the call's nonce.
+    random_key: [u8; 32],
+    /// The `wasi:random/insecure` stream (the secure one is in the store's state).
+    insecure: SeededRandom,
 }
 
 impl Instance {
-    /// Sets the deadline and the fuel for the next call.
-    fn arm(&mut self) {
-        let ticks = (self.limits.batch_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
-        self.store.set_epoch_deadline(ticks);
+    /// Sets the deadline, the fuel and the randomness for the next call, named by `nonce`.
+    fn arm(&mut self, nonce: &[u8]) {
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.batch_timeout));
         if let Some(fuel) = self.limits.fuel {
             let _ = self.store.set_fuel(fuel);
         }
+        let state = self.store.data_mut();
+        state.budget = CallBudget::new(self.limits.batch_timeout);
+        state.random.reseed(&self.random_key, &[b"secure:".as_slice(), nonce].concat());
+        self.insecure.reseed(&self.random_key, &[b"insecure:".as_slice(), nonce].concat());
     }
 
     fn classify(&mut self, e: wasmtime::Error) -> CallError {
@@ -321,7 +386,10 @@ impl Instance {
             Some(Trap::OutOfFuel) => return CallError::OutOfFuel(self.limits.fuel.unwrap_or(0)),
             _ => {}
         }
-        let message = format!("{e:#}");
+        if let Some(slept) = e.downcast_ref::<SleptPastDeadline>() {
+            return CallError::Slept(slept.to_string());
+        }
+        let message = clip(&format!("{e:#}"), MAX_PLUGIN_TEXT);
         if message.contains("growing memory") || message.contains("memory minimum size") {
             return CallError::Memory(self.limits.memory_bytes >> 20);
         }
@@ -329,20 +397,21 @@ impl Instance {
         if stderr.is_empty() {
             CallError::Trap(message)
         } else {
-            CallError::Trap(format!("{message}\n  plugin stderr: {stderr}"))
+            CallError::Trap(format!("{message}\n  plugin stderr: {}", clip(&stderr, MAX_PLUGIN_TEXT)))
         }
     }
 
-    /// One verdict per record of `batch`.
-    pub fn filter(&mut self, batch: &[String]) -> Result<Vec<Verdict>, CallError> {
-        self.arm();
+    /// One verdict per record of `batch`. `nonce` names the batch (the same batch, the same
+    /// nonce): it seeds the plugin's randomness for this call.
+    pub fn filter(&mut self, batch: &[String], nonce: &[u8]) -> Result<Vec<Verdict>, CallError> {
+        self.arm(nonce);
         let bindings =
             self.bindings.as_ref().ok_or_else(|| CallError::Trap("the instance was not configured".into()))?;
         let result = bindings.ladle_filter_filter().call_filter(&mut self.store, batch);
         match result {
             Ok(Ok(verdicts)) if verdicts.len() == batch.len() => Ok(verdicts),
             Ok(Ok(verdicts)) => Err(CallError::WrongLength { got: verdicts.len(), want: batch.len() }),
-            Ok(Err(message)) => Err(CallError::Returned(message)),
+            Ok(Err(message)) => Err(CallError::Returned(clip(&message, MAX_PLUGIN_TEXT))),
             Err(e) => Err(self.classify(e)),
         }
     }

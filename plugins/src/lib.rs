@@ -1,6 +1,8 @@
 //! ladle's WASM plugin host: sandboxed custom data filters as WebAssembly components.
 //!
 //! - [`host`]: the wasmtime host — one shared engine, sandboxed stores, limits, calls;
+//! - [`sandbox`]: what a plugin sees of time and chance (sleeps charged to the deadline,
+//!   randomness seeded per batch);
 //! - [`stage`]: the `plugin` stage kind (a map stage);
 //! - [`check`]: `ladle plugin check`, validating a component against the interface;
 //! - [`scaffold`]: `ladle plugin new`, a ready-to-build plugin crate.
@@ -10,6 +12,7 @@
 
 pub mod check;
 pub mod host;
+pub mod sandbox;
 pub mod scaffold;
 pub mod stage;
 

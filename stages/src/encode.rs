@@ -27,13 +27,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ladle_engine::StageContext;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record};
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
+use ladle_engine::{ObjectWriter, StageContext};
 
 use crate::device::Placement;
 use crate::model::{MODEL_PORT, model_dir};
@@ -191,7 +191,7 @@ impl Encoder {
 }
 
 impl ShardMapper for Encoder {
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let mut pixels: Vec<Vec<f32>> = Vec::new();
         let mut out = TensorShard { row_shape: self.encoder.row_shape(self.select), ..Default::default() };
         let tiled = self.tiling.is_some();
@@ -222,6 +222,7 @@ impl ShardMapper for Encoder {
             out.view = Some(views);
         }
         let rows = out.rows() as u64;
-        Ok(MappedShard { bytes: out.to_bytes()?, records: rows, dropped_on_error: dropped })
+        output.append(&out.to_bytes()?)?;
+        Ok(MappedShard { records: rows, dropped_on_error: dropped })
     }
 }

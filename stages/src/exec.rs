@@ -26,7 +26,7 @@ use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind, WholeStage,
 };
-use ladle_engine::{Artifact, StageContext};
+use ladle_engine::{Artifact, ObjectWriter, StageContext};
 use wait_timeout::ChildExt;
 
 pub struct ExecKind;
@@ -292,7 +292,7 @@ struct ShardFilter {
 }
 
 impl ShardMapper for ShardFilter {
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let (status, stdout, stderr) =
             run_command(&self.command, &self.dir, &self.env, Some(shard.jsonl), self.timeout)?;
         if !status.success() {
@@ -315,7 +315,8 @@ impl ShardMapper for ShardFilter {
             write_record(&record, &mut out);
             n += 1;
         }
-        Ok(MappedShard { bytes: out, records: n, ..Default::default() })
+        output.append(&out)?;
+        Ok(MappedShard { records: n, ..Default::default() })
     }
 }
 

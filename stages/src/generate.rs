@@ -22,13 +22,13 @@
 
 use std::sync::Arc;
 
-use ladle_engine::StageContext;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
+use ladle_engine::{ObjectWriter, StageContext};
 
 use crate::device::Placement;
 use crate::llm::LanguageModel;
@@ -125,7 +125,7 @@ struct Mapper {
 }
 
 impl ShardMapper for Mapper {
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let tok = &self.model.tokenizer;
         let mut out = Vec::new();
         let mut n = 0;
@@ -159,6 +159,7 @@ impl ShardMapper for Mapper {
             write_record(&record, &mut out);
             n += 1;
         }
-        Ok(MappedShard { bytes: out, records: n, ..Default::default() })
+        output.append(&out)?;
+        Ok(MappedShard { records: n, ..Default::default() })
     }
 }

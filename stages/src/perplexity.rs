@@ -36,13 +36,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ladle_engine::StageContext;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
+use ladle_engine::{ObjectWriter, StageContext};
 use serde_json::Value;
 
 use crate::device::Placement;
@@ -221,7 +221,7 @@ impl Mapper {
 }
 
 impl ShardMapper for Mapper {
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let mut records = Vec::new();
         let mut seqs = Vec::new();
         let mut truncated = Vec::new();
@@ -239,7 +239,8 @@ impl ShardMapper for Mapper {
             add_score(&mut record, &self.column, &s, cut);
             write_record(&record, &mut out);
         }
-        Ok(MappedShard { bytes: out, records: n, ..Default::default() })
+        output.append(&out)?;
+        Ok(MappedShard { records: n, ..Default::default() })
     }
 }
 
@@ -318,7 +319,7 @@ impl ImageMapper {
 impl ShardMapper for ImageMapper {
     /// Records are prepared one by one (an unusable image fails or drops its record there), then
     /// scored together, [`IMAGE_WINDOW`] at a time.
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let mut out = Vec::with_capacity(shard.jsonl.len() * 2);
         let mut window = Vec::with_capacity(IMAGE_WINDOW);
         let (mut kept, mut dropped) = (0u64, 0u64);
@@ -338,6 +339,7 @@ impl ShardMapper for ImageMapper {
             }
         }
         self.flush(&mut window, &mut out)?;
-        Ok(MappedShard { bytes: out, records: kept, dropped_on_error: dropped })
+        output.append(&out)?;
+        Ok(MappedShard { records: kept, dropped_on_error: dropped })
     }
 }

@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use ladle_engine::StageContext;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::lines;
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
+use ladle_engine::{ObjectWriter, StageContext};
 
 pub struct SampleKind;
 
@@ -68,9 +68,10 @@ impl MapStage for Sample {
 }
 
 impl ShardMapper for Sample {
-    fn map_shard(&self, shard: &ShardInput<'_>) -> Result<MappedShard, StageError> {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let (jsonl, records) = crate::keep_lines(shard.jsonl, lines(shard.jsonl).map(|l| self.keeps(l)));
-        Ok(MappedShard { bytes: jsonl, records, ..Default::default() })
+        output.append(&jsonl)?;
+        Ok(MappedShard { records, ..Default::default() })
     }
 }
 

@@ -24,7 +24,8 @@
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` and check it with
 //! `ladle plugin check target/wasm32-wasip2/release/NAME.wasm`. The plugin runs sandboxed: it sees
-//! no files, network, environment, clock or randomness; what it needs comes through `config`.
+//! no files, network, environment or clock, and randomness that is the same on every run; what
+//! it needs comes through `config`.
 //! The interface is `wit/filter.wit` (`ladle:filter@0.1.0`).
 
 #[doc(hidden)]

@@ -5,7 +5,10 @@
 //! Modes: `loop` (never returns), `memory` (allocates without end), `probe` (replaces each record
 //! with what it could see of the outside world), `panic` (panics on a record whose `id` is
 //! `config.at`), `short` (one verdict fewer than records), `err` (returns an error for records with
-//! `"bad": true`), `keep`.
+//! `"bad": true`), `keep`; and the ones that walked past the sandbox once: `sleep` (sleeps
+//! `config.secs` in every call), `huge` (replaces each record whose `id` is a multiple of
+//! `config.every` with one of `config.mb` MiB), `bigerr` (returns an error of `config.mb` MiB), `sample` (keeps a record
+//! when a random byte is below 128, adding the byte as `draw`).
 
 use std::cell::RefCell;
 
@@ -68,6 +71,40 @@ impl Guest for Hostile {
                 }
             }
             "probe" => Ok(batch.iter().map(|_| Verdict::Replace(probe().to_string())).collect()),
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs_f64(config["secs"].as_f64().unwrap_or(1.0)));
+                Ok(batch.iter().map(|_| Verdict::Keep).collect())
+            }
+            "huge" => {
+                let mb = config["mb"].as_u64().unwrap_or(60) as usize;
+                let every = config["every"].as_u64().unwrap_or(1);
+                batch
+                    .iter()
+                    .map(|text| {
+                        let record: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                        if record["id"].as_u64().is_none_or(|id| id % every != 0) {
+                            return Ok(Verdict::Keep);
+                        }
+                        // Built in place: one allocation of the record's size.
+                        let mut huge = String::with_capacity((mb << 20) + 16);
+                        huge.push_str("{\"filler\":\"");
+                        (0..mb << 20).for_each(|_| huge.push('x'));
+                        huge.push_str("\"}");
+                        Ok(Verdict::Replace(huge))
+                    })
+                    .collect()
+            }
+            "bigerr" => Err("e".repeat((config["mb"].as_u64().unwrap_or(100) as usize) << 20)),
+            "sample" => batch
+                .iter()
+                .map(|text| {
+                    let mut record: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                    let mut byte = [0u8; 1];
+                    getrandom::fill(&mut byte).map_err(|e| e.to_string())?;
+                    record["draw"] = json!(byte[0]);
+                    Ok(if byte[0] < 128 { Verdict::Replace(record.to_string()) } else { Verdict::Drop })
+                })
+                .collect(),
             "short" => Ok(batch.iter().skip(1).map(|_| Verdict::Keep).collect()),
             _ => batch
                 .iter()

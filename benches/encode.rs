@@ -12,8 +12,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ladle_stages::vision::encoder::{ImageEncoder, Select};
-use ladle_stages::vision::images::load_rgb;
+use ladle_models::vision::encoder::{ImageEncoder, Select};
+use ladle_models::vision::images::load_rgb;
 
 mod support;
 use support::peak_rss;

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ladle_stages::llm::{LanguageModel, Scorer, Sequence};
+use ladle_models::llm::{LanguageModel, Scorer, Sequence};
 
 mod support;
 use support::peak_rss;

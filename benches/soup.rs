@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ladle_stages::soup::average::write_soup;
-use ladle_stages::soup::checkpoint::{Checkpoint, check_compatible};
+use ladle_models::soup::average::write_soup;
+use ladle_models::soup::checkpoint::{Checkpoint, check_compatible};
 
 mod support;
 use support::peak_rss;

@@ -390,8 +390,8 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             if size == 0 || max_splits == 0 {
                 bail!("--size and --max-splits must be positive");
             }
-            let [w, h] = ladle_stages::vision::images::displayed_size(&image)?;
-            let t = ladle_stages::vision::catty::tiling(w, h, size, max_splits);
+            let [w, h] = ladle_models::vision::images::displayed_size(&image)?;
+            let t = ladle_models::vision::catty::tiling(w, h, size, max_splits);
             let json = serde_json::json!({
                 "image": image.display().to_string(), "input": [w, h], "image_size": size, "max_splits": max_splits,
                 "clamped": t.clamped, "slices": t.slices, "resized": t.resized, "tiles": t.tiles, "thumbnail": t.thumbnail,
@@ -436,8 +436,8 @@ pub fn human_bytes(n: u64) -> String {
 
 /// `ladle bench`: see [`ladle_stages::bench`].
 fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {
+    use ladle_models::device::Placement;
     use ladle_stages::bench;
-    use ladle_stages::device::Placement;
     let place = |device: &str, dtype: Option<&str>| {
         Placement::from_names(Some(device), dtype).map_err(|(name, e)| anyhow::anyhow!("{e} (--{name})"))
     };

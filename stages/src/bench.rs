@@ -22,12 +22,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
+use ladle_models::device::{Placement, Processor, dtype_name};
+use ladle_models::llm::generate::Rng;
+use ladle_models::llm::scorer::plan_batches;
+use ladle_models::llm::{Decoder, LlmConfig, ModelError, Score, Scorer, Sequence};
 use serde_json::{Value, json};
-
-use crate::device::{Placement, Processor, dtype_name};
-use crate::llm::generate::Rng;
-use crate::llm::scorer::plan_batches;
-use crate::llm::{Decoder, LlmConfig, ModelError, Score, Scorer, Sequence};
 
 /// Decoder shapes by name: `config.json` as the hub has them (random weights are made for them).
 pub fn llm_shape(name: &str) -> Option<Value> {
@@ -293,8 +292,8 @@ pub struct SoupOptions {
 /// against plain sequential reads of the same files (the I/O bound), alternated `repeat` times
 /// on a warm page cache; medians in GB/s of input, and peak RSS.
 pub fn run_soup(o: &SoupOptions) -> Result<Value, ModelError> {
-    use crate::soup::average::write_soup;
-    use crate::soup::checkpoint::{Checkpoint, check_compatible};
+    use ladle_models::soup::average::write_soup;
+    use ladle_models::soup::checkpoint::{Checkpoint, check_compatible};
     let io = |path: &Path, e: std::io::Error| ModelError::Weights { path: path.to_path_buf(), message: e.to_string() };
     let mut dirs = o.ingredients.clone();
     if let Some((n, gb)) = o.make {
@@ -416,7 +415,7 @@ mod tests {
         let mean = r.nll_sum / r.scored_tokens as f64;
         assert!((mean - 1000f64.ln()).abs() < 0.05, "mean NLL {mean} vs ln 1000 = {}", 1000f64.ln());
         // The saved folder is that same model.
-        let vb = crate::llm::weights::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let vb = ladle_models::llm::weights::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
         let saved_cfg = LlmConfig::load(dir.path()).unwrap();
         let reloaded = Decoder::new(&saved_cfg, vb, "model").unwrap();
         let again = score(&reloaded, &saved_cfg, &seqs, 256).unwrap();

@@ -11,14 +11,14 @@
 //! tiling = { method = "catty", max_splits = 8 }   # optional: POINTS' CATTY views of each image
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
 //! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
-//! ```                         # (see crate::device: default f32 on the CPU, bf16 on a GPU)
+//! ```                         # (see ladle_models::device: default f32 on the CPU, bf16 on a GPU)
 //!
 //! The output is a *tensors* artifact, not records: one safetensors shard per input shard (see
 //! [`crate::tensors`]), with `embedding` [rows, ...] and `record` (each row's record position).
 //! Without tiling a row is a record; with it, a record has one row per tile and one for the
 //! global thumbnail, told apart by `view`. `ladle export` writes them as `.safetensors` or `.npy`.
 //!
-//! Images are decoded and preprocessed as [`crate::vision::preprocess`] says (bit-exact with
+//! Images are decoded and preprocessed as [`ladle_models::vision::preprocess`] says (bit-exact with
 //! transformers' CLIPImageProcessor), then run through the tower `batch_images` at a time (default
 //! 16; it does not change results, so it is not part of the key). The tower runs only up to
 //! `layer`. Image contents are part of each shard's key, as for `perplexity`. Embeddings are
@@ -34,12 +34,13 @@ use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 use ladle_engine::{ObjectWriter, StageContext};
+use ladle_models::device::Placement;
+use ladle_models::vision::encoder::{ImageEncoder, Select};
 
-use crate::device::Placement;
+use crate::image_source::{ImageField, bad_image};
 use crate::model::{MODEL_PORT, model_dir};
+use crate::model_error;
 use crate::tensors::TensorShard;
-use crate::vision::encoder::{ImageEncoder, Select};
-use crate::vision::source::{ImageField, bad_image};
 
 pub struct EncodeKind;
 
@@ -82,7 +83,7 @@ impl StageKind for EncodeKind {
         params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
         let batch_images = params.positive("batch_images")?.unwrap_or(16) as usize;
         params.exclude_from_key("batch_images");
-        let placement = Placement::configure(params)?;
+        let placement = crate::placement::configure(params)?;
         Ok(Arc::new(Encode { image, layer, select, tiling, drop_bad_images, batch_images, placement }))
     }
 }
@@ -140,7 +141,8 @@ impl MapStage for Encode {
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
-        let encoder = ImageEncoder::load_on(&dir, &self.placement.device()?, self.placement.dtype)?;
+        let encoder = ImageEncoder::load_on(&dir, &self.placement.device().map_err(model_error)?, self.placement.dtype)
+            .map_err(model_error)?;
         if encoder.tower.state_index(self.layer).is_none() {
             let n = encoder.config.num_layers as i64;
             return Err(StageError::input(format!(
@@ -183,9 +185,10 @@ impl Encoder {
         let pre = &self.encoder.preprocess;
         match self.tiling {
             None => Ok(vec![pre.pixels(&rgb)?]),
-            Some(Catty { max_splits }) => {
-                crate::vision::catty::views(&rgb, pre.crop[0], max_splits).iter().map(|v| pre.pixels(v)).collect()
-            }
+            Some(Catty { max_splits }) => ladle_models::vision::catty::views(&rgb, pre.crop[0], max_splits)
+                .iter()
+                .map(|v| pre.pixels(v))
+                .collect(),
         }
     }
 }
@@ -214,9 +217,13 @@ impl ShardMapper for Encoder {
         out.embedding.reserve(pixels.len() * out.row_shape.iter().product::<usize>());
         for batch in pixels.chunks(self.batch_images.max(1)) {
             let flat: Vec<f32> = batch.concat();
-            let emb = self.encoder.encode(flat, batch.len(), self.layer, self.select)?;
-            out.embedding
-                .extend(emb.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(crate::llm::ModelError::from)?);
+            let emb = self.encoder.encode(flat, batch.len(), self.layer, self.select).map_err(model_error)?;
+            out.embedding.extend(
+                emb.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(ladle_models::llm::ModelError::from)
+                    .map_err(model_error)?,
+            );
         }
         if tiled {
             out.view = Some(views);

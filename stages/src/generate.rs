@@ -18,7 +18,7 @@
 //! `max_new_tokens`; the column holds the new text without special tokens, and
 //! `{column}_tokens` the number of new tokens. A sampled record's seed is derived from `seed` and
 //! the record itself, so its output does not depend on shards, workers or reruns.
-//! `device` and `dtype` choose where and in what precision it runs (see [`crate::device`]).
+//! `device` and `dtype` choose where and in what precision it runs (see [`ladle_models::device`]).
 
 use std::sync::Arc;
 
@@ -29,10 +29,11 @@ use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 use ladle_engine::{ObjectWriter, StageContext};
+use ladle_models::device::Placement;
+use ladle_models::llm::LanguageModel;
+use ladle_models::llm::generate::{Rng, Sampling, generate};
 
-use crate::device::Placement;
-use crate::llm::LanguageModel;
-use crate::llm::generate::{Rng, Sampling, generate};
+use crate::model_error;
 use crate::template::Template;
 
 pub struct GenerateKind;
@@ -66,7 +67,7 @@ impl StageKind for GenerateKind {
         }
         let seed = params.integer("seed")?.unwrap_or(0);
         params.record("sampling", serde_json::json!({"temperature": temperature, "top_p": top_p, "seed": seed}));
-        let placement = Placement::configure(params)?;
+        let placement = crate::placement::configure(params)?;
         Ok(Arc::new(Generate {
             prompt,
             column,
@@ -103,7 +104,8 @@ impl Stage for Generate {
 impl MapStage for Generate {
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = crate::model::model_dir(ctx, inputs)?;
-        let model = LanguageModel::load_on(&dir, &self.placement.device()?, self.placement.dtype)?;
+        let model = LanguageModel::load_on(&dir, &self.placement.device().map_err(model_error)?, self.placement.dtype)
+            .map_err(model_error)?;
         if !model.tokenizer.has_chat_template() {
             return Err(StageError::input(format!(
                 "{}: the model has no chat template (`chat_template` in tokenizer_config.json)",
@@ -133,7 +135,7 @@ impl ShardMapper for Mapper {
             let at = |e: String| StageError::input(e).at_record(i as u64);
             let mut record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
             let prompt = self.stage.prompt.render(&record).map_err(at)?;
-            let ids = tok.encode(&tok.chat_prefix(&prompt)?, false)?;
+            let ids = tok.encode(&tok.chat_prefix(&prompt).map_err(model_error)?, false).map_err(model_error)?;
             let room = self.model.config.max_positions.saturating_sub(ids.len());
             if room == 0 {
                 return Err(at(format!(
@@ -152,8 +154,9 @@ impl ShardMapper for Mapper {
                 &self.stop,
                 &self.stage.sampling,
                 &mut rng,
-            )?;
-            let text = tok.decode(&new, true)?;
+            )
+            .map_err(model_error)?;
+            let text = tok.decode(&new, true).map_err(model_error)?;
             record.insert(self.stage.column.clone(), text.trim().into());
             record.insert(format!("{}_tokens", self.stage.column), new.len().into());
             write_record(&record, &mut out);

@@ -2,36 +2,35 @@
 //!
 //! Each stage kind is one module: it reads its parameters, declares its ports and implements the
 //! engine's [`Stage`](ladle_engine::stage::Stage) traits. [`registry`] returns them all for the
-//! binary. ML stages live here too: [`llm`] (the language-model core), [`vision`] (images, CLIP,
-//! LLaVA), [`perplexity`], [`generate`], [`encode`] and [`soup`]; [`device`] places model stages
-//! on the CPU or, with the `cuda` feature, a GPU.
+//! binary. The model stages ([`perplexity`], [`generate`], [`encode`], [`soup`]) are the glue
+//! between records and the models of `ladle-models`: [`image_source`] finds a record's image,
+//! [`placement`] reads `device`/`dtype`, [`model_error`] turns a model's error into a stage's.
+//!
+//! The dependency rule: stages → engine and stages → models; the models never see the engine.
 
 pub mod bench;
 pub mod concat;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod dedup;
-pub mod device;
 pub mod encode;
 pub mod exec;
 pub mod generate;
-pub mod kernels;
-pub mod llm;
+pub mod image_source;
 pub mod model;
 pub mod parquet_io;
 pub mod perplexity;
+pub mod placement;
 pub mod read;
 pub mod sample;
 pub mod select;
 pub mod soup;
 pub mod template;
 pub mod tensors;
-pub mod vision;
 pub mod write;
 
 use std::sync::Arc;
 
-use ladle_engine::Registry;
+use ladle_engine::{Registry, StageError};
+use ladle_models::llm::ModelError;
 
 /// Every native stage kind.
 pub fn registry() -> Registry {
@@ -63,4 +62,13 @@ pub(crate) fn keep_lines(jsonl: &[u8], keep: impl Iterator<Item = bool>) -> (Vec
         }
     }
     (out, n)
+}
+
+/// A model's error as a stage's: a computation that failed is ladle's fault (internal), anything
+/// else (a config, a tokenizer, weights, an image, a device) is the input's.
+pub fn model_error(e: ModelError) -> StageError {
+    match e {
+        ModelError::Compute(_) => StageError::internal(e.to_string()),
+        _ => StageError::input(e.to_string()),
+    }
 }

@@ -11,7 +11,7 @@
 //! image = "{image}"           # optional: image-conditioned scoring with a LLaVA-format VLM
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
 //! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
-//! ```                         # (see crate::device: default f32 on the CPU, bf16 on a GPU)
+//! ```                         # (see ladle_models::device: default f32 on the CPU, bf16 on a GPU)
 //!
 //! Semantics (those of the transformers fixtures):
 //! - text mode: tokens = tokenizer(text) with its special tokens (BOS where the tokenizer adds
@@ -23,7 +23,7 @@
 //!   (the prompt may be left out: the user turn is then `<image>\n`); the one `<image>` token
 //!   becomes the model's `image_seq_length` slots, which take the projected CLIP features of the
 //!   record's image. Images are paths (relative to the data file's folder) or embedded bytes, see
-//!   [`crate::vision::source`]; their contents are part of each shard's key, so an edited image
+//!   [`crate::image_source`]; their contents are part of each shard's key, so an edited image
 //!   rescores the shards that name it.
 //!
 //! `{column}` is the perplexity exp(mean NLL), `{column}_nll` the mean NLL, `{column}_tokens` the
@@ -43,14 +43,15 @@ use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
 use ladle_engine::{ObjectWriter, StageContext};
+use ladle_models::device::Placement;
+use ladle_models::llm::{LanguageModel, Score, Scorer, Sequence};
+use ladle_models::vision::llava::{Llava, PreparedRecord};
 use serde_json::Value;
 
-use crate::device::Placement;
-use crate::llm::{LanguageModel, Score, Scorer, Sequence};
+use crate::image_source::{ImageField, bad_image};
 use crate::model::{MODEL_PORT, model_dir};
+use crate::model_error;
 use crate::template::Template;
-use crate::vision::llava::{Llava, PreparedRecord};
-use crate::vision::source::{ImageField, bad_image};
 
 pub struct PerplexityKind;
 
@@ -99,7 +100,7 @@ impl StageKind for PerplexityKind {
         if image.is_some() {
             params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
         }
-        let placement = Placement::configure(params)?;
+        let placement = crate::placement::configure(params)?;
         let batch_tokens = batch_tokens.map_or(placement.default_batch_tokens(), |n| n as usize);
         Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, drop_bad_images, placement }))
     }
@@ -140,10 +141,11 @@ impl MapStage for Perplexity {
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
-        let device = self.placement.device()?;
+        let device = self.placement.device().map_err(model_error)?;
         if let Some(field) = &self.image {
             let vlm = Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
-                StageError::from(e).with_hint("`image` needs a LLaVA-format VLM; drop `image` to score the text alone")
+                crate::model_error(e)
+                    .with_hint("`image` needs a LLaVA-format VLM; drop `image` to score the text alone")
             })?;
             let max_tokens = self.max_tokens.unwrap_or(vlm.lm.config.max_positions).min(vlm.lm.config.max_positions);
             return Ok(Arc::new(ImageMapper {
@@ -158,7 +160,7 @@ impl MapStage for Perplexity {
                 vlm,
             }));
         }
-        let model = LanguageModel::load_on(&dir, &device, self.placement.dtype)?;
+        let model = LanguageModel::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
         // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
         match &self.prompt {
             Some(_) if !model.tokenizer.has_chat_template() => {
@@ -232,7 +234,8 @@ impl ShardMapper for Mapper {
             seqs.push(seq);
             truncated.push(cut);
         }
-        let scores = Scorer { decoder: &self.model.decoder, pad: 0 }.score_all(&seqs, self.batch_tokens)?;
+        let scores =
+            Scorer { decoder: &self.model.decoder, pad: 0 }.score_all(&seqs, self.batch_tokens).map_err(model_error)?;
         let mut out = Vec::with_capacity(shard.jsonl.len() + records.len() * 64);
         let n = records.len() as u64;
         for ((mut record, s), cut) in records.into_iter().zip(scores).zip(truncated) {
@@ -287,8 +290,8 @@ impl ImageMapper {
         let image = self.image.locate(record, self.root.as_deref()).map_err(RecordFailure::Image)?;
         let rgb = image.load().map_err(|e| RecordFailure::Image(e.to_string()))?;
         self.vlm.prepare(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
-            crate::llm::ModelError::Image(m) => RecordFailure::Image(m),
-            other => RecordFailure::Other(other.into()),
+            ladle_models::llm::ModelError::Image(m) => RecordFailure::Image(m),
+            other => RecordFailure::Other(model_error(other)),
         })
     }
 }
@@ -307,7 +310,7 @@ impl ImageMapper {
     ) -> Result<(), StageError> {
         let Some(first) = window.first().map(|w| w.0 as u64) else { return Ok(()) };
         let items: Vec<&PreparedRecord> = window.iter().map(|w| &w.2).collect();
-        let scores = self.vlm.score_all(&items, self.batch_tokens).map_err(|e| StageError::from(e).at_record(first))?;
+        let scores = self.vlm.score_all(&items, self.batch_tokens).map_err(|e| model_error(e).at_record(first))?;
         for ((_, mut record, p), score) in window.drain(..).zip(scores) {
             add_score(&mut record, &self.column, &score, p.truncated);
             write_record(&record, out);

@@ -9,7 +9,7 @@
 //! method = "greedy"                   # "uniform" | "weighted" (weights = [...]) | "maximum" (top = N)
 //! strict = false                      # greedy: keep an ingredient only if strictly better
 //! max_shard_size = "5GB"              # output shards (with model.safetensors.index.json)
-//! device = "auto"                      # where the built-in metric scores (see crate::device);
+//! device = "auto"                      # where the built-in metric scores (see ladle_models::device);
 //! dtype = "f32"                        # default f32 on the CPU, bf16 on a GPU
 //! ```
 //!
@@ -30,12 +30,9 @@
 //! metric's definition and inputs), so adding an ingredient evaluates only the new candidates.
 //!
 //! The output is a model folder: the soup's weights (streamed tensor by tensor, see
-//! [`average`]), the best ingredient's other files (config, tokenizer), and `soup.json` with the
+//! [`average`](ladle_models::soup::average)), the best ingredient's other files (config, tokenizer), and `soup.json` with the
 //! method, the ingredients' digests and weights, and the greedy trace (each try, its score, kept
 //! or not), which `ladle show` prints too.
-
-pub mod average;
-pub mod checkpoint;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,12 +43,14 @@ use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record};
 use ladle_engine::stage::{Accepts, Arity, Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
 use ladle_engine::{Artifact, ArtifactDigest, Digest, StageContext, StageKey};
+use ladle_models::device::Placement;
+use ladle_models::llm::{LanguageModel, LlmConfig, Score, Scorer, Sequence};
+use ladle_models::soup::average;
+use ladle_models::soup::checkpoint::{Checkpoint, check_compatible};
 use serde_json::json;
 
-use crate::device::Placement;
-use crate::llm::{LanguageModel, LlmConfig, Score, Scorer, Sequence};
+use crate::model_error;
 use crate::template::Template;
-use checkpoint::{Checkpoint, check_compatible};
 
 pub struct SoupKind;
 
@@ -116,7 +115,7 @@ impl StageKind for SoupKind {
             params.string("prompt")?.map(|s| Template::parse(&s).map_err(|e| params.error("prompt", e))).transpose()?;
         let image = params
             .string("image")?
-            .map(|s| crate::vision::source::ImageField::parse(&s).map_err(|e| params.error("image", e)))
+            .map(|s| crate::image_source::ImageField::parse(&s).map_err(|e| params.error("image", e)))
             .transpose()?;
         let command = match params.table("metric")? {
             None => None,
@@ -169,7 +168,7 @@ impl StageKind for SoupKind {
                 ),
             ));
         }
-        let placement = if builtin { Placement::configure(params)? } else { Placement::CPU_F32 };
+        let placement = if builtin { crate::placement::configure(params)? } else { Placement::CPU_F32 };
         Ok(Arc::new(Soup { method, metric, metric_deps, max_shard_bytes, placement }))
     }
 }
@@ -206,7 +205,7 @@ struct Soup {
 enum MetricSpec {
     /// Corpus perplexity of `text` (after `prompt`) over the `eval` records; lower is better.
     /// With `image`, image-conditioned as in `perplexity`: the ingredients are LLaVA-format VLMs.
-    Perplexity { text: Template, prompt: Option<Template>, image: Option<crate::vision::source::ImageField> },
+    Perplexity { text: Template, prompt: Option<Template>, image: Option<crate::image_source::ImageField> },
     /// An external program given the candidate as a model folder in `{model}`; it prints one
     /// number as the last line of its output.
     Command { command: Vec<String>, higher_is_better: bool, timeout: Option<std::time::Duration> },
@@ -467,7 +466,7 @@ impl Soup {
     /// those cached before `dtype` existed).
     fn with_dtype(&self, mut identity: serde_json::Value) -> serde_json::Value {
         if self.placement.dtype != candle_core::DType::F32 {
-            identity["dtype"] = crate::device::dtype_name(self.placement.dtype).into();
+            identity["dtype"] = ladle_models::device::dtype_name(self.placement.dtype).into();
         }
         identity
     }
@@ -537,7 +536,7 @@ impl Soup {
                     metric: Metric::ImagePerplexity {
                         records,
                         dir: first.to_path_buf(),
-                        device: self.placement.device()?,
+                        device: self.placement.device().map_err(model_error)?,
                         dtype: self.placement.dtype,
                         batch_tokens: self.placement.default_batch_tokens(),
                     },
@@ -552,7 +551,7 @@ impl Soup {
                         eval.kind_name()
                     )));
                 };
-                let model = LanguageModel::load(first)?;
+                let model = LanguageModel::load(first).map_err(model_error)?;
                 let tok = &model.tokenizer;
                 let mut sequences = Vec::new();
                 let mut n = 0u64;
@@ -568,7 +567,7 @@ impl Soup {
                             ),
                             None => None,
                         };
-                        let seq = tok.scored_sequence(prompt.as_deref(), &rendered)?;
+                        let seq = tok.scored_sequence(prompt.as_deref(), &rendered).map_err(model_error)?;
                         if seq.ids.len() > seq.score_from.max(1) {
                             sequences.push(seq);
                         }
@@ -590,7 +589,7 @@ impl Soup {
                         sequences,
                         config: model.config.clone(),
                         tokenizer_dir: first.to_path_buf(),
-                        device: self.placement.device()?,
+                        device: self.placement.device().map_err(model_error)?,
                         dtype: self.placement.dtype,
                         batch_tokens: self.placement.default_batch_tokens(),
                     },
@@ -644,21 +643,24 @@ impl ScoredBy {
                 let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
                     .map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
-                let vlm = crate::vision::llava::Llava::from_weights(dir, vb)?;
+                let vlm = ladle_models::vision::llava::Llava::from_weights(dir, vb).map_err(model_error)?;
                 // Batched as the perplexity stage batches them.
                 let prepared = records
                     .iter()
                     .map(|(rgb, prompt, text)| vlm.prepare(rgb, prompt, text, usize::MAX))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Score::total(&vlm.score_all(&prepared.iter().collect::<Vec<_>>(), *batch_tokens)?).perplexity()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(model_error)?;
+                Score::total(&vlm.score_all(&prepared.iter().collect::<Vec<_>>(), *batch_tokens).map_err(model_error)?)
+                    .perplexity()
             }
             Metric::Perplexity { sequences, config, tokenizer_dir, device, dtype, batch_tokens } => {
                 let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
                     .map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
-                let model = LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model")?;
+                let model =
+                    LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model").map_err(model_error)?;
                 let scorer = Scorer { decoder: &model.decoder, pad: 0 };
-                Score::total(&scorer.score_all(sequences, *batch_tokens)?).perplexity()
+                Score::total(&scorer.score_all(sequences, *batch_tokens).map_err(model_error)?).perplexity()
             }
             Metric::Command { command, timeout, cwd, .. } => {
                 // The candidate as a model folder, for the command to load.

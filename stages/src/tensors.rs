@@ -16,6 +16,7 @@ use std::path::Path;
 
 use ladle_engine::ShardRef;
 use ladle_engine::error::StageError;
+use ladle_models::safetensors_header::{StreamedTensor, streamed_header};
 use safetensors::{Dtype, SafeTensors};
 
 /// The tensors of one shard.
@@ -152,41 +153,6 @@ pub fn export(
     file.sync_all().map_err(io)?;
     let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
     Ok(if npy { format!("embedding [{dims}] f32") } else { format!("embedding [{dims}] f32 with record positions") })
-}
-
-/// One tensor of a safetensors file written by streaming its data after the header.
-pub struct StreamedTensor<'a> {
-    pub name: &'a str,
-    /// safetensors' spelling: `F32`, `BF16`, `I64`, ...
-    pub dtype: &'a str,
-    pub shape: Vec<usize>,
-    pub bytes: usize,
-}
-
-/// What precedes the data of a safetensors file whose tensors are then written one after the
-/// other in `tensors` order: the header's length and the header (offsets from the sizes, padded
-/// to 8 bytes, `metadata` as `__metadata__`). For writers that cannot hold the data in memory.
-pub fn streamed_header(
-    tensors: &[StreamedTensor<'_>],
-    metadata: &std::collections::BTreeMap<String, String>,
-) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0;
-    for t in tensors {
-        header.insert(
-            t.name.to_string(),
-            serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes] }),
-        );
-        offset += t.bytes;
-    }
-    header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
-    let mut json = serde_json::to_vec(&header).expect("a header serializes");
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend(json);
-    out
 }
 
 /// A `.npy` (format 1.0) header for a little-endian f32 C-order array of `shape`.

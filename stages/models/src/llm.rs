@@ -56,15 +56,6 @@ pub fn candle_message(e: &candle_core::Error) -> String {
     }
 }
 
-impl From<ModelError> for ladle_engine::StageError {
-    fn from(e: ModelError) -> Self {
-        match e {
-            ModelError::Compute(_) => ladle_engine::StageError::internal(e.to_string()),
-            _ => ladle_engine::StageError::input(e.to_string()),
-        }
-    }
-}
-
 /// A language model loaded from a Hugging Face folder: config, tokenizer, weights.
 pub struct LanguageModel {
     pub config: LlmConfig,

@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn the_cpu_head_in_chunks_matches_log_softmax_and_gather() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny/tiny-qwen2");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny/tiny-qwen2");
         let model = crate::llm::LanguageModel::load(&dir).unwrap();
         let d = &model.decoder;
         let (n, h, vocab) = (300, d.lm_head.dim(1).unwrap(), d.lm_head.dim(0).unwrap());

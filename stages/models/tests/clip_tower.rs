@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use ladle_stages::vision::clip::{ClipVisionConfig, ClipVisionTower};
+use ladle_models::vision::clip::{ClipVisionConfig, ClipVisionTower};
 use serde_json::Value;
 
 fn floats(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
@@ -15,7 +15,7 @@ fn floats(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
 
 #[test]
 fn hidden_states_of_every_layer_match_transformers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("tiny-llava/config.json")).unwrap()).unwrap();
     let cfg = ClipVisionConfig::from_json(&config["vision_config"]).unwrap();

@@ -1,4 +1,5 @@
-//! Where a model stage computes and in what precision: its `device` and `dtype` parameters.
+//! Where a model computes and in what precision: a [`Placement`], named as a model stage's
+//! `device` and `dtype` parameters name it (`ladle-stages` reads them from a pipeline file).
 //!
 //! ```toml
 //! device = "auto"    # or "cpu", "cuda" (= "cuda:0"), "cuda:N"; auto: the first GPU if this
@@ -20,8 +21,6 @@
 //! the feature to build with.
 
 use candle_core::{DType, Device};
-use ladle_engine::error::PipelineError;
-use ladle_engine::pipeline::params::Params;
 
 use crate::llm::ModelError;
 
@@ -43,21 +42,6 @@ pub struct Placement {
 impl Placement {
     /// f32 on the CPU: the reference every other placement is checked against.
     pub const CPU_F32: Placement = Placement { processor: Processor::Cpu, dtype: DType::F32 };
-
-    /// Reads `device` and `dtype` from a model stage's parameters (see the module docs).
-    pub fn configure(params: &mut Params<'_>) -> Result<Placement, PipelineError> {
-        let device = params.string("device")?;
-        params.exclude_from_key("device");
-        let dtype = params.choice("dtype", &["f32", "bf16", "f16"])?;
-        let placement =
-            Placement::from_names(device.as_deref(), dtype.as_deref()).map_err(|(name, e)| params.error(name, e))?;
-        if placement.dtype == DType::F32 {
-            params.exclude_from_key("dtype");
-        } else {
-            params.record("dtype", dtype_name(placement.dtype).into());
-        }
-        Ok(placement)
-    }
 
     /// The placement `device` and `dtype` name (absent: their defaults). An error says which of
     /// the two is wrong, and why.
@@ -127,7 +111,7 @@ impl Placement {
         }
     }
 
-    /// The device slot the stage holds while it computes ([`ladle_engine::stage::Stage::device_slot`]):
+    /// The device slot a stage holds while it computes (ladle-engine's `Stage::device_slot`):
     /// a GPU's name; none for the CPU, whose sharing `-j` bounds.
     pub fn slot(&self) -> Option<String> {
         (self.processor != Processor::Cpu).then(|| self.name())

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use ladle_stages::vision::catty::tiling;
+use ladle_models::vision::catty::tiling;
 use serde_json::Value;
 
 #[test]
 fn catty_geometry_equals_the_reference_exactly() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/catty.json");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/catty.json");
     let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(cases.len(), 20);
     let u = |v: &Value| v.as_u64().unwrap() as u32;

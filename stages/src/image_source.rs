@@ -29,11 +29,11 @@ pub enum ImageRef {
 }
 
 impl ImageRef {
-    /// Decodes the image to RGB (see [`super::images::decode_rgb`]).
-    pub fn load(&self) -> Result<image::RgbImage, super::images::ImageError> {
+    /// Decodes the image to RGB (see [`ladle_models::vision::images::decode_rgb`]).
+    pub fn load(&self) -> Result<image::RgbImage, ladle_models::vision::images::ImageError> {
         match self {
-            ImageRef::File(path) => super::images::load_rgb(path),
-            ImageRef::Bytes { data, name } => super::images::decode_rgb(data, name),
+            ImageRef::File(path) => ladle_models::vision::images::load_rgb(path),
+            ImageRef::Bytes { data, name } => ladle_models::vision::images::decode_rgb(data, name),
         }
     }
 }

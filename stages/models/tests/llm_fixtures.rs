@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use ladle_stages::llm::scorer::plan_batches;
-use ladle_stages::llm::{LanguageModel, Scorer, Sequence};
+use ladle_models::llm::scorer::plan_batches;
+use ladle_models::llm::{LanguageModel, Scorer, Sequence};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny")
 }
 
 fn expected() -> Value {
@@ -120,7 +120,7 @@ fn a_record_scores_the_same_alone_and_in_any_batch() {
 
 #[test]
 fn qwen2_greedy_generation_matches_transformers() {
-    use ladle_stages::llm::generate::{Rng, Sampling, generate};
+    use ladle_models::llm::generate::{Rng, Sampling, generate};
     let m = LanguageModel::load(&fixtures().join("tiny-qwen2")).unwrap();
     let eot = m.tokenizer.token_id(m.tokenizer.end_of_turn().unwrap()).unwrap();
     for case in expected()["qwen2_greedy"].as_array().unwrap() {

@@ -336,10 +336,10 @@ pub fn write_soup(
         };
         let path = dir.join(&file_name);
         let dtypes: Vec<String> = shard.iter().map(|(_, t)| dtype_name(t.dtype)).collect();
-        let entries: Vec<crate::tensors::StreamedTensor<'_>> = shard
+        let entries: Vec<crate::safetensors_header::StreamedTensor<'_>> = shard
             .iter()
             .zip(&dtypes)
-            .map(|((name, t), dtype)| crate::tensors::StreamedTensor {
+            .map(|((name, t), dtype)| crate::safetensors_header::StreamedTensor {
                 name,
                 dtype,
                 shape: t.shape.clone(),
@@ -351,7 +351,7 @@ pub fn write_soup(
         }
         let file = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-        w.write_all(&crate::tensors::streamed_header(&entries, metadata)).map_err(|e| io(&path, e))?;
+        w.write_all(&crate::safetensors_header::streamed_header(&entries, metadata)).map_err(|e| io(&path, e))?;
         // A writer thread takes finished steps while the next ones are computed.
         let (to_writer, steps) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
         let (give_back, returned) = std::sync::mpsc::channel::<Vec<u8>>();

@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
-use ladle_stages::vision::images::load_rgb;
-use ladle_stages::vision::preprocess::ClipPreprocessor;
+use ladle_models::vision::images::load_rgb;
+use ladle_models::vision::preprocess::ClipPreprocessor;
 use serde_json::Value;
 
 #[test]
 fn pixel_values_equal_transformers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("tiny-llava/preprocessor_config.json")).unwrap())
             .unwrap();
@@ -41,7 +41,7 @@ fn pixel_values_equal_transformers() {
 #[test]
 fn broken_images_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny/images");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny/images");
     let jpeg = std::fs::read(root.join("img002.jpg")).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("truncated.jpg", jpeg[..jpeg.len() / 3].to_vec()),

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use ladle_stages::vision::images::load_rgb;
-use ladle_stages::vision::llava::Llava;
+use ladle_models::vision::images::load_rgb;
+use ladle_models::vision::llava::Llava;
 use serde_json::Value;
 
 #[test]
@@ -21,7 +21,7 @@ fn llava_image_conditioned_in_bf16_and_f16() {
 }
 
 fn check_in(dtype: DType, tolerance: f64) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap()).unwrap();
     let prompt = expected["prompt"].as_str().unwrap();
     let m = Llava::load_on(&root.join("tiny-llava"), &Device::Cpu, dtype).unwrap();
@@ -46,7 +46,7 @@ fn check_in(dtype: DType, tolerance: f64) {
 
 #[test]
 fn a_text_only_model_is_refused_for_images() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
     let err = Llava::load(&root.join("tiny-qwen2")).err().unwrap().to_string();
     assert!(err.contains("no vision tower"), "{err}");
 }
@@ -54,7 +54,7 @@ fn a_text_only_model_is_refused_for_images() {
 #[test]
 fn the_layout_without_vision_model_scores_the_same() {
     // `vision_tower.*` without `vision_model.`: one of the two layouts transformers 5 checkpoints use.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(root.join("tiny-llava")).unwrap() {
         let entry = entry.unwrap();
@@ -83,7 +83,7 @@ fn the_layout_without_vision_model_scores_the_same() {
 /// Records scored together (one tower pass, one right-padded decoder pass) score as they do alone.
 #[test]
 fn a_record_scores_the_same_alone_and_in_a_batch() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/points-tiny");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap()).unwrap();
     let prompt = expected["prompt"].as_str().unwrap();
     let m = Llava::load(&root.join("tiny-llava")).unwrap();

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod device;
 pub mod kernels;
 pub mod llm;
+pub mod qwen2_vl;
 pub mod safetensors_header;
 pub mod soup;
 pub mod vision;

@@ -1,0 +1,18 @@
+//! Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL
+//! (`Qwen2_5_VLForConditionalGeneration`): the VLMs POINTS scores its pre-training data with.
+//!
+//! Built up in steps; what is here is the input side, exact against transformers
+//! (`tests/fixtures/points-tiny/expected_qwen2vl.json`):
+//! - [`config`]: both config layouts (the hub's flat one, transformers 5's `text_config` +
+//!   `vision_config`), the M-RoPE sections checked against the head size;
+//! - [`processor`]: images as `qwen_vl_utils` fetches them and the image processor turns them
+//!   into patches (`smart_resize`, the two bicubic resizes, normalization, merge-window order);
+//! - [`rope`]: M-RoPE's three position axes for a sequence with images.
+
+pub mod config;
+pub mod processor;
+pub mod rope;
+
+pub use config::{Family, Qwen2VlConfig, VisionConfig};
+pub use processor::{ImagePatches, ImageProcessor, smart_resize};
+pub use rope::{MropePositions, mrope_positions};

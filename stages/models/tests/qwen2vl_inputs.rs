@@ -1,0 +1,159 @@
+//! Qwen2-VL's and Qwen2.5-VL's input side against transformers + qwen_vl_utils
+//! (tests/fixtures/points-tiny/expected_qwen2vl.json, made by ../shared/fixtures/generator/
+//! gen_qwen2vl.py): both config layouts, every record's sizes, grid, image-token count and pixel
+//! sum, record0's pixel values and M-RoPE positions.
+
+use std::path::{Path, PathBuf};
+
+use ladle_models::qwen2_vl::{Family, ImageProcessor, Qwen2VlConfig, mrope_positions};
+use ladle_models::vision::images::load_rgb;
+use ladle_models::vision::resample::Resampler;
+use serde_json::{Value, json};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected_qwen2vl.json")).unwrap()).unwrap()
+}
+
+const MODELS: [&str; 2] = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"];
+
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+}
+
+#[test]
+fn both_config_layouts_read_to_what_transformers_read() {
+    let expected = expected();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        let c = Qwen2VlConfig::load(&fixtures().join(name)).unwrap();
+        assert_eq!(c.family, if name == "tiny-qwen2-vl" { Family::Qwen2Vl } else { Family::Qwen25Vl }, "{name}");
+        assert_eq!(c.text.vocab_size, e["vocab_size"].as_u64().unwrap() as usize, "{name}");
+        assert_eq!(c.mrope_section.to_vec(), usizes(&e["mrope_section"]), "{name}");
+        assert_eq!(c.text.rope_theta, e["rope_theta"].as_f64().unwrap(), "{name}");
+        assert_eq!(c.text.tie_word_embeddings, e["tie_word_embeddings"].as_bool().unwrap(), "{name}");
+        // The fixtures README: text hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim 16, q/k/v biases.
+        let t = &c.text;
+        assert_eq!((t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim), (64, 2, 4, 2, 16));
+        assert!(t.qkv_bias && !t.o_bias);
+        assert_eq!((c.image_token_id, c.vision_start_token_id, c.vision_end_token_id), (405, 403, 404));
+        let v = &c.vision;
+        assert_eq!((v.depth, v.num_heads, v.out_hidden_size, v.patch_size, v.spatial_merge_size), (2, 2, 64, 14, 2));
+        match c.family {
+            Family::Qwen2Vl => assert_eq!((v.hidden_size, v.intermediate_size, v.window_size), (32, 128, None)),
+            Family::Qwen25Vl => {
+                assert_eq!((v.hidden_size, v.intermediate_size), (32, 64));
+                assert_eq!(v.window_size, Some(e["window_size"].as_u64().unwrap() as usize));
+                assert_eq!(v.fullatt_block_indexes, usizes(&e["fullatt_block_indexes"]));
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let hub: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-qwen2-vl/config.json")).unwrap()).unwrap();
+    let mut bad = hub.clone();
+    bad["rope_scaling"]["mrope_section"] = json!([2, 3, 4]);
+    let e = Qwen2VlConfig::from_json(&bad).unwrap_err();
+    assert!(e.contains("`rope_scaling.mrope_section` [2, 3, 4] sums to 9") && e.contains("head of 16"), "{e}");
+    bad["rope_scaling"]["mrope_section"] = json!([2, "3", 3]);
+    let e = Qwen2VlConfig::from_json(&bad).unwrap_err();
+    assert!(e.contains("`rope_scaling.mrope_section` must be three"), "{e}");
+    let mut bad = hub.clone();
+    bad["rope_scaling"] = Value::Null;
+    assert!(Qwen2VlConfig::from_json(&bad).unwrap_err().contains("missing `rope_scaling.mrope_section`"));
+    let mut bad = hub.clone();
+    bad["vision_config"]["hidden_size"] = json!(48);
+    assert!(Qwen2VlConfig::from_json(&bad).unwrap_err().contains("vision tower's output (48)"));
+
+    let t5: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-qwen2.5-vl/config.json")).unwrap())
+            .unwrap();
+    let mut bad = t5.clone();
+    bad["text_config"]["rope_parameters"]["mrope_section"] = json!([4, 4, 4]);
+    let e = Qwen2VlConfig::from_json(&bad).unwrap_err();
+    assert!(e.contains("`text_config.rope_parameters.mrope_section` [4, 4, 4]"), "{e}");
+    let mut bad = t5;
+    bad["vision_config"]["fullatt_block_indexes"] = json!([2]);
+    assert!(Qwen2VlConfig::from_json(&bad).unwrap_err().contains("names block 2 of 2"));
+}
+
+/// The f64 sum of f32 values, as `pixel_values.double().sum()`.
+fn sum(values: &[f32]) -> (f64, f64) {
+    (values.iter().map(|&v| v as f64).sum(), values.iter().map(|&v| (v as f64).abs()).sum())
+}
+
+#[test]
+fn every_image_becomes_the_patches_transformers_made() {
+    let expected = expected();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        let processor = ImageProcessor::load(&fixtures().join(name)).unwrap();
+        assert_eq!(processor.min_pixels, e["image_processor"]["min_pixels"].as_u64().unwrap() as usize);
+        assert_eq!(processor.max_pixels, e["image_processor"]["max_pixels"].as_u64().unwrap() as usize);
+        let pillow = ImageProcessor { resampler: Resampler::Pillow, ..processor.clone() };
+        let (mut resized_again, mut pillow_differs) = (0, 0);
+        for r in e["records"].as_array().unwrap() {
+            let id = r["id"].as_str().unwrap();
+            let image = load_rgb(&fixtures().join(r["image"].as_str().unwrap())).unwrap();
+            assert_eq!(usizes(&r["orig_size"]), [image.width() as usize, image.height() as usize], "{id}");
+            let patches = processor.patches(&image).unwrap();
+            assert_eq!(patches.fetched.to_vec(), usizes(&r["fetch_size"]), "{name} {id}");
+            assert_eq!(patches.resized.to_vec(), usizes(&r["resized"]), "{name} {id}");
+            assert_eq!(patches.grid_thw.to_vec(), usizes(&r["image_grid_thw"]), "{name} {id}");
+            assert_eq!(processor.n_image_tokens(&patches), r["n_image_tokens"].as_u64().unwrap() as usize, "{id}");
+            // One level on one value moves the sum by ~0.03; float64 summation order by ~1e-11.
+            let want = r["pixel_sum"].as_f64().unwrap();
+            let (got, _) = sum(&patches.values);
+            assert!((got - want).abs() <= 1e-9 * want.abs(), "{name} {id}: pixel sum {got} vs {want}");
+            if patches.fetched != patches.resized {
+                resized_again += 1;
+                let (pil, _) = sum(&pillow.patches(&image).unwrap().values);
+                pillow_differs += usize::from(pil != got);
+            }
+        }
+        // Most records are resized twice; there Pillow's bicubic is not torchvision's.
+        assert!(resized_again >= 15 && pillow_differs > 0, "{name}: {resized_again} resized again, {pillow_differs}");
+    }
+}
+
+#[test]
+fn record0_pixel_values_and_positions_are_transformers_to_the_bit() {
+    let expected = expected();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        let r0 = &e["record0"];
+        let rec = e["records"].as_array().unwrap().iter().find(|r| r["id"] == r0["id"]).unwrap();
+        let processor = ImageProcessor::load(&fixtures().join(name)).unwrap();
+        let image = load_rgb(&fixtures().join(rec["image"].as_str().unwrap())).unwrap();
+        let patches = processor.patches(&image).unwrap();
+        let px = &r0["pixel_values"];
+        assert_eq!(vec![patches.rows(), patches.row_len], usizes(&px["shape"]));
+        let floats =
+            |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+        assert_eq!(patches.values[..16], floats(&px["first16"])[..], "{name}");
+        let stride = px["sample16_stride"].as_u64().unwrap() as usize;
+        let sample: Vec<f32> = (0..16).map(|i| patches.values[i * stride]).collect();
+        assert_eq!(sample, floats(&px["sample16"]), "{name}");
+        let (s, a) = sum(&patches.values);
+        assert!((s - px["sum"].as_f64().unwrap()).abs() < 1e-9 * a, "{name}");
+        assert!((a - px["abs_sum"].as_f64().unwrap()).abs() < 1e-9 * a, "{name}");
+
+        let config = Qwen2VlConfig::load(&fixtures().join(name)).unwrap();
+        let ids: Vec<u32> = r0["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let [t, h, w] = patches.grid_thw;
+        let m = processor.merge_size;
+        let positions = mrope_positions(&ids, config.image_token_id, &[[t, h / m, w / m]]).unwrap();
+        for axis in 0..3 {
+            let want: Vec<i64> =
+                r0["position_ids"][axis].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+            assert_eq!(positions.axes[axis], want, "{name} axis {axis}");
+        }
+        assert_eq!(positions.rope_delta, r0["rope_delta"].as_i64().unwrap(), "{name}");
+    }
+}

@@ -99,6 +99,50 @@ fn image_conditioned_scores_match_transformers_and_edited_images_rescore_only_th
     }
 }
 
+#[test]
+fn base64_and_data_uri_images_score_as_their_files_and_rescore_only_their_shard() {
+    let p = Project::new();
+    copy_data(&p);
+    // The fixtures' first eight records three ways: paths, plain base64 (WePOINTS' JSONL), data URIs.
+    let eight: String = std::fs::read_to_string(points_tiny().join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .take(8)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    p.write("data/captions.jsonl", &eight);
+    p.write("p.toml", pipeline("tiny-llava", "").replace("shard_records = 16", "shard_records = 4"));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let from_paths = by_id(&p.jsonl("scored.jsonl"));
+    assert_eq!(from_paths.len(), 8);
+    for form in ["captions_base64.jsonl", "captions_datauri.jsonl"] {
+        p.write("data/captions.jsonl", std::fs::read(points_tiny().join(form)).unwrap());
+        let r = p.run("p.toml", &[]);
+        assert_eq!(r.code(), 0, "{form}: {}", r.stderr());
+        assert_eq!(r.computed("ppl"), 2, "{form}: new records, new shards");
+        let scored = by_id(&p.jsonl("scored.jsonl"));
+        for (id, rec) in &from_paths {
+            assert_eq!(scored[id]["ppl"], rec["ppl"], "{form} {id}: the same image, the same score");
+        }
+    }
+    // Give r005 (shard 1) r002's embedded image: only shard 1 is scored again.
+    let mut lines = p.jsonl("data/captions.jsonl");
+    lines[5]["image"] = lines[2]["image"].clone();
+    p.write("data/captions.jsonl", lines.iter().map(|l| format!("{l}\n")).collect::<String>());
+    let edited = p.run("p.toml", &[]);
+    assert_eq!(edited.code(), 0, "{}", edited.stderr());
+    assert_eq!(edited.computed("ppl"), 1);
+    let after = by_id(&p.jsonl("scored.jsonl"));
+    for (id, rec) in &after {
+        if id == "r005" {
+            assert_ne!(rec["ppl"], from_paths[id]["ppl"], "the new image must change the score");
+        } else {
+            assert_eq!(rec["ppl"], from_paths[id]["ppl"], "{id}");
+        }
+    }
+}
+
 /// Writes a bad image for record `r005` and returns the run's error text.
 fn failure_with(p: &Project, image_field: &str, bytes: Option<Vec<u8>>) -> String {
     let mut lines: Vec<Value> = p.jsonl("data/captions.jsonl");
@@ -137,6 +181,10 @@ fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
         ("images/tall.png", Some(png(1, 10000)), "too elongated"),
         ("../outside.png", None, "outside the data file's folder"),
         ("images/missing.png", None, "missing.png"),
+        // Embedded in the record: corrupt base64, a data URI of text, of bytes that are no image.
+        ("iVBORw0KGgoAAAANSUhEUgAAA!!", None, "(base64): not valid base64"),
+        ("data:text/plain;base64,aGVsbG8=", None, "a data URI of `text/plain`, not of an image"),
+        ("data:image/png;base64,aGVsbG8=", None, "not a PNG, JPEG or WebP"),
     ];
     for (field, bytes, why) in &cases {
         let err = failure_with(&p, field, bytes.clone());
@@ -150,16 +198,16 @@ fn bad_images_are_errors_naming_the_record_or_dropped_and_counted() {
     copy_data(&p);
     let mut lines: Vec<Value> = p.jsonl("data/captions.jsonl");
     for (i, (field, _, _)) in cases.iter().enumerate() {
-        lines[3 + i * 7]["image"] = Value::String(field.to_string());
+        lines[3 + i * 4]["image"] = Value::String(field.to_string());
     }
     p.write("data/captions.jsonl", lines.iter().map(|l| format!("{l}\n")).collect::<String>());
     p.write("p.toml", pipeline("tiny-llava", "on_bad_image = \"drop\""));
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
-    assert_eq!(r.stage("ppl")["dropped_on_error"], 5, "{}", r.summary());
+    assert_eq!(r.stage("ppl")["dropped_on_error"], cases.len(), "{}", r.summary());
     let scored = p.jsonl("scored.jsonl");
-    assert_eq!(scored.len(), 42 - 5);
-    let dropped: Vec<String> = (0..5).map(|i| format!("r{:03}", 3 + i * 7)).collect();
+    assert_eq!(scored.len(), 42 - cases.len());
+    let dropped: Vec<String> = (0..cases.len()).map(|i| format!("r{:03}", 3 + i * 4)).collect();
     assert!(scored.iter().all(|r| !dropped.contains(&r["id"].as_str().unwrap().to_string())));
 }
 

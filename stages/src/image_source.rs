@@ -5,6 +5,10 @@
 //! - a string: a path. Relative paths resolve against the dataset's root, the folder of the data
 //!   file it was read from, and must stay inside it (`../` that leaves it is refused, so a
 //!   dataset cannot reach files its author did not ship); absolute paths are used as they are.
+//! - a string holding the image itself: a `data:image/...;base64,` URI, or plain base64 of the
+//!   file as WePOINTS' JSONL carries it (told from a path by the base64 of a PNG, JPEG, WebP or
+//!   GIF signature at its start and no `.` in it). An embedded image is part of its record, so
+//!   its bytes are in the shard's digest: editing one rescores only its shard, as for files.
 //! - an object `{bytes, path}`: the struct Hugging Face datasets write for `Image` columns in
 //!   Parquet. `read` turns binary into hex, so `bytes` is a hex string; when it is null, `path`
 //!   is used as above.
@@ -63,7 +67,10 @@ impl ImageField {
             None => Value::String(self.template.render(record)?),
         };
         match value {
-            Value::String(s) => resolve(&s, root).map(ImageRef::File),
+            Value::String(s) => match embedded(&s, &self.source)? {
+                Some(image) => Ok(image),
+                None => resolve(&s, root).map(ImageRef::File),
+            },
             Value::Object(o) => match (o.get("bytes"), o.get("path")) {
                 (Some(Value::String(hex)), path) => {
                     let name = match path {
@@ -110,6 +117,52 @@ impl ImageField {
         }
         Ok(files)
     }
+}
+
+/// How base64 of PNG, JPEG, WebP and GIF files starts (`\x89PNG\r\n\x1a\n`, `\xff\xd8\xff`,
+/// `RIFF`, `GIF8`).
+const BASE64_SIGNATURES: [&str; 4] = ["iVBORw0KGgo", "/9j/", "UklGR", "R0lGOD"];
+
+/// The image a string holds itself, if it does: a `data:` URI or plain base64 (see the module
+/// docs); `None` for a path.
+fn embedded(s: &str, source: &str) -> Result<Option<ImageRef>, String> {
+    if let Some(rest) = s.strip_prefix("data:") {
+        let (meta, payload) =
+            rest.split_once(',').ok_or_else(|| format!("{source} is a data URI without a `,` before its data"))?;
+        let Some(media) = meta.strip_suffix(";base64") else {
+            return Err(format!(
+                "{source} is a data URI that is not base64 (`data:{meta},…`); images in records are base64"
+            ));
+        };
+        if !media.is_empty() && !media.starts_with("image") {
+            return Err(format!("{source} is a data URI of `{media}`, not of an image"));
+        }
+        let name = format!("{source} (a data URI)");
+        return decode_base64(payload)
+            .map(|data| Some(ImageRef::Bytes { data, name: name.clone() }))
+            .map_err(|e| format!("{name}: {e}"));
+    }
+    if !BASE64_SIGNATURES.iter().any(|sig| s.starts_with(sig)) || s.contains('.') {
+        return Ok(None);
+    }
+    let name = format!("{source} (base64)");
+    decode_base64(s).map(|data| Some(ImageRef::Bytes { data, name: name.clone() })).map_err(|e| format!("{name}: {e}"))
+}
+
+/// Standard base64, padded or not, line breaks allowed.
+fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let result = if text.bytes().any(|b| b.is_ascii_whitespace()) {
+        LENIENT.decode(text.bytes().filter(|b| !b.is_ascii_whitespace()).collect::<Vec<u8>>())
+    } else {
+        LENIENT.decode(text)
+    };
+    result.map_err(|e| format!("not valid base64 ({e})"))
 }
 
 /// The error for a record whose image cannot be used, with the way out.
@@ -198,6 +251,30 @@ mod tests {
         assert!(f.locate(&rec(serde_json::json!({ "img": 3 })), root).unwrap_err().contains("is a number"));
         assert!(f.locate(&rec(serde_json::json!({ "img": null })), root).unwrap_err().contains("no image"));
         assert!(f.locate(&rec(serde_json::json!({})), root).is_err());
+    }
+
+    #[test]
+    fn base64_and_data_uris_are_told_from_paths() {
+        let field = ImageField::parse("{image}").unwrap();
+        let locate = |v: &str| field.locate(&rec(serde_json::json!({"image": v})), Some(Path::new("/data")));
+        // "\x89PNG\r\n\x1a\n" in base64, padded and not, and as a data URI.
+        let png = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+        for written in
+            ["iVBORw0KGgo=", "iVBORw0KGgo", "data:image/png;base64,iVBORw0KGgo=", "data:;base64,iVBORw0K\nGgo="]
+        {
+            match locate(written).unwrap() {
+                ImageRef::Bytes { data, .. } => assert_eq!(data, png, "{written}"),
+                other => panic!("{written}: {other:?}"),
+            }
+        }
+        // Paths stay paths, even ones that start like base64.
+        assert_eq!(locate("/9j/photo.jpg").unwrap(), ImageRef::File("/9j/photo.jpg".into()));
+        assert_eq!(locate("iVBORw0KGgo.png").unwrap(), ImageRef::File("/data/iVBORw0KGgo.png".into()));
+        assert_eq!(locate("images/a.png").unwrap(), ImageRef::File("/data/images/a.png".into()));
+        assert!(locate("iVBORw0KGgo*").unwrap_err().contains("not valid base64"));
+        assert!(locate("data:image/png,rawbytes").unwrap_err().contains("not base64"));
+        assert!(locate("data:application/pdf;base64,JVBERi0=").unwrap_err().contains("not of an image"));
+        assert!(locate("data:image/png;base64").unwrap_err().contains("without a `,`"));
     }
 
     #[test]

@@ -1,18 +1,24 @@
 //! Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL
 //! (`Qwen2_5_VLForConditionalGeneration`): the VLMs POINTS scores its pre-training data with.
 //!
-//! Built up in steps; what is here is the input side, exact against transformers
-//! (`tests/fixtures/points-tiny/expected_qwen2vl.json`):
+//! Exact against transformers (`tests/fixtures/points-tiny/expected_qwen2vl.json`):
 //! - [`config`]: both config layouts (the hub's flat one, transformers 5's `text_config` +
 //!   `vision_config`), the M-RoPE sections checked against the head size;
 //! - [`processor`]: images as `qwen_vl_utils` fetches them and the image processor turns them
 //!   into patches (`smart_resize`, the two bicubic resizes, normalization, merge-window order);
-//! - [`rope`]: M-RoPE's three position axes for a sequence with images.
+//! - [`rope`]: M-RoPE's three position axes for a sequence with images, and their rotary tables;
+//! - [`vision`]: the vision tower (2-D rotary, Qwen2.5-VL's windows, the patch merger);
+//! - [`model`]: a checkpoint loaded, and POINTS' perplexity score of a caption given an image
+//!   (the language model is ladle's Qwen2 decoder, given M-RoPE's tables).
 
 pub mod config;
+pub mod model;
 pub mod processor;
 pub mod rope;
+pub mod vision;
 
 pub use config::{Family, Qwen2VlConfig, VisionConfig};
+pub use model::{PreparedImageRecord, Qwen2Vl};
 pub use processor::{ImagePatches, ImageProcessor, smart_resize};
-pub use rope::{MropePositions, mrope_positions};
+pub use rope::{MropePositions, mrope_positions, mrope_tables};
+pub use vision::VisionTower;

@@ -49,6 +49,23 @@ impl Rope {
     }
 }
 
+/// Where each position's rotary angles come from: the model's table from a start position, or
+/// per-sequence tables [B, T, head_dim/2] given by the caller (Qwen2-VL's M-RoPE).
+#[derive(Clone, Copy)]
+enum Rotation<'a> {
+    From(&'a Rope, usize),
+    Given(&'a Tensor, &'a Tensor),
+}
+
+impl Rotation<'_> {
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Rotation::From(rope, start) => rope.apply(x, *start),
+            Rotation::Given(cos, sin) => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+        }
+    }
+}
+
 fn linear(vb: &VarBuilder, inp: usize, out: usize, bias: bool) -> candle_core::Result<Linear> {
     let w = vb.get((out, inp), "weight")?;
     let b = if bias { Some(vb.get(out, "bias")?) } else { None };
@@ -93,15 +110,14 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
+        rotation: Rotation<'_>,
         mask: Option<&Tensor>,
-        start: usize,
         past: Option<&(Tensor, Tensor)>,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let shape = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rope.apply(&shape(self.q.forward(x)?, self.heads)?, start)?;
-        let mut k = rope.apply(&shape(self.k.forward(x)?, self.kv_heads)?, start)?;
+        let q = rotation.apply(&shape(self.q.forward(x)?, self.heads)?)?;
+        let mut k = rotation.apply(&shape(self.k.forward(x)?, self.kv_heads)?)?;
         let mut v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
         if let Some((pk, pv)) = past {
             k = Tensor::cat(&[pk, &k], 2)?;
@@ -179,12 +195,11 @@ impl Layer {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
+        rotation: Rotation<'_>,
         mask: Option<&Tensor>,
-        start: usize,
         past: Option<&(Tensor, Tensor)>,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rope, mask, start, past)?;
+        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, mask, past)?;
         let x = (x + a)?;
         Ok(((&x + self.mlp.forward(&self.post_norm.forward(&x)?)?)?, kv))
     }
@@ -218,6 +233,9 @@ impl Decoder {
         };
         let lm_head = if parent.contains_tensor("lm_head.weight") {
             parent.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        } else if vb.contains_tensor("lm_head.weight") {
+            // transformers 5's VLMs: `model.language_model.*` and a top-level `lm_head`.
+            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
         } else if cfg.tie_word_embeddings {
             embed_w.clone()
         } else {
@@ -264,10 +282,26 @@ impl Decoder {
 
     /// Final hidden states [B, T, H] of input embeddings [B, T, H] (causal attention).
     pub fn hidden_from_embeddings(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        self.hidden_rotated(x, Rotation::From(&self.rope, 0))
+    }
+
+    /// [`Decoder::hidden_from_embeddings`] with each position's rotary angles given: `cos` and
+    /// `sin` [B, T, head_dim/2] in the model's dtype (Qwen2-VL's M-RoPE, whose angles come from
+    /// three position axes).
+    pub fn hidden_from_embeddings_with_rotary(
+        &self,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.hidden_rotated(x, Rotation::Given(cos, sin))
+    }
+
+    fn hidden_rotated(&self, x: Tensor, rotation: Rotation<'_>) -> candle_core::Result<Tensor> {
         let mask = self.mask(x.dim(1)?, 0)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, &self.rope, mask.as_ref(), 0, None)?.0;
+            x = layer.forward(&x, rotation, mask.as_ref(), None)?.0;
         }
         self.norm.forward(&x)
     }
@@ -288,7 +322,7 @@ impl Decoder {
         let mask = self.mask(t, cache.len)?;
         let mut x = self.embed(ids)?;
         for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, kv) = layer.forward(&x, &self.rope, mask.as_ref(), cache.len, past.as_ref())?;
+            let (y, kv) = layer.forward(&x, Rotation::From(&self.rope, cache.len), mask.as_ref(), past.as_ref())?;
             *past = Some(kv);
             x = y;
         }

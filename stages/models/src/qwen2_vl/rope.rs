@@ -55,6 +55,42 @@ pub fn mrope_positions(ids: &[u32], image_token_id: u32, grids: &[[usize; 3]]) -
     Ok(MropePositions { rope_delta: last + 1 - ids.len() as i64, axes })
 }
 
+/// The rotary tables [1, T, head_dim/2] of one sequence's M-RoPE positions: frequency j
+/// (θ^(−2j/head_dim)) takes its angle from the temporal axis for the first `section[0]` values
+/// of j, the row axis for the next `section[1]`, the column axis for the rest. Computed in f64,
+/// stored in `dtype`.
+pub fn mrope_tables(
+    positions: &MropePositions,
+    section: [usize; 3],
+    head_dim: usize,
+    theta: f64,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let half = head_dim / 2;
+    let axis_of = |j: usize| {
+        if j < section[0] {
+            0
+        } else if j < section[0] + section[1] {
+            1
+        } else {
+            2
+        }
+    };
+    let inv: Vec<f64> = (0..half).map(|j| 1.0 / theta.powf(2.0 * j as f64 / head_dim as f64)).collect();
+    let t = positions.axes[0].len();
+    let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+    for p in 0..t {
+        for (j, f) in inv.iter().enumerate() {
+            let a = positions.axes[axis_of(j)][p] as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let table = |v: Vec<f32>| candle_core::Tensor::from_vec(v, (1, t, half), device)?.to_dtype(dtype);
+    Ok((table(cos)?, table(sin)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

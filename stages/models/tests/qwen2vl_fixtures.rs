@@ -1,7 +1,8 @@
-//! Qwen2-VL's and Qwen2.5-VL's input side against transformers + qwen_vl_utils
-//! (tests/fixtures/points-tiny/expected_qwen2vl.json, made by ../shared/fixtures/generator/
-//! gen_qwen2vl.py): both config layouts, every record's sizes, grid, image-token count and pixel
-//! sum, record0's pixel values and M-RoPE positions.
+//! Qwen2-VL and Qwen2.5-VL against transformers + qwen_vl_utils (tests/fixtures/points-tiny/
+//! expected_qwen2vl.json, made by ../shared/fixtures/generator/gen_qwen2vl.py): both config
+//! layouts; every record's sizes, grid, image-token count and pixel sum; record0's pixel values
+//! and M-RoPE positions; Qwen2.5-VL's windows; every record's image embeddings and POINTS'
+//! perplexity score.
 
 use std::path::{Path, PathBuf};
 
@@ -156,4 +157,128 @@ fn record0_pixel_values_and_positions_are_transformers_to_the_bit() {
         }
         assert_eq!(positions.rope_delta, r0["rope_delta"].as_i64().unwrap(), "{name}");
     }
+}
+
+/// The tower of `name`, under the prefix its layout puts it.
+fn tower(name: &str) -> ladle_models::qwen2_vl::VisionTower {
+    let dir = fixtures().join(name);
+    let config = Qwen2VlConfig::load(&dir).unwrap();
+    let vb = ladle_models::llm::weights::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let prefix = if vb.contains_tensor("visual.patch_embed.proj.weight") { "visual" } else { "model.visual" };
+    ladle_models::qwen2_vl::VisionTower::new(&config.vision, config.family, vb.pp(prefix)).unwrap()
+}
+
+#[test]
+fn the_vision_towers_give_transformers_image_embeddings() {
+    let expected = expected();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        let processor = ImageProcessor::load(&fixtures().join(name)).unwrap();
+        let tower = tower(name);
+        for r in e["records"].as_array().unwrap() {
+            let id = r["id"].as_str().unwrap();
+            let image = load_rgb(&fixtures().join(r["image"].as_str().unwrap())).unwrap();
+            let patches = processor.patches(&image).unwrap();
+            let embeds = tower.forward(&patches).unwrap();
+            assert_eq!(embeds.dims(), [r["n_image_tokens"].as_u64().unwrap() as usize, 64], "{name} {id}");
+            let values: Vec<f32> = embeds.flatten_all().unwrap().to_vec1().unwrap();
+            let (s, a) = sum(&values);
+            let (want, want_abs) =
+                (r["image_embeds_sum"].as_f64().unwrap(), r["image_embeds_abs_sum"].as_f64().unwrap());
+            // A window or rotary mistake moves the sum by 1e-4..1e-3 of the absolute sum.
+            assert!((s - want).abs() <= 1e-5 * want_abs, "{name} {id}: embeddings sum {s} vs {want} (abs {want_abs})");
+            assert!((a - want_abs).abs() <= 1e-5 * want_abs, "{name} {id}: abs sum {a} vs {want_abs}");
+            if r["id"] == e["record0"]["id"] {
+                let first: Vec<f64> = e["record0"]["image_embeds"]["first16"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                for (g, w) in values.iter().zip(&first) {
+                    assert!((*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name} record0: {g} vs {w}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen2_5_vl_windows_are_transformers_windows() {
+    let e = &expected()["models"]["tiny-qwen2.5-vl"];
+    let r0 = &e["record0"];
+    let rec = e["records"].as_array().unwrap().iter().find(|r| r["id"] == r0["id"]).unwrap();
+    let [t, h, w]: [usize; 3] = usizes(&rec["image_grid_thw"]).try_into().unwrap();
+    let side = e["window_size"].as_u64().unwrap() as usize / 28;
+    let (order, sizes) = ladle_models::qwen2_vl::vision::window_order(t, h / 2, w / 2, side);
+    assert_eq!(order, usizes(&r0["window_index"]));
+    // cu_window_seqlens counts patches (4 per merged token), from 0.
+    let mut cu = vec![0];
+    for s in sizes {
+        cu.push(cu.last().unwrap() + 4 * s);
+    }
+    assert_eq!(cu, usizes(&r0["cu_window_seqlens"]));
+}
+
+#[test]
+fn every_record_scores_as_transformers_scored_it() {
+    let expected = expected();
+    let captions: Vec<Value> = std::fs::read_to_string(fixtures().join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let prompt = expected["prompt"].as_str().unwrap();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        let model = ladle_models::qwen2_vl::Qwen2Vl::load(&fixtures().join(name)).unwrap();
+        let n_prefix_text = model.prompt_text(prompt, 1);
+        assert_eq!(n_prefix_text, expected["prompt_text"].as_str().unwrap(), "the template's rendering");
+        let mut worst = 0f64;
+        for (r, c) in e["records"].as_array().unwrap().iter().zip(&captions) {
+            let id = r["id"].as_str().unwrap();
+            assert_eq!(c["id"], r["id"]);
+            let image = load_rgb(&fixtures().join(r["image"].as_str().unwrap())).unwrap();
+            let item = model.prepare(&image, prompt, c["caption"].as_str().unwrap()).unwrap();
+            assert_eq!(item.seq.score_from, r["n_prefix"].as_u64().unwrap() as usize, "{name} {id}");
+            assert_eq!(
+                item.seq.ids.len() - item.seq.score_from,
+                r["n_scored"].as_u64().unwrap() as usize,
+                "{name} {id}"
+            );
+            if r["id"] == e["record0"]["id"] {
+                let want: Vec<u32> =
+                    e["record0"]["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                assert_eq!(item.seq.ids, want, "{name} record0 ids");
+            }
+            let score = model.score_prepared(&item).unwrap();
+            let want = r["mean_nll"].as_f64().unwrap();
+            let rel = (score.mean_nll() - want).abs() / want;
+            worst = worst.max(rel);
+            assert!(rel < 1e-4, "{name} {id}: mean nll {} vs transformers {want}", score.mean_nll());
+        }
+        eprintln!("{name}: worst relative difference in mean NLL {worst:.2e}");
+    }
+}
+
+#[test]
+fn a_checkpoint_missing_a_vision_tensor_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-qwen2-vl");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "model.safetensors" {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(name, _)| name != "visual.merger.mlp.2.weight").collect();
+    safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
+    let err = match ladle_models::qwen2_vl::Qwen2Vl::load(dir.path()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a checkpoint without the merger's last weight loaded"),
+    };
+    assert!(err.contains("visual.merger.mlp.2.weight"), "{err}");
 }

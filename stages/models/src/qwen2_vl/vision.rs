@@ -1,0 +1,300 @@
+//! The vision tower of Qwen2-VL and Qwen2.5-VL: patch rows → merged image tokens in the language
+//! model's width.
+//!
+//! - patch embedding: each row (channels × 2 frames × 14 × 14) times the Conv3d weight reshaped
+//!   to [width, row] (no bias);
+//! - 2-D rotary embedding per head: angles (row · f, column · f) of the patch in the patch grid,
+//!   f = 10000^(−2k/(head_dim/2)) for k < head_dim/4, repeated twice to head_dim, applied in f32;
+//! - blocks: pre-norm attention (qkv and projection with biases) and MLP. Qwen2-VL: LayerNorm
+//!   (eps 1e-6) and fc1 → QuickGELU → fc2, full attention over the image's patches. Qwen2.5-VL:
+//!   RMSNorm and a SwiGLU MLP with biases; its patches are reordered into windows of
+//!   `window_size / 28` × `window_size / 28` merged tokens (ragged at the right and bottom),
+//!   and blocks not in `fullatt_block_indexes` attend within their window only;
+//! - the merger: norm, the 4 patches of each merged token side by side, Linear → GELU (erf) →
+//!   Linear; Qwen2.5-VL's outputs are put back into row-major order.
+//!
+//! Images are encoded one at a time (attention never crosses images), each in the order the
+//! processor lays its patches out ([`super::processor`]).
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder};
+
+use super::config::{Family, VisionAct, VisionConfig};
+use super::processor::ImagePatches;
+use crate::llm::ModelError;
+
+enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    fn load(family: Family, size: usize, vb: VarBuilder) -> candle_core::Result<Norm> {
+        Ok(match family {
+            Family::Qwen2Vl => Norm::Layer(candle_nn::layer_norm(size, 1e-6, vb)?),
+            Family::Qwen25Vl => Norm::Rms(candle_nn::rms_norm(size, 1e-6, vb)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Layer(n) => n.forward(x),
+            Norm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+enum Mlp {
+    /// fc1 → activation → fc2.
+    Plain { fc1: Linear, fc2: Linear, act: VisionAct },
+    /// down(act(gate(x)) · up(x)).
+    Gated { gate: Linear, up: Linear, down: Linear, act: VisionAct },
+}
+
+fn activate(x: &Tensor, act: VisionAct) -> candle_core::Result<Tensor> {
+    match act {
+        VisionAct::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        VisionAct::Silu => candle_nn::ops::silu(x),
+        VisionAct::Gelu => x.gelu_erf(),
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Mlp::Plain { fc1, fc2, act } => fc2.forward(&activate(&fc1.forward(x)?, *act)?),
+            Mlp::Gated { gate, up, down, act } => down.forward(&(activate(&gate.forward(x)?, *act)? * up.forward(x)?)?),
+        }
+    }
+}
+
+struct Block {
+    norm1: Norm,
+    norm2: Norm,
+    qkv: Linear,
+    proj: Linear,
+    mlp: Mlp,
+}
+
+/// The vision tower, loaded.
+pub struct VisionTower {
+    config: VisionConfig,
+    family: Family,
+    /// [width, channels · temporal_patch_size · patch_size²].
+    patch_embed: Tensor,
+    blocks: Vec<Block>,
+    merger_norm: Norm,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl VisionTower {
+    /// The tower's weights under `prefix` (`visual` in the hub's layout, `model.visual` in
+    /// transformers 5's).
+    pub fn new(config: &VisionConfig, family: Family, vb: VarBuilder) -> candle_core::Result<VisionTower> {
+        let c = config;
+        let width = c.hidden_size;
+        let row = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
+        let patch_embed = vb
+            .get((width, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size), "patch_embed.proj.weight")?
+            .reshape((width, row))?;
+        let mut blocks = Vec::with_capacity(c.depth);
+        for i in 0..c.depth {
+            let b = vb.pp(format!("blocks.{i}"));
+            let mlp = match family {
+                Family::Qwen2Vl => Mlp::Plain {
+                    fc1: candle_nn::linear(width, c.intermediate_size, b.pp("mlp.fc1"))?,
+                    fc2: candle_nn::linear(c.intermediate_size, width, b.pp("mlp.fc2"))?,
+                    act: c.act,
+                },
+                Family::Qwen25Vl => Mlp::Gated {
+                    gate: candle_nn::linear(width, c.intermediate_size, b.pp("mlp.gate_proj"))?,
+                    up: candle_nn::linear(width, c.intermediate_size, b.pp("mlp.up_proj"))?,
+                    down: candle_nn::linear(c.intermediate_size, width, b.pp("mlp.down_proj"))?,
+                    act: c.act,
+                },
+            };
+            blocks.push(Block {
+                norm1: Norm::load(family, width, b.pp("norm1"))?,
+                norm2: Norm::load(family, width, b.pp("norm2"))?,
+                qkv: candle_nn::linear(width, 3 * width, b.pp("attn.qkv"))?,
+                proj: candle_nn::linear(width, width, b.pp("attn.proj"))?,
+                mlp,
+            });
+        }
+        let merged = width * c.spatial_merge_size * c.spatial_merge_size;
+        Ok(VisionTower {
+            config: c.clone(),
+            family,
+            patch_embed,
+            blocks,
+            merger_norm: Norm::load(family, width, vb.pp("merger.ln_q"))?,
+            merger_fc1: candle_nn::linear(merged, merged, vb.pp("merger.mlp.0"))?,
+            merger_fc2: candle_nn::linear(merged, c.out_hidden_size, vb.pp("merger.mlp.2"))?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The merged image tokens of one image: [rows / merge², out_hidden_size], row-major over the
+    /// merged grid, as they replace the image's `<|image_pad|>` embeddings.
+    pub fn forward(&self, image: &ImagePatches) -> Result<Tensor, ModelError> {
+        Ok(self.encode(image)?)
+    }
+
+    fn encode(&self, image: &ImagePatches) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let [t, gh, gw] = image.grid_thw;
+        let n = t * gh * gw;
+        let m = c.spatial_merge_size;
+        let unit = m * m;
+        let pixels = Tensor::from_slice(&image.values, (n, image.row_len), &Device::Cpu)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        let mut x = pixels.matmul(&self.patch_embed.t()?)?;
+        // Each patch's (row, column) in the patch grid, in the processor's merge-window order.
+        let mut rows_cols = Vec::with_capacity(n);
+        for _frame in 0..t {
+            for bh in 0..gh / m {
+                for bw in 0..gw / m {
+                    for i in 0..m {
+                        for j in 0..m {
+                            rows_cols.push((bh * m + i, bw * m + j));
+                        }
+                    }
+                }
+            }
+        }
+        // Qwen2.5-VL: merged tokens regrouped by window; `order[k]` is the merged token at k.
+        let (order, windows) = match (self.family, c.window_size) {
+            (Family::Qwen25Vl, Some(size)) => window_order(t, gh / m, gw / m, size / c.merge_factor()),
+            _ => ((0..n / unit).collect(), vec![n / unit]),
+        };
+        let patch_order: Vec<u32> =
+            order.iter().flat_map(|&tok| (0..unit).map(move |p| (tok * unit + p) as u32)).collect();
+        let permute = order.iter().enumerate().any(|(k, &tok)| k != tok);
+        if permute {
+            let idx = Tensor::new(patch_order.as_slice(), &self.device)?;
+            x = x.index_select(&idx, 0)?;
+            rows_cols = patch_order.iter().map(|&p| rows_cols[p as usize]).collect();
+        }
+        let (cos, sin) = self.rotary(&rows_cols)?;
+        let full = vec![n];
+        let window_lens: Vec<usize> = windows.iter().map(|w| w * unit).collect();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let spans = if self.family == Family::Qwen25Vl && !c.fullatt_block_indexes.contains(&i) {
+                &window_lens
+            } else {
+                &full
+            };
+            let h = block.norm1.forward(&x)?;
+            x = (x + self.attention(block, &h, &cos, &sin, spans)?)?;
+            let h = block.norm2.forward(&x)?;
+            x = (&x + block.mlp.forward(&h)?)?;
+        }
+        let merged = self.merger_norm.forward(&x)?.reshape((n / unit, unit * c.hidden_size))?;
+        let out = self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)?;
+        if !permute {
+            return Ok(out);
+        }
+        // Back to row-major: the token at k goes to order[k].
+        let mut inverse = vec![0u32; order.len()];
+        for (k, &tok) in order.iter().enumerate() {
+            inverse[tok] = k as u32;
+        }
+        out.index_select(&Tensor::new(inverse.as_slice(), &self.device)?, 0)
+    }
+
+    /// cos and sin, [n, head_dim] in f32, of the 2-D rotary angles of each patch.
+    fn rotary(&self, rows_cols: &[(usize, usize)]) -> candle_core::Result<(Tensor, Tensor)> {
+        let head_dim = self.config.head_dim();
+        let dim = head_dim / 2;
+        // As transformers forms them: in f32, 1 / 10000^(2k / dim).
+        let inv_freq: Vec<f32> = (0..dim / 2).map(|k| 1.0 / 10000f32.powf((2 * k) as f32 / dim as f32)).collect();
+        let mut angles = Vec::with_capacity(rows_cols.len() * head_dim);
+        for &(r, c) in rows_cols {
+            let half: Vec<f32> =
+                inv_freq.iter().map(|f| r as f32 * f).chain(inv_freq.iter().map(|f| c as f32 * f)).collect();
+            angles.extend_from_slice(&half);
+            angles.extend_from_slice(&half);
+        }
+        let angles = Tensor::from_vec(angles, (rows_cols.len(), head_dim), &self.device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+
+    /// Attention of `h` [n, width] within consecutive spans of `spans` rows.
+    fn attention(
+        &self,
+        block: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        spans: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let n = h.dim(0)?;
+        let heads = self.config.num_heads;
+        let head_dim = self.config.head_dim();
+        let qkv = block.qkv.forward(h)?.reshape((n, 3, heads, head_dim))?;
+        let rope = |x: Tensor| -> candle_core::Result<Tensor> {
+            // [n, heads, head_dim] in f32: x·cos + rotate_half(x)·sin.
+            let x = x.to_dtype(DType::F32)?;
+            let x1 = x.narrow(D::Minus1, 0, head_dim / 2)?;
+            let x2 = x.narrow(D::Minus1, head_dim / 2, head_dim / 2)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+            (x.broadcast_mul(&c)? + rotated.broadcast_mul(&s)?)?.to_dtype(self.dtype)
+        };
+        let q = rope(qkv.narrow(1, 0, 1)?.squeeze(1)?)?.transpose(0, 1)?.contiguous()?;
+        let k = rope(qkv.narrow(1, 1, 1)?.squeeze(1)?)?.transpose(0, 1)?.contiguous()?;
+        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.transpose(0, 1)?.contiguous()?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut outs = Vec::with_capacity(spans.len());
+        let mut start = 0;
+        for &len in spans {
+            let (q, k, v) = (q.narrow(1, start, len)?, k.narrow(1, start, len)?, v.narrow(1, start, len)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            outs.push(probs.matmul(&v)?);
+            start += len;
+        }
+        let out = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, heads * head_dim))?;
+        block.proj.forward(&out)
+    }
+}
+
+/// Qwen2.5-VL's window order over a t × mh × mw grid of merged tokens: windows of `side` × `side`
+/// tokens (ragged at the right and bottom edges), row-major, tokens row-major inside; the merged
+/// token at each place, and each window's size.
+pub fn window_order(t: usize, mh: usize, mw: usize, side: usize) -> (Vec<usize>, Vec<usize>) {
+    let side = side.max(1);
+    let (mut order, mut sizes) = (Vec::with_capacity(t * mh * mw), Vec::new());
+    for frame in 0..t {
+        for wy in (0..mh).step_by(side) {
+            for wx in (0..mw).step_by(side) {
+                let before = order.len();
+                for y in wy..(wy + side).min(mh) {
+                    for x in wx..(wx + side).min(mw) {
+                        order.push((frame * mh + y) * mw + x);
+                    }
+                }
+                sizes.push(order.len() - before);
+            }
+        }
+    }
+    (order, sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_row_major_and_ragged_at_the_edges() {
+        // 3 × 5 merged tokens in windows of 2 × 2.
+        let (order, sizes) = window_order(1, 3, 5, 2);
+        assert_eq!(order, [0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(sizes, [4, 4, 2, 2, 2, 1]);
+    }
+}

@@ -330,3 +330,38 @@ fn the_bundled_points_pretrain_pipeline_runs_end_to_end() {
         assert!(!c.contains("  "), "{c}");
     }
 }
+
+#[test]
+fn the_bundled_qwen2_vl_pipeline_scores_as_transformers_and_keeps_the_lowest_fifth() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(repo.join("pipelines/points-pretrain-qwen2vl.toml")).unwrap();
+    let text = text.replace("../tests/fixtures", &repo.join("tests/fixtures").display().to_string()).replace(
+        "data/points-tiny-base64.jsonl",
+        &repo.join("pipelines/data/points-tiny-base64.jsonl").display().to_string(),
+    );
+    let p = Project::new();
+    p.write("q.toml", text);
+    let r = p.run("q.toml", &["-j", "2"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(points_tiny().join("expected_qwen2vl.json")).unwrap()).unwrap();
+    let records = exp["models"]["tiny-qwen2-vl"]["records"].as_array().unwrap();
+    // Every record's score, from the stage's own output (the select keeps 8; `show` has them all).
+    let mut want: Vec<(f64, String)> =
+        records.iter().map(|e| (e["perplexity"].as_f64().unwrap(), e["id"].as_str().unwrap().to_string())).collect();
+    want.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let out = p.jsonl("out/points-pretrain-qwen2vl.jsonl");
+    assert_eq!(out.len(), 8, "⌊0.2 · 42⌋");
+    for rec in &out {
+        let id = rec["id"].as_str().unwrap();
+        let e = records.iter().find(|e| e["id"] == id).unwrap();
+        let (g, w) = (rec["ppl"].as_f64().unwrap(), e["perplexity"].as_f64().unwrap());
+        assert!((g - w).abs() / w < 1e-4, "{id}: {g} vs transformers {w}");
+        assert_eq!(rec["ppl_tokens"], e["n_scored"], "{id}");
+    }
+    let mut got: Vec<String> = out.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    got.sort();
+    let mut lowest: Vec<String> = want.iter().take(8).map(|w| w.1.clone()).collect();
+    lowest.sort();
+    assert_eq!(got, lowest);
+}

@@ -8,7 +8,8 @@
 //! text = "{caption}"          # the scored span, a template over record fields
 //! prompt = "please generate a caption for this image."   # optional, chat-formatted, not scored
 //! column = "ppl"              # adds ppl, ppl_nll, ppl_tokens (and ppl_truncated when cut)
-//! image = "{image}"           # optional: image-conditioned scoring with a LLaVA-format VLM
+//! image = "{image}"           # optional: image-conditioned scoring with a VLM (LLaVA-format,
+//!                             # Qwen2-VL or Qwen2.5-VL)
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
 //! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
 //! ```                         # (see ladle_models::device: default f32 on the CPU, bf16 on a GPU)
@@ -22,7 +23,10 @@
 //! - image-conditioned (`image`): prompted, with `<image>\n` before the prompt in the user turn
 //!   (the prompt may be left out: the user turn is then `<image>\n`); the one `<image>` token
 //!   becomes the model's `image_seq_length` slots, which take the projected CLIP features of the
-//!   record's image. Images are paths (relative to the data file's folder) or embedded bytes, see
+//!   record's image. With a Qwen2-VL or Qwen2.5-VL model: POINTS' own filter, the user turn
+//!   holding the image (as `<|vision_start|>` + its `<|image_pad|>` tokens + `<|vision_end|>`)
+//!   then the prompt, after the template's default system turn; the image is fetched and
+//!   patched as `qwen_vl_utils` and transformers do ([`ladle_models::qwen2_vl`]). Images are paths (relative to the data file's folder) or embedded bytes, see
 //!   [`crate::image_source`]; their contents are part of each shard's key, so an edited image
 //!   rescores the shards that name it.
 //!
@@ -44,7 +48,8 @@ use ladle_engine::stage::{
 };
 use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
-use ladle_models::llm::{LanguageModel, Score, Scorer, Sequence};
+use ladle_models::llm::{LanguageModel, ModelError, Score, Scorer, Sequence};
+use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
 use ladle_models::vision::llava::{Llava, PreparedRecord};
 use serde_json::Value;
 
@@ -143,11 +148,17 @@ impl MapStage for Perplexity {
         let dir = model_dir(ctx, inputs)?;
         let device = self.placement.device().map_err(model_error)?;
         if let Some(field) = &self.image {
-            let vlm = Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
-                crate::model_error(e)
-                    .with_hint("`image` needs a LLaVA-format VLM; drop `image` to score the text alone")
-            })?;
-            let max_tokens = self.max_tokens.unwrap_or(vlm.lm.config.max_positions).min(vlm.lm.config.max_positions);
+            let vlm = if Qwen2Vl::is_one(&dir) {
+                Vlm::Qwen2Vl(Box::new(Qwen2Vl::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?))
+            } else {
+                Vlm::Llava(Box::new(Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
+                    crate::model_error(e).with_hint(
+                        "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to score the text alone",
+                    )
+                })?))
+            };
+            let positions = vlm.max_positions();
+            let max_tokens = self.max_tokens.unwrap_or(positions).min(positions);
             return Ok(Arc::new(ImageMapper {
                 text: self.text.clone(),
                 prompt: self.prompt.clone(),
@@ -257,7 +268,74 @@ fn add_score(record: &mut serde_json::Map<String, Value>, column: &str, s: &Scor
     }
 }
 
-/// Image-conditioned scoring with a LLaVA-format VLM, one record at a time.
+/// The VLMs `image` scores with.
+enum Vlm {
+    Llava(Box<Llava>),
+    Qwen2Vl(Box<Qwen2Vl>),
+}
+
+/// A record prepared for its VLM.
+enum Prepared {
+    Llava(PreparedRecord),
+    Qwen2Vl(Box<PreparedImageRecord>),
+}
+
+impl Prepared {
+    fn truncated(&self) -> bool {
+        match self {
+            Prepared::Llava(p) => p.truncated,
+            Prepared::Qwen2Vl(p) => p.truncated,
+        }
+    }
+}
+
+impl Vlm {
+    fn max_positions(&self) -> usize {
+        match self {
+            Vlm::Llava(m) => m.lm.config.max_positions,
+            Vlm::Qwen2Vl(m) => m.lm.config.max_positions,
+        }
+    }
+
+    fn prepare(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<Prepared, ModelError> {
+        Ok(match self {
+            Vlm::Llava(m) => Prepared::Llava(m.prepare(image, prompt, text, max_tokens)?),
+            Vlm::Qwen2Vl(m) => Prepared::Qwen2Vl(Box::new(m.prepare_within(image, prompt, text, max_tokens)?)),
+        })
+    }
+
+    /// Scores in `items`' order. LLaVA batches by length under `batch_tokens`; Qwen2-VL scores
+    /// one record at a time for now (its images differ in size).
+    fn score_all(&self, items: &[&Prepared], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        match self {
+            Vlm::Llava(m) => {
+                let llava: Vec<&PreparedRecord> = items
+                    .iter()
+                    .map(|p| match p {
+                        Prepared::Llava(r) => Ok(r),
+                        Prepared::Qwen2Vl(_) => Err(ModelError::Compute("a record prepared for another model".into())),
+                    })
+                    .collect::<Result<_, _>>()?;
+                m.score_all(&llava, batch_tokens)
+            }
+            Vlm::Qwen2Vl(m) => items
+                .iter()
+                .map(|p| match p {
+                    Prepared::Qwen2Vl(r) => m.score_prepared(r),
+                    Prepared::Llava(_) => Err(ModelError::Compute("a record prepared for another model".into())),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Image-conditioned scoring with a VLM, records prepared one at a time and scored in windows.
 struct ImageMapper {
     text: Template,
     prompt: Option<Template>,
@@ -267,7 +345,7 @@ struct ImageMapper {
     root: Option<PathBuf>,
     drop_bad_images: bool,
     batch_tokens: usize,
-    vlm: Llava,
+    vlm: Vlm,
 }
 
 /// Why a record was not scored: its image (which `on_bad_image = "drop"` forgives) or the rest.
@@ -278,7 +356,7 @@ enum RecordFailure {
 
 impl ImageMapper {
     /// The record's image and sequence, ready to score with others.
-    fn prepare(&self, record: &serde_json::Map<String, Value>) -> Result<PreparedRecord, RecordFailure> {
+    fn prepare(&self, record: &serde_json::Map<String, Value>) -> Result<Prepared, RecordFailure> {
         let text = self.text.render(record).map_err(|e| RecordFailure::Other(StageError::input(e)))?;
         if text.trim().is_empty() {
             return Err(RecordFailure::Other(StageError::input("the text to score is empty")));
@@ -290,7 +368,7 @@ impl ImageMapper {
         let image = self.image.locate(record, self.root.as_deref()).map_err(RecordFailure::Image)?;
         let rgb = image.load().map_err(|e| RecordFailure::Image(e.to_string()))?;
         self.vlm.prepare(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
-            ladle_models::llm::ModelError::Image(m) => RecordFailure::Image(m),
+            ModelError::Image(m) => RecordFailure::Image(m),
             other => RecordFailure::Other(model_error(other)),
         })
     }
@@ -305,14 +383,14 @@ impl ImageMapper {
     /// and writes them in order.
     fn flush(
         &self,
-        window: &mut Vec<(usize, serde_json::Map<String, Value>, PreparedRecord)>,
+        window: &mut Vec<(usize, serde_json::Map<String, Value>, Prepared)>,
         out: &mut Vec<u8>,
     ) -> Result<(), StageError> {
         let Some(first) = window.first().map(|w| w.0 as u64) else { return Ok(()) };
-        let items: Vec<&PreparedRecord> = window.iter().map(|w| &w.2).collect();
+        let items: Vec<&Prepared> = window.iter().map(|w| &w.2).collect();
         let scores = self.vlm.score_all(&items, self.batch_tokens).map_err(|e| model_error(e).at_record(first))?;
         for ((_, mut record, p), score) in window.drain(..).zip(scores) {
-            add_score(&mut record, &self.column, &score, p.truncated);
+            add_score(&mut record, &self.column, &score, p.truncated());
             write_record(&record, out);
         }
         Ok(())

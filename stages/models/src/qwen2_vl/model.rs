@@ -28,6 +28,8 @@ pub struct Qwen2Vl {
 pub struct PreparedImageRecord {
     pub patches: ImagePatches,
     pub seq: Sequence,
+    /// Whether the caption was cut to fit `max_tokens`.
+    pub truncated: bool,
     /// Where the image's pads start, and how many there are.
     pub image_at: usize,
     pub image_tokens: usize,
@@ -64,6 +66,42 @@ impl Qwen2Vl {
         )
     }
 
+    /// Whether `dir`'s `config.json` names a Qwen2-VL or Qwen2.5-VL model (it may still be a
+    /// broken one: [`Qwen2Vl::load`] says how).
+    pub fn is_one(dir: &Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+        matches!(v["model_type"].as_str(), Some("qwen2_vl" | "qwen2_5_vl"))
+            || matches!(
+                v["architectures"][0].as_str(),
+                Some("Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration")
+            )
+    }
+
+    /// Everything about one record that needs no model weights, the sequence cut to `max_tokens`
+    /// from the end (never into the image).
+    pub fn prepare_within(
+        &self,
+        image: &RgbImage,
+        prompt: &str,
+        caption: &str,
+        max_tokens: usize,
+    ) -> Result<PreparedImageRecord, ModelError> {
+        let mut item = self.prepare(image, prompt, caption)?;
+        if item.seq.ids.len() > max_tokens {
+            if max_tokens <= item.seq.score_from {
+                return Err(ModelError::Compute(format!(
+                    "the prompt and the image's {} tokens fill max_tokens ({max_tokens}): nothing is left to score",
+                    item.image_tokens
+                )));
+            }
+            item.seq.ids.truncate(max_tokens);
+            item.positions.axes.iter_mut().for_each(|a| a.truncate(max_tokens));
+            item.truncated = true;
+        }
+        Ok(item)
+    }
+
     /// Everything about one record that needs no model weights.
     pub fn prepare(&self, image: &RgbImage, prompt: &str, caption: &str) -> Result<PreparedImageRecord, ModelError> {
         let patches = self.processor.patches(image).map_err(ModelError::Image)?;
@@ -80,7 +118,14 @@ impl Qwen2Vl {
         let [t, h, w] = patches.grid_thw;
         let positions =
             mrope_positions(&ids, self.config.image_token_id, &[[t, h / m, w / m]]).map_err(ModelError::Compute)?;
-        Ok(PreparedImageRecord { patches, seq: Sequence { ids, score_from }, image_at, image_tokens, positions })
+        Ok(PreparedImageRecord {
+            patches,
+            seq: Sequence { ids, score_from },
+            truncated: false,
+            image_at,
+            image_tokens,
+            positions,
+        })
     }
 
     /// The record's score: the image through the tower, its tokens replacing the pads, the

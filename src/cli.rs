@@ -423,16 +423,7 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
-}
+pub use ladle_engine::units::human_bytes;
 
 /// `ladle bench`: see [`ladle_stages::bench`].
 fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {

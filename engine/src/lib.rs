@@ -33,6 +33,7 @@ pub mod runs;
 pub mod scheduler;
 pub mod stage;
 pub mod store;
+pub mod units;
 
 pub use artifact::{Artifact, FileRef, ShardRef};
 pub use context::StageContext;

@@ -173,7 +173,11 @@ impl Store {
 
     /// Stores `bytes`, returning their digest. Idempotent.
     pub fn put(&self, bytes: &[u8]) -> Result<Digest> {
-        let d = Digest::of(bytes);
+        self.put_digested(bytes, Digest::of(bytes))
+    }
+
+    /// [`Store::put`] of bytes whose digest `d` the caller has already computed.
+    fn put_digested(&self, bytes: &[u8], d: Digest) -> Result<Digest> {
         if self.has_object(&d)? {
             return Ok(d);
         }

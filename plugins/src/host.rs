@@ -376,8 +376,8 @@ impl Instance {
         }
         let state = self.store.data_mut();
         state.budget = CallBudget::new(self.limits.batch_timeout);
-        state.random.reseed(&self.random_key, &[b"secure:".as_slice(), nonce].concat());
-        self.insecure.reseed(&self.random_key, &[b"insecure:".as_slice(), nonce].concat());
+        state.random.reseed(&self.random_key, b"secure:", nonce);
+        self.insecure.reseed(&self.random_key, b"insecure:", nonce);
     }
 
     fn classify(&mut self, e: wasmtime::Error) -> CallError {

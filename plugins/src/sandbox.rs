@@ -111,9 +111,10 @@ impl SeededRandom {
         SeededRandom { stream: Arc::new(Mutex::new(blake3::Hasher::new().finalize_xof())) }
     }
 
-    /// Restarts the stream at the one named by `key` (the plugin's) and `nonce` (the call's).
-    pub(crate) fn reseed(&self, key: &[u8; 32], nonce: &[u8]) {
-        let reader = blake3::Hasher::new_keyed(key).update(nonce).finalize_xof();
+    /// Restarts the stream at the one named by `key` (the plugin's), `domain` (which stream) and
+    /// `nonce` (the call's).
+    pub(crate) fn reseed(&self, key: &[u8; 32], domain: &[u8], nonce: &[u8]) {
+        let reader = blake3::Hasher::new_keyed(key).update(domain).update(nonce).finalize_xof();
         *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = reader;
     }
 }
@@ -165,17 +166,17 @@ mod tests {
         let key = [7; 32];
         let mut a = SeededRandom::new();
         let mut b = SeededRandom::new();
-        a.reseed(&key, b"batch 1");
-        b.reseed(&key, b"batch 1");
+        a.reseed(&key, b"", b"batch 1");
+        b.reseed(&key, b"", b"batch 1");
         let (x, y) = (a.next_u64(), b.next_u64());
         assert_eq!(x, y);
         assert_ne!(a.next_u64(), x, "the stream moves on");
         // Reseeding restarts it; another nonce or key gives another stream.
-        a.reseed(&key, b"batch 1");
+        a.reseed(&key, b"", b"batch 1");
         assert_eq!(a.next_u64(), x);
-        a.reseed(&key, b"batch 2");
+        a.reseed(&key, b"", b"batch 2");
         assert_ne!(a.next_u64(), x);
-        a.reseed(&[8; 32], b"batch 1");
+        a.reseed(&[8; 32], b"", b"batch 1");
         assert_ne!(a.next_u64(), x);
         // The bytes are BLAKE3's keyed XOF of the nonce.
         let mut expected = [0u8; 8];

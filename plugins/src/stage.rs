@@ -29,6 +29,7 @@ use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
     Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind,
 };
+use ladle_engine::units::human_bytes;
 use ladle_engine::{ObjectWriter, StageContext};
 
 use crate::host::{CallError, Instance, Limits, Plugin, Verdict};
@@ -241,15 +242,6 @@ enum FailureKind {
     Other,
 }
 
-/// A size for a message: bytes, KiB or MiB.
-fn size(bytes: u64) -> String {
-    match bytes {
-        0..1024 => format!("{bytes} bytes"),
-        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
-        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
-    }
-}
-
 /// The name a call gets for its randomness: the shard's contents and the batch's place in it.
 fn nonce(shard: &ShardInput<'_>, start: usize, len: usize) -> Vec<u8> {
     [shard.digest.0.as_slice(), &(start as u64).to_le_bytes(), &(len as u64).to_le_bytes()].concat()
@@ -265,8 +257,9 @@ impl PluginMapper {
         records: &[&[u8]],
         start: usize,
         end: usize,
-        room: u64,
+        written: u64,
     ) -> Result<(Vec<u8>, u64), Failure> {
+        let cap = self.output_cap(shard.jsonl.len());
         let first = shard.first_record + start as u64;
         let last = shard.first_record + end as u64 - 1;
         let batch: Vec<String> = records[start..end].iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
@@ -288,9 +281,15 @@ impl PluginMapper {
         for (i, verdict) in verdicts.into_iter().enumerate() {
             let at = first + i as u64;
             match apply(verdict, records[start + i], &self.output_limits, &mut staged) {
-                Ok(_) if staged.len() as u64 > room => {
+                Ok(_) if written + staged.len() as u64 > cap => {
                     return Err(Failure::At {
-                        message: String::new(),
+                        message: format!(
+                            "the shard's output passed {}, the most a shard of {} may give \
+                             (limits.max_output_factor = {} times its input, and at least limits.max_record_mb)",
+                            human_bytes(cap),
+                            human_bytes(shard.jsonl.len() as u64),
+                            self.output_limits.max_output_factor,
+                        ),
                         kind: FailureKind::OutputCap,
                         records: (at, at),
                     });
@@ -303,8 +302,8 @@ impl PluginMapper {
                     return Err(Failure::At {
                         message: format!(
                             "it replaced the record with {} of text, past its limit of {} (limits.max_record_mb)",
-                            size(bytes as u64),
-                            size(limit as u64)
+                            human_bytes(bytes as u64),
+                            human_bytes(limit as u64)
                         ),
                         kind: FailureKind::TooLarge,
                         records: (at, at),
@@ -315,19 +314,8 @@ impl PluginMapper {
         Ok((staged, kept))
     }
 
-    /// The stage's error for a failure in a shard of `input` bytes whose output may reach `cap`.
-    fn stage_error(&self, failure: Failure, input: usize, cap: u64) -> StageError {
+    fn stage_error(&self, failure: Failure) -> StageError {
         match failure {
-            Failure::At { kind: FailureKind::OutputCap, records, .. } => {
-                let message = format!(
-                    "the shard's output passed {}, the most a shard of {} may give \
-                     (limits.max_output_factor = {} times its input, and at least limits.max_record_mb)",
-                    size(cap),
-                    size(input as u64),
-                    self.output_limits.max_output_factor,
-                );
-                self.describe(Some(records), message, FailureKind::OutputCap)
-            }
             Failure::At { message, kind, records } => self.describe(Some(records), message, kind),
             Failure::Instantiate(e) => e,
         }
@@ -381,7 +369,6 @@ impl PluginMapper {
 impl ShardMapper for PluginMapper {
     fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
         let records: Vec<&[u8]> = lines(shard.jsonl).collect();
-        let cap = self.output_cap(shard.jsonl.len());
         let mut instance = Some(self.instance()?);
         let (mut kept, mut dropped_on_error) = (0u64, 0u64);
         let mut start = 0;
@@ -396,19 +383,19 @@ impl ShardMapper for PluginMapper {
                 bytes += records[end].len();
                 end += 1;
             }
-            match self.run_batch(&mut instance, shard, &records, start, end, cap - output.len()) {
+            match self.run_batch(&mut instance, shard, &records, start, end, output.len()) {
                 Ok((staged, n)) => {
                     output.append(&staged)?;
                     kept += n;
                 }
                 // Dropping records cannot mend a shard whose output is too large.
                 Err(failure) if !self.drop_on_error || failure.is_output_cap() => {
-                    return Err(self.stage_error(failure, shard.jsonl.len(), cap));
+                    return Err(self.stage_error(failure));
                 }
                 // Find the culprits: one record at a time (on a fresh instance after traps).
                 Err(_) => {
                     for i in start..end {
-                        match self.run_batch(&mut instance, shard, &records, i, i + 1, cap - output.len()) {
+                        match self.run_batch(&mut instance, shard, &records, i, i + 1, output.len()) {
                             Ok((staged, n)) => {
                                 output.append(&staged)?;
                                 kept += n;
@@ -416,7 +403,7 @@ impl ShardMapper for PluginMapper {
                             Err(
                                 failure @ (Failure::Instantiate(_) | Failure::At { kind: FailureKind::OutputCap, .. }),
                             ) => {
-                                return Err(self.stage_error(failure, shard.jsonl.len(), cap));
+                                return Err(self.stage_error(failure));
                             }
                             Err(Failure::At { .. }) => dropped_on_error += 1,
                         }

@@ -67,10 +67,10 @@ impl ObjectWriter {
     /// Stores the object (idempotently, as [`Store::put`]): its digest and size.
     pub fn commit(mut self) -> Result<(Digest, u64)> {
         let len = self.len;
-        let Some((file, path)) = self.spilled.take() else {
-            return Ok((self.store.put(&self.buffer)?, len));
-        };
         let digest = Digest(*self.hasher.finalize().as_bytes());
+        let Some((file, path)) = self.spilled.take() else {
+            return Ok((self.store.put_digested(&self.buffer, digest)?, len));
+        };
         let finish = || -> std::io::Result<()> {
             let file = file.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()

@@ -7,6 +7,20 @@ use serde_json::Value;
 
 use super::ModelError;
 
+/// What a model folder must hold, for errors about a file that is not there.
+pub(crate) const MODEL_FILES: &str = "a model folder needs config.json, tokenizer.json and *.safetensors";
+
+/// A model folder's JSON file (a config, a preprocessor config); an error names the file and,
+/// when it cannot be read, what the folder `needs`.
+pub(crate) fn read_json(path: &Path, needs: &str) -> Result<Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        message: format!("cannot read it ({e}); {needs}"),
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// LlamaForCausalLM (also Yi-1.5, the LLM of POINTS-9B).
@@ -40,14 +54,7 @@ pub struct LlmConfig {
 impl LlmConfig {
     pub fn load(dir: &Path) -> Result<LlmConfig, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Config {
-            path: path.clone(),
-            message: format!(
-                "cannot read it ({e}); a model folder needs config.json, tokenizer.json and *.safetensors"
-            ),
-        })?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.clone(), message: format!("invalid JSON: {e}") })?;
+        let v = read_json(&path, MODEL_FILES)?;
         Self::from_json(&v).map_err(|message| ModelError::Config { path, message })
     }
 

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::llm::config::{MODEL_FILES, read_json};
 use crate::llm::{LlmConfig, ModelError};
 
 /// Which of the two model families.
@@ -21,6 +22,19 @@ pub enum Family {
     Qwen2Vl,
     /// Qwen2.5-VL: an RMSNorm/SwiGLU vision tower with window attention in most blocks.
     Qwen25Vl,
+}
+
+impl Family {
+    /// The family a `config.json` names by `model_type` or `architectures`, if either.
+    pub fn of(config: &Value) -> Option<Family> {
+        let model_type = config["model_type"].as_str().unwrap_or_default();
+        let architecture = config["architectures"][0].as_str().unwrap_or_default();
+        match (model_type, architecture) {
+            ("qwen2_vl", _) | (_, "Qwen2VLForConditionalGeneration") => Some(Family::Qwen2Vl),
+            ("qwen2_5_vl", _) | (_, "Qwen2_5_VLForConditionalGeneration") => Some(Family::Qwen25Vl),
+            _ => None,
+        }
+    }
 }
 
 /// The vision tower's activation.
@@ -80,29 +94,18 @@ pub struct Qwen2VlConfig {
 impl Qwen2VlConfig {
     pub fn load(dir: &Path) -> Result<Qwen2VlConfig, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Config {
-            path: path.clone(),
-            message: format!(
-                "cannot read it ({e}); a model folder needs config.json, tokenizer.json and *.safetensors"
-            ),
-        })?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.clone(), message: format!("invalid JSON: {e}") })?;
+        let v = read_json(&path, MODEL_FILES)?;
         Self::from_json(&v).map_err(|message| ModelError::Config { path, message })
     }
 
     pub fn from_json(v: &Value) -> Result<Qwen2VlConfig, String> {
-        let model_type = v["model_type"].as_str().unwrap_or_default();
-        let architecture = v["architectures"][0].as_str().unwrap_or_default();
-        let family = match (model_type, architecture) {
-            ("qwen2_vl", _) | (_, "Qwen2VLForConditionalGeneration") => Family::Qwen2Vl,
-            ("qwen2_5_vl", _) | (_, "Qwen2_5_VLForConditionalGeneration") => Family::Qwen25Vl,
-            _ => {
-                return Err(format!(
-                    "not a Qwen2-VL or Qwen2.5-VL config (model_type `{model_type}`, architectures [`{architecture}`])"
-                ));
-            }
-        };
+        let family = Family::of(v).ok_or_else(|| {
+            format!(
+                "not a Qwen2-VL or Qwen2.5-VL config (model_type `{}`, architectures [`{}`])",
+                v["model_type"].as_str().unwrap_or_default(),
+                v["architectures"][0].as_str().unwrap_or_default()
+            )
+        })?;
         // The language model's keys: `text_config` (transformers 5) or the top level (the hub).
         let (text_json, text_key) = match v.get("text_config") {
             Some(t @ Value::Object(_)) => (t, "text_config."),

@@ -7,10 +7,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use super::config::Qwen2VlConfig;
+use super::config::{Family, Qwen2VlConfig};
 use super::processor::{ImagePatches, ImageProcessor};
 use super::rope::{MropePositions, mrope_positions, mrope_tables};
 use super::vision::VisionTower;
+use crate::llm::config::{MODEL_FILES, read_json};
 use crate::llm::scorer::score_hidden;
 use crate::llm::{LanguageModel, ModelError, Score, Sequence, weights};
 
@@ -69,13 +70,7 @@ impl Qwen2Vl {
     /// Whether `dir`'s `config.json` names a Qwen2-VL or Qwen2.5-VL model (it may still be a
     /// broken one: [`Qwen2Vl::load`] says how).
     pub fn is_one(dir: &Path) -> bool {
-        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
-        matches!(v["model_type"].as_str(), Some("qwen2_vl" | "qwen2_5_vl"))
-            || matches!(
-                v["architectures"][0].as_str(),
-                Some("Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration")
-            )
+        read_json(&dir.join("config.json"), MODEL_FILES).is_ok_and(|v| Family::of(&v).is_some())
     }
 
     /// Everything about one record that needs no model weights, the sequence cut to `max_tokens`

@@ -10,12 +10,14 @@
 //! [`Resampler::Pillow`] gives what its PIL backend computes instead (they differ by one level on
 //! a few pixels, which moves a perplexity by ~1e-5).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use image::RgbImage;
 use serde_json::Value;
 
 use crate::llm::ModelError;
+use crate::llm::config::read_json;
 use crate::vision::resample::{Resampler, resize_rgb8, resize_rgb8_as};
 
 /// `qwen_vl_utils`' bounds for fetching an image: 4 and 16384 merged tokens of 28×28 pixels.
@@ -59,6 +61,20 @@ pub fn smart_resize(
     Ok((h_bar, w_bar))
 }
 
+/// Each patch's (row, column) in the patch grid, in the order the processor lays patches out
+/// and the vision tower reads them: frame by frame, merge windows row-major, the `merge` ×
+/// `merge` patches of a window row-major.
+pub fn patch_order(grid_thw: [usize; 3], merge: usize) -> impl Iterator<Item = (usize, usize)> {
+    let [t, gh, gw] = grid_thw;
+    (0..t).flat_map(move |_| {
+        (0..gh / merge).flat_map(move |bh| {
+            (0..gw / merge).flat_map(move |bw| {
+                (0..merge).flat_map(move |i| (0..merge).map(move |j| (bh * merge + i, bw * merge + j)))
+            })
+        })
+    })
+}
+
 /// An image as the vision tower takes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImagePatches {
@@ -97,11 +113,8 @@ pub struct ImageProcessor {
 impl ImageProcessor {
     pub fn load(dir: &Path) -> Result<ImageProcessor, ModelError> {
         let path = dir.join("preprocessor_config.json");
-        let err = |message: String| ModelError::Config { path: path.clone(), message };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| err(format!("cannot read it ({e}); a Qwen2-VL folder needs its preprocessor_config.json")))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
-        Self::from_json(&v).map_err(err)
+        let v = read_json(&path, "a Qwen2-VL folder needs its preprocessor_config.json")?;
+        Self::from_json(&v).map_err(|message| ModelError::Config { path, message })
     }
 
     /// Reads `min_pixels`/`max_pixels` at the top level or, as transformers 5 writes them, as
@@ -162,15 +175,16 @@ impl ImageProcessor {
         self.patch_size * self.merge_size
     }
 
-    /// The image as `qwen_vl_utils.fetch_image` returns it, with its default bounds.
-    pub fn fetch(&self, image: &RgbImage) -> Result<RgbImage, String> {
+    /// The image as `qwen_vl_utils.fetch_image` returns it, with its default bounds (borrowed
+    /// when that leaves its size as it is).
+    pub fn fetch<'a>(&self, image: &'a RgbImage) -> Result<Cow<'a, RgbImage>, String> {
         let (w, h) = (image.width() as usize, image.height() as usize);
         let (nh, nw) = smart_resize(h, w, self.factor(), FETCH_MIN_PIXELS, FETCH_MAX_PIXELS)?;
         if (nw, nh) == (w, h) {
-            return Ok(image.clone());
+            return Ok(Cow::Borrowed(image));
         }
         let px = resize_rgb8(image.as_raw(), w, h, nw, nh);
-        Ok(RgbImage::from_raw(nw as u32, nh as u32, px).expect("the resize fills nw × nh × 3 bytes"))
+        Ok(Cow::Owned(RgbImage::from_raw(nw as u32, nh as u32, px).expect("the resize fills nw × nh × 3 bytes")))
     }
 
     /// Fetches `image` and makes its patches.
@@ -183,10 +197,10 @@ impl ImageProcessor {
     pub fn patches_of_fetched(&self, fetched: &RgbImage) -> Result<ImagePatches, String> {
         let (w, h) = (fetched.width() as usize, fetched.height() as usize);
         let (nh, nw) = smart_resize(h, w, self.factor(), self.min_pixels, self.max_pixels)?;
-        let resized = if (nw, nh) == (w, h) {
-            fetched.as_raw().clone()
+        let resized: Cow<'_, [u8]> = if (nw, nh) == (w, h) {
+            Cow::Borrowed(fetched.as_raw())
         } else {
-            resize_rgb8_as(fetched.as_raw(), w, h, nw, nh, self.resampler)
+            Cow::Owned(resize_rgb8_as(fetched.as_raw(), w, h, nw, nh, self.resampler))
         };
         // (v − 255·mean) / (255·std), each factor formed in f32 as torch forms it.
         let scale: Vec<(f32, f32)> = (0..3).map(|c| (self.mean[c] * 255.0, self.std[c] * 255.0)).collect();
@@ -194,19 +208,13 @@ impl ImageProcessor {
         let (gh, gw) = (nh / p, nw / p);
         let row_len = 3 * tp * p * p;
         let mut values = Vec::with_capacity(gh * gw * row_len);
-        for bh in 0..gh / m {
-            for bw in 0..gw / m {
-                for i in 0..m {
-                    for j in 0..m {
-                        let (y0, x0) = ((bh * m + i) * p, (bw * m + j) * p);
-                        for (c, &(mean, std)) in scale.iter().enumerate() {
-                            for _frame in 0..tp {
-                                for y in y0..y0 + p {
-                                    for x in x0..x0 + p {
-                                        values.push((resized[(y * nw + x) * 3 + c] as f32 - mean) / std);
-                                    }
-                                }
-                            }
+        for (row, col) in patch_order([1, gh, gw], m) {
+            let (y0, x0) = (row * p, col * p);
+            for (c, &(mean, std)) in scale.iter().enumerate() {
+                for _frame in 0..tp {
+                    for y in y0..y0 + p {
+                        for x in x0..x0 + p {
+                            values.push((resized[(y * nw + x) * 3 + c] as f32 - mean) / std);
                         }
                     }
                 }

@@ -20,7 +20,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder};
 
 use super::config::{Family, VisionAct, VisionConfig};
-use super::processor::ImagePatches;
+use super::processor::{ImagePatches, patch_order};
 use crate::llm::ModelError;
 
 enum Norm {
@@ -154,19 +154,7 @@ impl VisionTower {
             .to_device(&self.device)?
             .to_dtype(self.dtype)?;
         let mut x = pixels.matmul(&self.patch_embed.t()?)?;
-        // Each patch's (row, column) in the patch grid, in the processor's merge-window order.
-        let mut rows_cols = Vec::with_capacity(n);
-        for _frame in 0..t {
-            for bh in 0..gh / m {
-                for bw in 0..gw / m {
-                    for i in 0..m {
-                        for j in 0..m {
-                            rows_cols.push((bh * m + i, bw * m + j));
-                        }
-                    }
-                }
-            }
-        }
+        let mut rows_cols: Vec<(usize, usize)> = patch_order(image.grid_thw, m).collect();
         // Qwen2.5-VL: merged tokens regrouped by window; `order[k]` is the merged token at k.
         let (order, windows) = match (self.family, c.window_size) {
             (Family::Qwen25Vl, Some(size)) => window_order(t, gh / m, gw / m, size / c.merge_factor()),

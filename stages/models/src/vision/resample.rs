@@ -122,17 +122,19 @@ fn pass(src: &[u8], w: usize, h: usize, n: usize, resampler: Resampler, axis: Ax
     let coeffs = coefficients(size, n, resampler);
     let (ow, oh) = if axis == Axis::Horizontal { (n, h) } else { (w, n) };
     let mut out = vec![0u8; ow * oh * 3];
+    // A tap is one pixel along the axis: 3 bytes apart horizontally, a row apart vertically.
+    let step = if axis == Axis::Horizontal { 3 } else { w * 3 };
     for y in 0..oh {
         for x in 0..ow {
             let (first, k) = &coeffs.taps[if axis == Axis::Horizontal { x } else { y }];
+            let base = match axis {
+                Axis::Horizontal => (y * w + first) * 3,
+                Axis::Vertical => (first * w + x) * 3,
+            };
             for c in 0..3 {
                 let mut ss: i64 = 1 << (coeffs.precision - 1);
                 for (i, &kk) in k.iter().enumerate() {
-                    let at = match axis {
-                        Axis::Horizontal => (y * w + first + i) * 3 + c,
-                        Axis::Vertical => ((first + i) * w + x) * 3 + c,
-                    };
-                    ss += src[at] as i64 * kk as i64;
+                    ss += src[base + i * step + c] as i64 * kk as i64;
                 }
                 out[(y * ow + x) * 3 + c] = clip8(ss, coeffs.precision);
             }

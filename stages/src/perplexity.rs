@@ -148,28 +148,17 @@ impl MapStage for Perplexity {
         let dir = model_dir(ctx, inputs)?;
         let device = self.placement.device().map_err(model_error)?;
         if let Some(field) = &self.image {
-            let vlm = if Qwen2Vl::is_one(&dir) {
-                Vlm::Qwen2Vl(Box::new(Qwen2Vl::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?))
-            } else {
-                Vlm::Llava(Box::new(Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
-                    crate::model_error(e).with_hint(
-                        "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to score the text alone",
-                    )
-                })?))
-            };
-            let positions = vlm.max_positions();
-            let max_tokens = self.max_tokens.unwrap_or(positions).min(positions);
-            return Ok(Arc::new(ImageMapper {
-                text: self.text.clone(),
-                prompt: self.prompt.clone(),
-                column: self.column.clone(),
-                max_tokens,
-                image: field.clone(),
-                root: inputs.dataset_root("data"),
-                drop_bad_images: self.drop_bad_images,
-                batch_tokens: self.batch_tokens,
-                vlm,
-            }));
+            let root = inputs.dataset_root("data");
+            if Qwen2Vl::is_one(&dir) {
+                let vlm = Qwen2Vl::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
+                return Ok(self.image_mapper(vlm, field, root));
+            }
+            let vlm = Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
+                crate::model_error(e).with_hint(
+                    "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to score the text alone",
+                )
+            })?;
+            return Ok(self.image_mapper(vlm, field, root));
         }
         let model = LanguageModel::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
         // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
@@ -268,75 +257,88 @@ fn add_score(record: &mut serde_json::Map<String, Value>, column: &str, s: &Scor
     }
 }
 
-/// The VLMs `image` scores with.
-enum Vlm {
-    Llava(Box<Llava>),
-    Qwen2Vl(Box<Qwen2Vl>),
-}
-
-/// A record prepared for its VLM.
-enum Prepared {
-    Llava(PreparedRecord),
-    Qwen2Vl(Box<PreparedImageRecord>),
-}
-
-impl Prepared {
-    fn truncated(&self) -> bool {
-        match self {
-            Prepared::Llava(p) => p.truncated,
-            Prepared::Qwen2Vl(p) => p.truncated,
-        }
-    }
-}
-
-impl Vlm {
-    fn max_positions(&self) -> usize {
-        match self {
-            Vlm::Llava(m) => m.lm.config.max_positions,
-            Vlm::Qwen2Vl(m) => m.lm.config.max_positions,
-        }
-    }
-
+/// What image-conditioned scoring needs of a VLM: records prepared one at a time (image errors
+/// come out there), then scored together.
+trait ImageScorer: Send + Sync + 'static {
+    type Prepared: Send;
+    fn max_positions(&self) -> usize;
     fn prepare(
         &self,
         image: &image::RgbImage,
         prompt: &str,
         text: &str,
         max_tokens: usize,
-    ) -> Result<Prepared, ModelError> {
-        Ok(match self {
-            Vlm::Llava(m) => Prepared::Llava(m.prepare(image, prompt, text, max_tokens)?),
-            Vlm::Qwen2Vl(m) => Prepared::Qwen2Vl(Box::new(m.prepare_within(image, prompt, text, max_tokens)?)),
-        })
-    }
+    ) -> Result<Self::Prepared, ModelError>;
+    fn truncated(prepared: &Self::Prepared) -> bool;
+    /// Scores in `items`' order.
+    fn score_all(&self, items: &[&Self::Prepared], batch_tokens: usize) -> Result<Vec<Score>, ModelError>;
+}
 
-    /// Scores in `items`' order. LLaVA batches by length under `batch_tokens`; Qwen2-VL scores
-    /// one record at a time for now (its images differ in size).
-    fn score_all(&self, items: &[&Prepared], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
-        match self {
-            Vlm::Llava(m) => {
-                let llava: Vec<&PreparedRecord> = items
-                    .iter()
-                    .map(|p| match p {
-                        Prepared::Llava(r) => Ok(r),
-                        Prepared::Qwen2Vl(_) => Err(ModelError::Compute("a record prepared for another model".into())),
-                    })
-                    .collect::<Result<_, _>>()?;
-                m.score_all(&llava, batch_tokens)
-            }
-            Vlm::Qwen2Vl(m) => items
-                .iter()
-                .map(|p| match p {
-                    Prepared::Qwen2Vl(r) => m.score_prepared(r),
-                    Prepared::Llava(_) => Err(ModelError::Compute("a record prepared for another model".into())),
-                })
-                .collect(),
-        }
+impl ImageScorer for Llava {
+    type Prepared = PreparedRecord;
+    fn max_positions(&self) -> usize {
+        self.lm.config.max_positions
+    }
+    fn prepare(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<PreparedRecord, ModelError> {
+        Llava::prepare(self, image, prompt, text, max_tokens)
+    }
+    fn truncated(prepared: &PreparedRecord) -> bool {
+        prepared.truncated
+    }
+    /// Batched by length under `batch_tokens`.
+    fn score_all(&self, items: &[&PreparedRecord], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        Llava::score_all(self, items, batch_tokens)
+    }
+}
+
+impl ImageScorer for Qwen2Vl {
+    type Prepared = PreparedImageRecord;
+    fn max_positions(&self) -> usize {
+        self.lm.config.max_positions
+    }
+    fn prepare(
+        &self,
+        image: &image::RgbImage,
+        prompt: &str,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<PreparedImageRecord, ModelError> {
+        self.prepare_within(image, prompt, text, max_tokens)
+    }
+    fn truncated(prepared: &PreparedImageRecord) -> bool {
+        prepared.truncated
+    }
+    /// One record at a time for now (its images differ in size).
+    fn score_all(&self, items: &[&PreparedImageRecord], _batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        items.iter().map(|item| self.score_prepared(item)).collect()
+    }
+}
+
+impl Perplexity {
+    fn image_mapper<V: ImageScorer>(&self, vlm: V, field: &ImageField, root: Option<PathBuf>) -> Arc<dyn ShardMapper> {
+        let max_tokens = self.max_tokens.unwrap_or(vlm.max_positions()).min(vlm.max_positions());
+        Arc::new(ImageMapper {
+            text: self.text.clone(),
+            prompt: self.prompt.clone(),
+            column: self.column.clone(),
+            max_tokens,
+            image: field.clone(),
+            root,
+            drop_bad_images: self.drop_bad_images,
+            batch_tokens: self.batch_tokens,
+            vlm,
+        })
     }
 }
 
 /// Image-conditioned scoring with a VLM, records prepared one at a time and scored in windows.
-struct ImageMapper {
+struct ImageMapper<V> {
     text: Template,
     prompt: Option<Template>,
     column: String,
@@ -345,7 +347,7 @@ struct ImageMapper {
     root: Option<PathBuf>,
     drop_bad_images: bool,
     batch_tokens: usize,
-    vlm: Vlm,
+    vlm: V,
 }
 
 /// Why a record was not scored: its image (which `on_bad_image = "drop"` forgives) or the rest.
@@ -354,9 +356,9 @@ enum RecordFailure {
     Other(StageError),
 }
 
-impl ImageMapper {
+impl<V: ImageScorer> ImageMapper<V> {
     /// The record's image and sequence, ready to score with others.
-    fn prepare(&self, record: &serde_json::Map<String, Value>) -> Result<Prepared, RecordFailure> {
+    fn prepare(&self, record: &serde_json::Map<String, Value>) -> Result<V::Prepared, RecordFailure> {
         let text = self.text.render(record).map_err(|e| RecordFailure::Other(StageError::input(e)))?;
         if text.trim().is_empty() {
             return Err(RecordFailure::Other(StageError::input("the text to score is empty")));
@@ -378,26 +380,26 @@ impl ImageMapper {
 /// 336 pixels), so a window bounds memory whatever the shard's size.
 const IMAGE_WINDOW: usize = 64;
 
-impl ImageMapper {
+impl<V: ImageScorer> ImageMapper<V> {
     /// Scores a window of prepared records in batches of similar length under `batch_tokens`,
     /// and writes them in order.
     fn flush(
         &self,
-        window: &mut Vec<(usize, serde_json::Map<String, Value>, Prepared)>,
+        window: &mut Vec<(usize, serde_json::Map<String, Value>, V::Prepared)>,
         out: &mut Vec<u8>,
     ) -> Result<(), StageError> {
         let Some(first) = window.first().map(|w| w.0 as u64) else { return Ok(()) };
-        let items: Vec<&Prepared> = window.iter().map(|w| &w.2).collect();
+        let items: Vec<&V::Prepared> = window.iter().map(|w| &w.2).collect();
         let scores = self.vlm.score_all(&items, self.batch_tokens).map_err(|e| model_error(e).at_record(first))?;
         for ((_, mut record, p), score) in window.drain(..).zip(scores) {
-            add_score(&mut record, &self.column, &score, p.truncated());
+            add_score(&mut record, &self.column, &score, V::truncated(&p));
             write_record(&record, out);
         }
         Ok(())
     }
 }
 
-impl ShardMapper for ImageMapper {
+impl<V: ImageScorer> ShardMapper for ImageMapper<V> {
     /// Records are prepared one by one (an unusable image fails or drops its record there), then
     /// scored together, [`IMAGE_WINDOW`] at a time.
     fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {

@@ -2,7 +2,7 @@
 # Builds ladle with the `cuda` feature on a machine with no CUDA install and no GPU, from PyPI
 # wheels only (see docs/cuda.md):
 #
-#   scripts/build-cuda.sh            # -> target/cuda/release/ladle and dist/ladle-cuda.zst
+#   scripts/build-cuda.sh            # -> target/cuda/release/ladle and dist/ladle-cuda.xz
 #   scripts/build-cuda.sh test ARGS  # cargo test --features cuda ARGS, here, against the stub
 #
 # 1. A CUDA 13.0 toolchain in $LADLE_CUDA_HOME (default .cuda/, git-ignored): nvcc, the headers
@@ -13,7 +13,7 @@
 #    driver's own libcuda.so.1 is loaded (the binary records the name libcuda.so.1, nothing else).
 #    With the stub on LD_LIBRARY_PATH instead, the GPU build runs here as on a machine with no GPU.
 # 3. `cargo build --release --features cuda` with CUDA_COMPUTE_CAP (default 90, the H100/H200).
-# 4. The binary compressed with zstd into dist/, small enough to carry to a GPU machine.
+# 4. The binary compressed with xz into dist/, small enough to carry to a GPU machine.
 #
 # On the GPU machine the binary needs the driver (libcuda.so.1) and the CUDA 13 runtime
 # libraries on the loader's path; a PyTorch install for CUDA 13 carries them (see docs/cuda.md).
@@ -76,9 +76,10 @@ fi
 cargo build --release --features cuda --bin ladle ${LADLE_CUDA_BUILD_ARGS:-}
 bin="$CARGO_TARGET_DIR/release/ladle"
 
-# Carried without debug info (about 100 MB instead of 350 MB; 18 MB compressed).
+# Carried without debug info (about 100 MB instead of 350 MB), compressed with xz: a GPU machine
+# without the xz tool still unpacks it with Python's standard lzma module (scripts/gpu-proof.sh).
 mkdir -p dist
 objcopy --strip-debug "$bin" dist/ladle-cuda
-zstd -q -19 -T0 -f --rm dist/ladle-cuda -o dist/ladle-cuda.zst
-echo "== built $bin; carry dist/ladle-cuda.zst ($(du -h dist/ladle-cuda.zst | cut -f1)) to the GPU machine"
+xz -6 -T0 -f dist/ladle-cuda
+echo "== built $bin; carry dist/ladle-cuda.xz ($(du -h dist/ladle-cuda.xz | cut -f1)) to the GPU machine"
 echo "   it loads: $(readelf -d "$bin" | grep -oE 'lib(cuda|cudart|nvrtc|cublas|cublasLt|curand)[^]]*' | tr '\n' ' ')"

@@ -169,6 +169,18 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// The transformers fixtures checked in a placement: perplexities (text, prompted, LLaVA,
+    /// Qwen2-VL), greedy generation, a 6000-token record; `"ok"` says whether all passed
+    Fixtures {
+        /// The fixture folder (expected.json, captions.jsonl, the tiny models)
+        #[arg(long, default_value = "tests/fixtures/points-tiny")]
+        dir: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, bf16 or f16 [default: f32 on the CPU, bf16 on a GPU]
+        #[arg(long)]
+        dtype: Option<String>,
+    },
     /// The device's dense matmul rate (FLOP/s): the roofline `score` reports against
     Matmul {
         #[arg(long, default_value = "auto")]
@@ -433,6 +445,18 @@ fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {
         Placement::from_names(Some(device), dtype).map_err(|(name, e)| anyhow::anyhow!("{e} (--{name})"))
     };
     let json = match cmd {
+        BenchCmd::Fixtures { dir, device, dtype } => {
+            let json = ladle_stages::fixture_check::run_fixtures(&dir, &place(&device, dtype.as_deref())?)?;
+            if json["ok"] != true {
+                writeln!(out, "{json}")?;
+                anyhow::bail!(
+                    "a fixture check failed on {} in {} (see \"checks\" above)",
+                    json["device"],
+                    json["dtype"]
+                );
+            }
+            json
+        }
         BenchCmd::Matmul { device, dtype, size } => bench::run_matmul(&place(&device, dtype.as_deref())?, size)?,
         BenchCmd::Soup { ingredients, make, size_gb, work, out, repeat } => {
             let json = bench::run_soup(&bench::SoupOptions {

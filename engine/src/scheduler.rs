@@ -494,6 +494,10 @@ async fn run_map(
     // The stage's device, held from its first computed shard to its end (cached shards need none).
     let device_slot = env.pipeline.stages[env.idx].stage.device_slot();
     let mut device = None;
+    // Of the computed shards, those on the device at once (see `Stage::device_shards`).
+    let on_device = device_slot
+        .as_ref()
+        .map(|_| Arc::new(Semaphore::new(env.pipeline.stages[env.idx].stage.device_shards().max(1))));
 
     let handle =
         |joined: std::result::Result<(usize, std::result::Result<ShardEntry, String>), tokio::task::JoinError>,
@@ -533,6 +537,11 @@ async fn run_map(
         if let (Some(d), None) = (&device_slot, &device) {
             device = Some(env.devices.hold(d).await);
         }
+        // The device's turn before a work slot, as for whole stages: no work slot waits idle.
+        let device_turn = match &on_device {
+            Some(s) => Some(s.clone().acquire_owned().await.expect("the device-shard semaphore is never closed")),
+            None => None,
+        };
         let permit = env.slots.clone().acquire_owned().await.expect("the work-slot semaphore is never closed");
         while let Some(j) = set.try_join_next() {
             handle(j, &mut results, &mut errors, &mut done, &mut computed);
@@ -543,7 +552,7 @@ async fn run_map(
         let (env2, inputs2, mapper2, failed2, shard, first) =
             (env.clone(), inputs.clone(), mapper.clone(), failed.clone(), *shard, first_record[i]);
         set.spawn_blocking(move || {
-            let _permit = permit;
+            let _permit = (permit, device_turn);
             let r = compute_shard(&env2, &inputs2, &mapper2, i, first, &shard, &sk);
             if r.is_err() {
                 failed2.store(true, Ordering::Relaxed);

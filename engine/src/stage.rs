@@ -95,6 +95,13 @@ pub trait Stage: Send + Sync {
     fn device_slot(&self) -> Option<String> {
         None
     }
+    /// How many shards of a map stage with a [`Stage::device_slot`] compute at once. Each
+    /// `map_shard` on a GPU runs the model on its own stream with its own activations, so `-j`
+    /// of them at once (16 on a 16-core GPU machine) multiply its memory and contend for it; one
+    /// at a time keeps the device full with the largest batches instead. Ignored without a device.
+    fn device_shards(&self) -> usize {
+        1
+    }
 }
 
 pub enum Execution<'a> {

@@ -7,7 +7,11 @@ use std::time::Duration;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::events::NoEvents;
 use ladle_engine::pipeline::params::Params;
-use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
+use ladle_engine::stage::{
+    Accepts, Arity, Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage,
+    StageKind, WholeStage,
+};
+use ladle_engine::store::ObjectWriter;
 use ladle_engine::{Artifact, Pipeline, Registry, RunOptions, StageContext, Store};
 
 /// How many `hold` stages compute right now, and the most seen at once.
@@ -15,6 +19,8 @@ use ladle_engine::{Artifact, Pipeline, Registry, RunOptions, StageContext, Store
 struct Overlap {
     now: AtomicUsize,
     most: AtomicUsize,
+    /// Shards mapped.
+    done: AtomicUsize,
 }
 
 struct HoldKind {
@@ -79,6 +85,146 @@ impl WholeStage for Hold {
         self.ran.lock().unwrap().push(self.tag.clone());
         Ok(Artifact::Metrics { value: serde_json::json!({ "tag": self.tag }) })
     }
+}
+
+/// `shards`: a dataset of four one-record shards.
+struct ShardsKind;
+
+struct Shards;
+
+impl StageKind for ShardsKind {
+    fn name(&self) -> &'static str {
+        "shards"
+    }
+    fn about(&self) -> &'static str {
+        "four one-record shards"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        &[]
+    }
+    fn configure(&self, _params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        Ok(Arc::new(Shards))
+    }
+}
+
+impl Stage for Shards {
+    fn produces(&self) -> Produces {
+        Produces::Dataset
+    }
+    fn execution(&self) -> Execution<'_> {
+        Execution::Whole(self)
+    }
+}
+
+impl WholeStage for Shards {
+    fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
+        let shards =
+            (0..4).map(|i| ctx.write_shard(format!("{{\"i\":{i}}}\n").as_bytes(), 1)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Artifact::Dataset { shards, root: None })
+    }
+}
+
+/// `hold_shards`: maps each shard after holding it a while, on a device if given.
+struct HoldShardsKind {
+    overlap: Arc<Overlap>,
+    meeting: Arc<Barrier>,
+}
+
+impl StageKind for HoldShardsKind {
+    fn name(&self) -> &'static str {
+        "hold_shards"
+    }
+    fn about(&self) -> &'static str {
+        "maps shards slowly, on a device if given"
+    }
+    fn ports(&self) -> &'static [PortSpec] {
+        const PORTS: &[PortSpec] =
+            &[PortSpec { name: "data", arity: Arity::One, required: true, accepts: Accepts::Dataset }];
+        PORTS
+    }
+    fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
+        Ok(Arc::new(HoldShards {
+            device: params.string("device")?,
+            overlap: self.overlap.clone(),
+            meeting: self.meeting.clone(),
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct HoldShards {
+    device: Option<String>,
+    overlap: Arc<Overlap>,
+    meeting: Arc<Barrier>,
+}
+
+impl Stage for HoldShards {
+    fn produces(&self) -> Produces {
+        Produces::Dataset
+    }
+    fn execution(&self) -> Execution<'_> {
+        Execution::Map { port: "data", stage: self }
+    }
+    fn device_slot(&self) -> Option<String> {
+        self.device.clone()
+    }
+}
+
+impl MapStage for HoldShards {
+    fn prepare(&self, _ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        Ok(Arc::new(self.clone()))
+    }
+}
+
+impl ShardMapper for HoldShards {
+    fn map_shard(&self, shard: &ShardInput<'_>, out: &mut ObjectWriter) -> Result<MappedShard, StageError> {
+        let now = self.overlap.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.overlap.most.fetch_max(now, Ordering::SeqCst);
+        if self.device.is_none() {
+            self.meeting.wait();
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.overlap.now.fetch_sub(1, Ordering::SeqCst);
+        self.overlap.done.fetch_add(1, Ordering::SeqCst);
+        std::io::Write::write_all(out, shard.jsonl).map_err(|e| StageError::input(e.to_string()))?;
+        Ok(MappedShard { records: 1, dropped_on_error: 0 })
+    }
+}
+
+/// Runs a `shards` → `hold_shards` pipeline with `-j 4`: the most shards mapped at once, and how
+/// many were mapped.
+fn run_map(device: Option<&str>) -> (usize, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let overlap = Arc::new(Overlap::default());
+    let mut registry = Registry::new();
+    registry.register(Arc::new(ShardsKind));
+    registry.register(Arc::new(HoldShardsKind { overlap: overlap.clone(), meeting: Arc::new(Barrier::new(2)) }));
+    let device = device.map(|d| format!("device = \"{d}\"")).unwrap_or_default();
+    let toml = format!(
+        "[pipeline]\nname = \"map\"\n[stages.src]\nkind = \"shards\"\n[stages.m]\nkind = \"hold_shards\"\ndata = \"src\"\n{device}\n"
+    );
+    let path = dir.path().join("p.toml");
+    let pipeline = Arc::new(Pipeline::parse(&path, toml.as_bytes(), &registry).unwrap());
+    let store = Store::open(&dir.path().join(".ladle")).unwrap();
+    let options = RunOptions { jobs: 4, ..Default::default() };
+    ladle_engine::run(pipeline, &store, &options, Arc::new(NoEvents)).unwrap();
+    (overlap.most.load(Ordering::SeqCst), overlap.done.load(Ordering::SeqCst))
+}
+
+#[test]
+fn shards_on_a_device_compute_one_at_a_time() {
+    let (most, records) = run_map(Some("cuda:0"));
+    assert_eq!(records, 4);
+    assert_eq!(most, 1, "two shards computed on cuda:0 at once");
+}
+
+#[test]
+fn shards_without_a_device_still_compute_side_by_side() {
+    // Shards meet in pairs at a two-party barrier: the run ends only if two compute at once.
+    let (most, records) = run_map(None);
+    assert_eq!(records, 4);
+    assert!(most >= 2);
 }
 
 fn run(toml: &str) -> (usize, Vec<String>) {

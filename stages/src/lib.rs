@@ -13,6 +13,7 @@ pub mod concat;
 pub mod dedup;
 pub mod encode;
 pub mod exec;
+pub mod fixture_check;
 pub mod generate;
 pub mod image_source;
 pub mod model;

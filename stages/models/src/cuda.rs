@@ -25,10 +25,34 @@ __device__ __forceinline__ float load_f32(const float* p, long i) { return p[i];
 __device__ __forceinline__ float load_bf16(const unsigned short* p, long i) {
     return __uint_as_float(((unsigned int)p[i]) << 16);
 }
-__device__ __forceinline__ float load_f16(const unsigned short* p, long i) {
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+}
+__device__ __forceinline__ float load_f16(const unsigned short* p, long i) { return f16_to_f32(p[i]); }
+
+// Elements 2i and 2i+1 in one load (the row starts at an even element).
+__device__ __forceinline__ void load2_f32(const float* p, long i, float& a, float& b) {
+    unsigned long long w = ((const unsigned long long*)p)[i];
+    a = __uint_as_float((unsigned int)w);
+    b = __uint_as_float((unsigned int)(w >> 32));
+}
+__device__ __forceinline__ void load2_bf16(const unsigned short* p, long i, float& a, float& b) {
+    unsigned int w = ((const unsigned int*)p)[i];
+    a = __uint_as_float(w << 16);
+    b = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void load2_f16(const unsigned short* p, long i, float& a, float& b) {
+    unsigned int w = ((const unsigned int*)p)[i];
+    a = f16_to_f32((unsigned short)(w & 0xffffu));
+    b = f16_to_f32((unsigned short)(w >> 16));
+}
+
+// Adds exp(v) to a running (max, sum of exp(x - max)).
+__device__ __forceinline__ void accumulate(float& m, float& s, float v) {
+    if (v == NEG_INF) return;
+    if (v > m) { s = s * expf(m - v) + 1.0f; m = v; } else { s += expf(v - m); }
 }
 
 // Merges two (max, sum of exp(x - max)) pairs.
@@ -40,16 +64,22 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     s = a + b;
 }
 
-// One block per row; blockDim.x a multiple of 32, at most 1024.
-#define TARGET_LOG_PROBS(NAME, T, LOAD)                                                        \
+// One block per row; blockDim.x a multiple of 32, at most 1024. With `pairs` (even vocab, row
+// starts aligned to two elements) each thread reads two elements per load.
+#define TARGET_LOG_PROBS(NAME, T, LOAD, LOAD2)                                                 \
 extern "C" __global__ void NAME(const T* logits, const unsigned int* targets, float* out,     \
-                                int vocab) {                                                   \
+                                int vocab, int pairs) {                                        \
     const T* x = logits + (long)blockIdx.x * vocab;                                            \
     float m = NEG_INF, s = 0.0f;                                                             \
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {                                    \
-        float v = LOAD(x, j);                                                                  \
-        if (v == NEG_INF) continue;                                                          \
-        if (v > m) { s = s * expf(m - v) + 1.0f; m = v; } else { s += expf(v - m); }          \
+    if (pairs) {                                                                               \
+        for (int j = threadIdx.x; j < vocab / 2; j += blockDim.x) {                            \
+            float a, b;                                                                        \
+            LOAD2(x, j, a, b);                                                                 \
+            accumulate(m, s, a);                                                               \
+            accumulate(m, s, b);                                                               \
+        }                                                                                      \
+    } else {                                                                                   \
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) accumulate(m, s, LOAD(x, j));   \
     }                                                                                          \
     for (int off = 16; off > 0; off >>= 1)                                                     \
         merge(m, s, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, s, off)); \
@@ -67,9 +97,9 @@ extern "C" __global__ void NAME(const T* logits, const unsigned int* targets, fl
     }                                                                                          \
 }
 
-TARGET_LOG_PROBS(target_log_probs_f32, float, load_f32)
-TARGET_LOG_PROBS(target_log_probs_bf16, unsigned short, load_bf16)
-TARGET_LOG_PROBS(target_log_probs_f16, unsigned short, load_f16)
+TARGET_LOG_PROBS(target_log_probs_f32, float, load_f32, load2_f32)
+TARGET_LOG_PROBS(target_log_probs_bf16, unsigned short, load_bf16, load2_bf16)
+TARGET_LOG_PROBS(target_log_probs_f16, unsigned short, load_f16, load2_f16)
 "#;
 
 /// The PTX of [`SOURCE`], compiled once.
@@ -82,6 +112,30 @@ fn ptx() -> candle_core::Result<&'static str> {
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Whether ladle's kernels load on `device`'s GPU, tried once per process. The PTX is whatever
+/// the NVRTC library that was loaded makes; a driver older than that NVRTC refuses it. Then
+/// the LM head falls back to candle's log-softmax and gather (slower, same numbers), and this
+/// says so once on stderr rather than failing the run.
+pub fn kernels_load(device: &candle_core::Device) -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| {
+        let tried = device
+            .as_cuda_device()
+            .and_then(|d| ptx().and_then(|ptx| d.get_or_load_custom_func("target_log_probs_f32", MODULE, ptx)));
+        match tried {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!(
+                    "warning: ladle's fused log-probability kernel did not load on this GPU ({e}); scoring \
+                     falls back to candle's log-softmax, slower but the same numbers. A libnvrtc newer \
+                     than the driver (`nvidia-smi` shows its CUDA version) is the usual cause."
+                );
+                false
+            }
+        }
+    })
 }
 
 /// log p(targets[i]) under softmax(logits[i]) for logits [rows, vocab] (f32, bf16 or f16) and
@@ -161,9 +215,12 @@ impl CustomOp2 for TargetLogProbs {
                 launch.arg(&u16_view);
             }
         }
+        // Two elements per load when every row starts on an even element.
+        let pairs_arg = i32::from(vocab % 2 == 0 && l0 % 2 == 0);
         launch.arg(&targets);
         launch.arg(&out);
         launch.arg(&vocab_arg);
+        launch.arg(&pairs_arg);
         // SAFETY: the arguments match the kernel's signature; the grid covers `rows` rows of
         // `vocab` elements, inside the views passed.
         unsafe { launch.launch(config) }.w()?;

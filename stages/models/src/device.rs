@@ -47,13 +47,22 @@ impl Placement {
     /// the two is wrong, and why.
     pub fn from_names(device: Option<&str>, dtype: Option<&str>) -> Result<Placement, (&'static str, String)> {
         let processor = match device {
-            None | Some("auto") => {
-                if gpu_count() > 0 {
-                    Processor::Cuda(0)
-                } else {
+            None | Some("auto") => match gpus() {
+                Ok(0) => Processor::Cpu,
+                Ok(_) => Processor::Cuda(0),
+                Err(e) => {
+                    // A GPU build on a machine whose driver is broken: say so, once, rather than
+                    // let a user wonder why a GPU machine scores at CPU speed.
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        eprintln!(
+                            "warning: device = \"auto\" runs on the CPU because the CUDA driver did not start ({e}); \
+                             check `nvidia-smi`, or set device = \"cpu\" to say that the CPU is meant"
+                        )
+                    });
                     Processor::Cpu
                 }
-            }
+            },
             Some("cpu") => Processor::Cpu,
             Some(other) => {
                 let ordinal = parse_cuda(other).ok_or_else(|| {
@@ -89,7 +98,9 @@ impl Placement {
         match self.processor {
             Processor::Cpu => Ok(Device::Cpu),
             Processor::Cuda(n) => {
-                let count = gpu_count();
+                let count = gpus().map_err(|e| {
+                    ModelError::Device(format!("device = \"cuda:{n}\", but the CUDA driver did not start: {e}"))
+                })?;
                 if n >= count {
                     return Err(ModelError::Device(format!(
                         "device = \"cuda:{n}\", but this machine has {count} GPU(s){}",
@@ -143,20 +154,31 @@ fn parse_cuda(s: &str) -> Option<usize> {
 }
 
 /// How many GPUs this process can use: none in a CPU build; in a `cuda` build, those the
-/// driver reports (none when there is no driver), asked once.
+/// driver reports (none when it reports no device), asked once.
 pub fn gpu_count() -> usize {
+    gpus().unwrap_or(0)
+}
+
+/// [`gpu_count`], or why the driver failed to start: a machine with no GPU is `Ok(0)`, a
+/// driver that is there but broken (too old for this build's CUDA, a device in a bad state) is
+/// the driver's error.
+pub fn gpus() -> Result<usize, String> {
     #[cfg(feature = "cuda")]
     {
-        static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *COUNT.get_or_init(|| {
-            cudarc::driver::result::init()
-                .and_then(|_| cudarc::driver::result::device::get_count())
-                .map(|n| n.max(0) as usize)
-                .unwrap_or(0)
-        })
+        use cudarc::driver::sys::CUresult;
+        static COUNT: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+        COUNT
+            .get_or_init(|| match cudarc::driver::result::init() {
+                Err(e) if e.0 == CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
+                Err(e) => Err(e.to_string()),
+                Ok(()) => {
+                    cudarc::driver::result::device::get_count().map(|n| n.max(0) as usize).map_err(|e| e.to_string())
+                }
+            })
+            .clone()
     }
     #[cfg(not(feature = "cuda"))]
-    0
+    Ok(0)
 }
 
 #[cfg(test)]

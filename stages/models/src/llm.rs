@@ -16,7 +16,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::{Arch, LlmConfig};
-pub use decoder::Decoder;
+pub use decoder::{Decoder, SCORE_BLOCK_ELEMENTS};
 pub use scorer::{Score, Scorer, Sequence};
 pub use tokenizer::TextTokenizer;
 
@@ -77,7 +77,11 @@ impl LanguageModel {
     ) -> Result<LanguageModel, ModelError> {
         let config = LlmConfig::load(dir)?;
         let vb = weights::load(dir, device, dtype)?;
-        Self::from_parts(dir, config, &vb, "model")
+        let model = Self::from_parts(dir, config, &vb, "model")?;
+        // The uploads and conversions loading queued are done (or their error is here) before
+        // the first batch: a GPU's work is asynchronous.
+        device.synchronize()?;
+        Ok(model)
     }
 
     /// The tokenizer of `dir` and the decoder whose weights start at `prefix` in `vb`: shared by

@@ -96,46 +96,94 @@ impl Attention {
         })
     }
 
-    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let n_rep = self.heads / self.kv_heads;
-        if n_rep == 1 {
-            return Ok(x);
-        }
-        let (b, kv, t, d) = x.dims4()?;
-        x.unsqueeze(2)?.expand((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
-    }
-
     /// Attention of the `t` new positions of `x` (starting at position `start`) over `past` keys
     /// and values and their own. Returns the output and all keys and values, for a cache.
+    ///
+    /// The scale is folded into q (one pass over [B,H,T,D], not over the scores); grouped-query
+    /// attention reshapes q to [B, kv_heads, rep·T, D] so keys and values are used as they are,
+    /// never repeated; the scores go through in query blocks of at most `block_elements`
+    /// (see [`SCORE_BLOCK_ELEMENTS`]), each over only the keys it can see; the causal mask is
+    /// formed on the device from position indices.
     fn forward(
         &self,
         x: &Tensor,
         rotation: Rotation<'_>,
-        mask: Option<&Tensor>,
         past: Option<&(Tensor, Tensor)>,
+        block_elements: usize,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
-        let shape = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rotation.apply(&shape(self.q.forward(x)?, self.heads)?)?;
+        let d = self.head_dim;
+        let shape = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = (rotation.apply(&shape(self.q.forward(x)?, self.heads)?)? * scale)?;
         let mut k = rotation.apply(&shape(self.k.forward(x)?, self.kv_heads)?)?;
         let mut v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
         if let Some((pk, pv)) = past {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
-        let kr = self.repeat_kv(k.clone())?.contiguous()?;
-        let vr = self.repeat_kv(v.clone())?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Scores and their softmax in f32 whatever the dtype (the mask is f32 too).
-        let dtype = q.dtype();
-        let mut scores = (q.matmul(&kr.t()?)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let y = probs.matmul(&vr)?.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let y = grouped_causal_attention(&q, &k, &v, block_elements)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
         Ok((self.o.forward(&y)?, (k, v)))
     }
+}
+
+/// Scores ([B, heads, queries, keys] elements) formed at once by default: 2²⁷ (512 MiB in f32).
+/// candle's CUDA kernels index with 32-bit integers, so a block past 2³¹ elements would be read
+/// out of bounds (one 4.7k-token record on a 28-head model gets there unblocked); and the
+/// memory attention takes stays bounded whatever the length.
+pub const SCORE_BLOCK_ELEMENTS: usize = 1 << 27;
+
+/// Causal attention of q [B, H, T, D] (already scaled) over k, v [B, KV, S, D] (S ≥ T: the last
+/// T keys are the queries' own positions, the first S − T a cache), H a multiple of KV (head h
+/// reads key/value head h / (H / KV), as transformers' `repeat_kv` lays them out). [B, H, T, D].
+///
+/// Scores and their softmax are in f32 whatever the dtype. Queries go in blocks so that no block's
+/// scores pass `block_elements`; a block sees keys up to its last query's position only.
+pub fn grouped_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    block_elements: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let (_, kv_heads, s, _) = k.dims4()?;
+    if heads % kv_heads != 0 || s < t {
+        candle_core::bail!("attention: {heads} query heads over {kv_heads} key heads, {t} queries over {s} keys");
+    }
+    let rep = heads / kv_heads;
+    let past = s - t;
+    let dtype = q.dtype();
+    let device = q.device();
+    // [B, KV, rep, T, D]: the query heads that share a key head, side by side.
+    let q = q.contiguous()?.reshape((b, kv_heads, rep, t, d))?;
+    let rows = (block_elements / (b * heads * s).max(1)).clamp(1, t);
+    let mut blocks = Vec::with_capacity(t.div_ceil(rows));
+    for q0 in (0..t).step_by(rows) {
+        let n = rows.min(t - q0);
+        let keys = past + q0 + n;
+        let qb = if n == t { q.clone() } else { q.narrow(3, q0, n)?.contiguous()? };
+        let qb = qb.reshape((b, kv_heads, rep * n, d))?;
+        let (kb, vb) = if keys == s { (k.clone(), v.clone()) } else { (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?) };
+        let scores = qb.matmul(&kb.contiguous()?.t()?)?.to_dtype(DType::F32)?;
+        let scores = if n == 1 {
+            // One query sees every key up to its own: nothing to mask.
+            scores
+        } else {
+            // Key j is hidden from query i (position past + q0 + i) when j > past + q0 + i.
+            let query_pos = Tensor::arange((past + q0) as u32, keys as u32, device)?;
+            let key_pos = Tensor::arange(0u32, keys as u32, device)?;
+            let visible = key_pos.unsqueeze(0)?.broadcast_le(&query_pos.unsqueeze(1)?)?;
+            let zero = Tensor::zeros((n, keys), DType::F32, device)?;
+            let hidden = Tensor::full(f32::NEG_INFINITY, (n, keys), device)?;
+            let bias = visible.where_cond(&zero, &hidden)?;
+            scores.reshape((b, kv_heads, rep, n, keys))?.broadcast_add(&bias)?.reshape((b, kv_heads, rep * n, keys))?
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        blocks.push(probs.matmul(&vb.contiguous()?)?.reshape((b, kv_heads, rep, n, d))?);
+    }
+    let y = if blocks.len() == 1 { blocks.pop().expect("one block") } else { Tensor::cat(&blocks, 3)? };
+    y.reshape((b, heads, t, d))
 }
 
 /// The SwiGLU MLP, `down(silu(gate(x)) · up(x))`, with `gate` and `up` as one projection: one
@@ -196,10 +244,10 @@ impl Layer {
         &self,
         x: &Tensor,
         rotation: Rotation<'_>,
-        mask: Option<&Tensor>,
         past: Option<&(Tensor, Tensor)>,
+        block_elements: usize,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, mask, past)?;
+        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, past, block_elements)?;
         let x = (x + a)?;
         Ok(((&x + self.mlp.forward(&self.post_norm.forward(&x)?)?)?, kv))
     }
@@ -219,6 +267,8 @@ pub struct Decoder {
     lm_head: Tensor,
     rope: Rope,
     device: Device,
+    /// Attention scores formed at once, at most ([`SCORE_BLOCK_ELEMENTS`]).
+    score_block: usize,
 }
 
 impl Decoder {
@@ -252,6 +302,7 @@ impl Decoder {
             lm_head,
             rope: Rope::new(cfg, vb.device(), vb.dtype())?,
             device: vb.device().clone(),
+            score_block: SCORE_BLOCK_ELEMENTS,
         })
     }
 
@@ -269,15 +320,11 @@ impl Decoder {
         self.embed.forward(ids)
     }
 
-    /// The causal mask of `t` new positions after `past` cached ones: [t, past + t].
-    fn mask(&self, t: usize, past: usize) -> candle_core::Result<Option<Tensor>> {
-        if t == 1 {
-            return Ok(None);
-        }
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Tensor::from_vec(mask, (t, past + t), &self.device).map(Some)
+    /// The same decoder forming at most `elements` attention scores at once (tests hold blocked
+    /// attention to the unblocked result; see [`SCORE_BLOCK_ELEMENTS`]).
+    pub fn with_score_block(mut self, elements: usize) -> Decoder {
+        self.score_block = elements.max(1);
+        self
     }
 
     /// Final hidden states [B, T, H] of input embeddings [B, T, H] (causal attention).
@@ -298,10 +345,9 @@ impl Decoder {
     }
 
     fn hidden_rotated(&self, x: Tensor, rotation: Rotation<'_>) -> candle_core::Result<Tensor> {
-        let mask = self.mask(x.dim(1)?, 0)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, rotation, mask.as_ref(), None)?.0;
+            x = layer.forward(&x, rotation, None, self.score_block)?.0;
         }
         self.norm.forward(&x)
     }
@@ -319,10 +365,9 @@ impl Decoder {
         if cache.len + t > positions {
             candle_core::bail!("the sequence would pass the model's {positions} positions");
         }
-        let mask = self.mask(t, cache.len)?;
         let mut x = self.embed(ids)?;
         for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, kv) = layer.forward(&x, Rotation::From(&self.rope, cache.len), mask.as_ref(), past.as_ref())?;
+            let (y, kv) = layer.forward(&x, Rotation::From(&self.rope, cache.len), past.as_ref(), self.score_block)?;
             *past = Some(kv);
             x = y;
         }
@@ -351,38 +396,59 @@ impl Decoder {
             return self.target_log_probs_cpu(hidden, targets, head_rows(self.lm_head.dim(0)?));
         }
         let n = hidden.dim(0)?;
+        if targets.len() != n {
+            candle_core::bail!("{n} hidden states but {} targets", targets.len());
+        }
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && crate::cuda::kernels_load(&self.device) {
+            return self.target_log_probs_cuda(hidden, targets);
+        }
         let vocab = self.lm_head.dim(0)?;
         let rows = (4_000_000 / vocab.max(1)).clamp(1, 4096);
         let mut out = Vec::with_capacity(n);
         let mut start = 0;
         while start < n {
             let len = rows.min(n - start);
-            // Log-softmax sums in f32 whatever the dtype the model computes in.
             let logits = self.logits(&hidden.narrow(0, start, len)?)?;
             let targets = &targets[start..start + len];
-            match &self.device {
+            if self.device.is_cpu() {
                 // Half precision on the CPU: log-softmax sums in f32 (see `logsumexp`).
-                Device::Cpu => {
-                    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
-                    let (storage, layout) = logits.storage_and_layout();
-                    let data = crate::kernels::f32_values(&storage, layout)?;
-                    out.extend(super::logsumexp::target_log_probs(data, vocab, targets));
-                }
-                // One fused kernel over the logits in their own dtype (see `crate::cuda`).
-                #[cfg(feature = "cuda")]
-                Device::Cuda(_) => {
-                    let idx = Tensor::from_slice(targets, len, &self.device)?;
-                    out.extend(crate::cuda::target_log_probs(&logits, &idx)?.to_vec1::<f32>()?);
-                }
-                _ => {
-                    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-                    let idx = Tensor::from_slice(targets, (len, 1), &self.device)?;
-                    out.extend(logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
-                }
+                let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+                let (storage, layout) = logits.storage_and_layout();
+                let data = crate::kernels::f32_values(&storage, layout)?;
+                out.extend(super::logsumexp::target_log_probs(data, vocab, targets));
+            } else {
+                // A GPU whose ladle kernels would not load (see `crate::cuda::kernels_load`).
+                let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+                let idx = Tensor::from_slice(targets, (len, 1), &self.device)?;
+                out.extend(logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
             }
             start += len;
         }
         Ok(out)
+    }
+
+    /// [`Decoder::target_log_probs`] on a GPU: the targets go up once, the head runs on as many
+    /// rows at a time as keep a block of logits under 2³¹ elements (one pass over the head's
+    /// weights per 14k rows at a 152k vocabulary, not per 26), the fused kernel reads each block
+    /// in its own dtype, and the results come back in one copy.
+    #[cfg(feature = "cuda")]
+    fn target_log_probs_cuda(&self, hidden: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        let vocab = self.lm_head.dim(0)?;
+        let rows = (((1usize << 31) - 1) / vocab.max(1)).clamp(1, n.max(1));
+        let targets = Tensor::from_slice(targets, n, &self.device)?;
+        let mut parts = Vec::with_capacity(n.div_ceil(rows));
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            let logits = self.logits(&hidden.narrow(0, start, len)?)?;
+            parts.push(crate::cuda::target_log_probs(&logits, &targets.narrow(0, start, len)?)?);
+        }
+        match parts.len() {
+            0 => Ok(Vec::new()),
+            1 => parts[0].to_vec1::<f32>(),
+            _ => Tensor::cat(&parts, 0)?.to_vec1::<f32>(),
+        }
     }
 
     /// [`Decoder::target_log_probs`] in f32 on the CPU, `rows` at a time: the LM head straight
@@ -448,5 +514,29 @@ mod tests {
             }
         }
         assert!(d.target_log_probs_cpu(&hidden, &targets[1..], 7).is_err());
+    }
+
+    /// A 6000-token record (past the 2³¹-element wall on a real model's heads unblocked) scores
+    /// the same whether its attention goes in one block, the default blocks, or 140 small ones.
+    #[test]
+    fn blocked_attention_equals_unblocked_on_a_6k_token_record() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny/tiny-qwen2");
+        let mut cfg = LlmConfig::load(&dir).unwrap();
+        cfg.max_positions = 8192;
+        let decoder = |block: usize| {
+            let vb = crate::llm::weights::load(&dir, &Device::Cpu, DType::F32).unwrap();
+            Decoder::new(&cfg, vb, "model").unwrap().with_score_block(block)
+        };
+        let t = 6000;
+        let ids: Vec<u32> = (0..t).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
+        let ids = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+        let hidden = |d: &Decoder| d.hidden(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let whole = hidden(&decoder(usize::MAX));
+        // The default: 2 blocks of 5592 and 408 queries here; then 140 blocks of 43.
+        for block in [SCORE_BLOCK_ELEMENTS, 1 << 20] {
+            let got = hidden(&decoder(block));
+            let worst = got.iter().zip(&whole).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            assert!(worst <= 2e-5, "{block} scores a block: hidden states differ by {worst}");
+        }
     }
 }

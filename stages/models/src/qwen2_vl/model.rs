@@ -55,6 +55,7 @@ impl Qwen2Vl {
         let lm = LanguageModel::from_parts(dir, config.text.clone(), &vb, lm_prefix)?;
         let tower =
             VisionTower::new(&config.vision, config.family, vb.pp(visual)).map_err(|e| weights::explain(dir, e))?;
+        device.synchronize()?;
         Ok(Qwen2Vl { config, lm, tower, processor })
     }
 

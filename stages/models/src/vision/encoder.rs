@@ -97,6 +97,7 @@ impl ImageEncoder {
             vb.pp(prefix)
         };
         let tower = ClipVisionTower::new(&config, tower_vb).map_err(|e| weights::explain(dir, e))?;
+        device.synchronize()?;
         Ok(ImageEncoder { tower, config, preprocess, device: vb.device().clone(), dtype })
     }
 

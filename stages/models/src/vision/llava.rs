@@ -51,7 +51,9 @@ impl Llava {
 
     /// Loads `dir` onto `device`, its weights converted to `dtype`.
     pub fn load_on(dir: &Path, device: &candle_core::Device, dtype: candle_core::DType) -> Result<Llava, ModelError> {
-        Self::from_weights(dir, weights::load(dir, device, dtype)?)
+        let model = Self::from_weights(dir, weights::load(dir, device, dtype)?)?;
+        device.synchronize()?;
+        Ok(model)
     }
 
     /// [`Llava::load`] with the weights given (a soup candidate's, in memory) instead of read

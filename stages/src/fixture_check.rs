@@ -148,10 +148,11 @@ fn long_record(dir: &Path, device: &candle_core::Device, dtype: DType, tolerance
     let t = 6000;
     let ids: Vec<u32> = (0..t).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
     let seq = Sequence { ids, score_from: 1 };
+    let vb = ladle_models::llm::weights::load(&model_dir, device, dtype)?;
+    let mut decoder = Decoder::new(&cfg, vb, "model")?;
     let mut nll = Vec::new();
     for block in [ladle_models::llm::SCORE_BLOCK_ELEMENTS, 1 << 20] {
-        let vb = ladle_models::llm::weights::load(&model_dir, device, dtype)?;
-        let decoder = Decoder::new(&cfg, vb, "model")?.with_score_block(block);
+        decoder.set_score_block(block);
         let score = Scorer { decoder: &decoder, pad: 0 }.score_batch(&[&seq])?[0];
         if !score.mean_nll().is_finite() {
             return Err(ModelError::Compute(format!(
@@ -173,11 +174,13 @@ fn compare(name: &str, got: &[f64], want: &[f64], tolerance: f64) -> Result<Chec
             want.len()
         )));
     }
+    // A NaN score is the worst error there is (f64::max would skip it).
     let worst = got
         .iter()
         .zip(want)
         .map(|(g, w)| (g - w).abs() / w.abs())
-        .fold(0f64, |a, b| a.max(if b.is_nan() { f64::INFINITY } else { b }));
+        .map(|e| if e.is_nan() { f64::INFINITY } else { e })
+        .fold(0f64, f64::max);
     Ok(Check { name: name.into(), records: got.len(), worst, tolerance })
 }
 
@@ -190,9 +193,9 @@ fn image_of(dir: &Path, record: &Value) -> Result<image::RgbImage, ModelError> {
     load_rgb(&path).map_err(|e| ModelError::Image(format!("{}: {e}", path.display())))
 }
 
+/// A fixture's JSON file, read as a model folder's are.
 fn read_json(path: &Path) -> Result<Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| fixture_error(path, e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| fixture_error(path, e.to_string()))
+    ladle_models::llm::config::read_json(path, "--dir names the fixture folder, tests/fixtures/points-tiny")
 }
 
 fn fixture_error(path: &Path, message: String) -> ModelError {

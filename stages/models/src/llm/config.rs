@@ -12,7 +12,7 @@ pub(crate) const MODEL_FILES: &str = "a model folder needs config.json, tokenize
 
 /// A model folder's JSON file (a config, a preprocessor config); an error names the file and,
 /// when it cannot be read, what the folder `needs`.
-pub(crate) fn read_json(path: &Path, needs: &str) -> Result<Value, ModelError> {
+pub fn read_json(path: &Path, needs: &str) -> Result<Value, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config {
         path: path.to_path_buf(),
         message: format!("cannot read it ({e}); {needs}"),

@@ -101,15 +101,14 @@ impl Attention {
     ///
     /// The scale is folded into q (one pass over [B,H,T,D], not over the scores); grouped-query
     /// attention reshapes q to [B, kv_heads, rep·T, D] so keys and values are used as they are,
-    /// never repeated; the scores go through in query blocks of at most `block_elements`
-    /// (see [`SCORE_BLOCK_ELEMENTS`]), each over only the keys it can see; the causal mask is
-    /// formed on the device from position indices.
+    /// never repeated; the scores go through in the query `blocks` of this pass, each over only
+    /// the keys it can see.
     fn forward(
         &self,
         x: &Tensor,
         rotation: Rotation<'_>,
         past: Option<&(Tensor, Tensor)>,
-        block_elements: usize,
+        blocks: &QueryBlocks,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
@@ -122,7 +121,7 @@ impl Attention {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
-        let y = grouped_causal_attention(&q, &k, &v, block_elements)?;
+        let y = grouped_causal_attention(&q, &k, &v, blocks)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
         Ok((self.o.forward(&y)?, (k, v)))
     }
@@ -134,55 +133,84 @@ impl Attention {
 /// memory attention takes stays bounded whatever the length.
 pub const SCORE_BLOCK_ELEMENTS: usize = 1 << 27;
 
-/// Causal attention of q [B, H, T, D] (already scaled) over k, v [B, KV, S, D] (S ≥ T: the last
-/// T keys are the queries' own positions, the first S − T a cache), H a multiple of KV (head h
-/// reads key/value head h / (H / KV), as transformers' `repeat_kv` lays them out). [B, H, T, D].
-///
-/// Scores and their softmax are in f32 whatever the dtype. Queries go in blocks so that no block's
-/// scores pass `block_elements`; a block sees keys up to its last query's position only.
-pub fn grouped_causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    block_elements: usize,
-) -> candle_core::Result<Tensor> {
+/// How one forward pass of `t` queries after `past` cached positions splits its attention: query
+/// blocks whose scores ([B, heads, queries, keys]) stay within a budget, each with its causal
+/// mask. They are the same in every layer, so they are made once per pass; the masks are formed
+/// on the device from position indices.
+struct QueryBlocks {
+    past: usize,
+    t: usize,
+    blocks: Vec<QueryBlock>,
+}
+
+struct QueryBlock {
+    start: usize,
+    len: usize,
+    /// Keys the block sees: positions up to its last query's.
+    keys: usize,
+    /// [len, keys]: 0 where a key is visible, -inf where it is later than the query; none for a
+    /// single query, which sees every key it is given.
+    bias: Option<Tensor>,
+}
+
+impl QueryBlocks {
+    /// Blocks for `rows` = B · heads query rows per position, scores of at most `budget` elements.
+    fn new(rows: usize, t: usize, past: usize, budget: usize, device: &Device) -> candle_core::Result<QueryBlocks> {
+        let per_block = (budget / (rows * (past + t)).max(1)).clamp(1, t.max(1));
+        let mut blocks = Vec::with_capacity(t.div_ceil(per_block));
+        for start in (0..t).step_by(per_block) {
+            let len = per_block.min(t - start);
+            let keys = past + start + len;
+            let bias = if len == 1 {
+                None
+            } else {
+                // Key j is hidden from query i (position past + start + i) when j > past + start + i.
+                let query_pos = Tensor::arange((past + start) as u32, keys as u32, device)?;
+                let key_pos = Tensor::arange(0u32, keys as u32, device)?;
+                let visible = key_pos.unsqueeze(0)?.broadcast_le(&query_pos.unsqueeze(1)?)?;
+                let zero = Tensor::zeros((len, keys), DType::F32, device)?;
+                let hidden = Tensor::full(f32::NEG_INFINITY, (len, keys), device)?;
+                Some(visible.where_cond(&zero, &hidden)?)
+            };
+            blocks.push(QueryBlock { start, len, keys, bias });
+        }
+        Ok(QueryBlocks { past, t, blocks })
+    }
+}
+
+/// Causal attention of q [B, H, T, D] (already scaled) over k, v [B, KV, S, D] (S = past + T:
+/// the last T keys are the queries' own positions, the first a cache), H a multiple of KV (head
+/// h reads key/value head h / (H / KV), as transformers' `repeat_kv` lays them out), in the
+/// pass's query `blocks`. [B, H, T, D]. Scores and their softmax are in f32 whatever the dtype.
+fn grouped_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &QueryBlocks) -> candle_core::Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     let (_, kv_heads, s, _) = k.dims4()?;
-    if heads % kv_heads != 0 || s < t {
+    if heads % kv_heads != 0 || t != blocks.t || s != blocks.past + t {
         candle_core::bail!("attention: {heads} query heads over {kv_heads} key heads, {t} queries over {s} keys");
     }
     let rep = heads / kv_heads;
-    let past = s - t;
     let dtype = q.dtype();
-    let device = q.device();
     // [B, KV, rep, T, D]: the query heads that share a key head, side by side.
     let q = q.contiguous()?.reshape((b, kv_heads, rep, t, d))?;
-    let rows = (block_elements / (b * heads * s).max(1)).clamp(1, t);
-    let mut blocks = Vec::with_capacity(t.div_ceil(rows));
-    for q0 in (0..t).step_by(rows) {
-        let n = rows.min(t - q0);
-        let keys = past + q0 + n;
-        let qb = if n == t { q.clone() } else { q.narrow(3, q0, n)?.contiguous()? };
+    let mut out = Vec::with_capacity(blocks.blocks.len());
+    for &QueryBlock { start, len: n, keys, ref bias } in &blocks.blocks {
+        let qb = if n == t { q.clone() } else { q.narrow(3, start, n)?.contiguous()? };
         let qb = qb.reshape((b, kv_heads, rep * n, d))?;
         let (kb, vb) = if keys == s { (k.clone(), v.clone()) } else { (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?) };
         let scores = qb.matmul(&kb.contiguous()?.t()?)?.to_dtype(DType::F32)?;
-        let scores = if n == 1 {
-            // One query sees every key up to its own: nothing to mask.
-            scores
-        } else {
-            // Key j is hidden from query i (position past + q0 + i) when j > past + q0 + i.
-            let query_pos = Tensor::arange((past + q0) as u32, keys as u32, device)?;
-            let key_pos = Tensor::arange(0u32, keys as u32, device)?;
-            let visible = key_pos.unsqueeze(0)?.broadcast_le(&query_pos.unsqueeze(1)?)?;
-            let zero = Tensor::zeros((n, keys), DType::F32, device)?;
-            let hidden = Tensor::full(f32::NEG_INFINITY, (n, keys), device)?;
-            let bias = visible.where_cond(&zero, &hidden)?;
-            scores.reshape((b, kv_heads, rep, n, keys))?.broadcast_add(&bias)?.reshape((b, kv_heads, rep * n, keys))?
+        let scores = match bias {
+            Some(bias) => scores.reshape((b, kv_heads, rep, n, keys))?.broadcast_add(bias)?.reshape((
+                b,
+                kv_heads,
+                rep * n,
+                keys,
+            ))?,
+            None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        blocks.push(probs.matmul(&vb.contiguous()?)?.reshape((b, kv_heads, rep, n, d))?);
+        out.push(probs.matmul(&vb.contiguous()?)?.reshape((b, kv_heads, rep, n, d))?);
     }
-    let y = if blocks.len() == 1 { blocks.pop().expect("one block") } else { Tensor::cat(&blocks, 3)? };
+    let y = if out.len() == 1 { out.pop().expect("one block") } else { Tensor::cat(&out, 3)? };
     y.reshape((b, heads, t, d))
 }
 
@@ -245,9 +273,9 @@ impl Layer {
         x: &Tensor,
         rotation: Rotation<'_>,
         past: Option<&(Tensor, Tensor)>,
-        block_elements: usize,
+        blocks: &QueryBlocks,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, past, block_elements)?;
+        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, past, blocks)?;
         let x = (x + a)?;
         Ok(((&x + self.mlp.forward(&self.post_norm.forward(&x)?)?)?, kv))
     }
@@ -269,6 +297,7 @@ pub struct Decoder {
     device: Device,
     /// Attention scores formed at once, at most ([`SCORE_BLOCK_ELEMENTS`]).
     score_block: usize,
+    heads: usize,
 }
 
 impl Decoder {
@@ -303,6 +332,7 @@ impl Decoder {
             rope: Rope::new(cfg, vb.device(), vb.dtype())?,
             device: vb.device().clone(),
             score_block: SCORE_BLOCK_ELEMENTS,
+            heads: cfg.num_heads,
         })
     }
 
@@ -320,11 +350,10 @@ impl Decoder {
         self.embed.forward(ids)
     }
 
-    /// The same decoder forming at most `elements` attention scores at once (tests hold blocked
+    /// Forms at most `elements` attention scores at once from now on (tests hold blocked
     /// attention to the unblocked result; see [`SCORE_BLOCK_ELEMENTS`]).
-    pub fn with_score_block(mut self, elements: usize) -> Decoder {
+    pub fn set_score_block(&mut self, elements: usize) {
         self.score_block = elements.max(1);
-        self
     }
 
     /// Final hidden states [B, T, H] of input embeddings [B, T, H] (causal attention).
@@ -345,11 +374,18 @@ impl Decoder {
     }
 
     fn hidden_rotated(&self, x: Tensor, rotation: Rotation<'_>) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let blocks = self.query_blocks(b, t, 0)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, rotation, None, self.score_block)?.0;
+            x = layer.forward(&x, rotation, None, &blocks)?.0;
         }
         self.norm.forward(&x)
+    }
+
+    /// The attention blocks of a pass of `b` sequences of `t` positions after `past` cached ones.
+    fn query_blocks(&self, b: usize, t: usize, past: usize) -> candle_core::Result<QueryBlocks> {
+        QueryBlocks::new(b * self.heads, t, past, self.score_block, &self.device)
     }
 
     /// An empty key/value cache for [`Decoder::step`].
@@ -365,9 +401,10 @@ impl Decoder {
         if cache.len + t > positions {
             candle_core::bail!("the sequence would pass the model's {positions} positions");
         }
+        let blocks = self.query_blocks(ids.dim(0)?, t, cache.len)?;
         let mut x = self.embed(ids)?;
         for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, kv) = layer.forward(&x, Rotation::From(&self.rope, cache.len), past.as_ref(), self.score_block)?;
+            let (y, kv) = layer.forward(&x, Rotation::From(&self.rope, cache.len), past.as_ref(), &blocks)?;
             *past = Some(kv);
             x = y;
         }
@@ -444,11 +481,10 @@ impl Decoder {
             let logits = self.logits(&hidden.narrow(0, start, len)?)?;
             parts.push(crate::cuda::target_log_probs(&logits, &targets.narrow(0, start, len)?)?);
         }
-        match parts.len() {
-            0 => Ok(Vec::new()),
-            1 => parts[0].to_vec1::<f32>(),
-            _ => Tensor::cat(&parts, 0)?.to_vec1::<f32>(),
+        if parts.is_empty() {
+            return Ok(Vec::new());
         }
+        Tensor::cat(&parts, 0)?.to_vec1::<f32>()
     }
 
     /// [`Decoder::target_log_probs`] in f32 on the CPU, `rows` at a time: the LM head straight
@@ -523,18 +559,18 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny/tiny-qwen2");
         let mut cfg = LlmConfig::load(&dir).unwrap();
         cfg.max_positions = 8192;
-        let decoder = |block: usize| {
-            let vb = crate::llm::weights::load(&dir, &Device::Cpu, DType::F32).unwrap();
-            Decoder::new(&cfg, vb, "model").unwrap().with_score_block(block)
-        };
+        let vb = crate::llm::weights::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        let mut decoder = Decoder::new(&cfg, vb, "model").unwrap();
         let t = 6000;
         let ids: Vec<u32> = (0..t).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
         let ids = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
         let hidden = |d: &Decoder| d.hidden(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let whole = hidden(&decoder(usize::MAX));
+        decoder.set_score_block(usize::MAX);
+        let whole = hidden(&decoder);
         // The default: 2 blocks of 5592 and 408 queries here; then 140 blocks of 43.
         for block in [SCORE_BLOCK_ELEMENTS, 1 << 20] {
-            let got = hidden(&decoder(block));
+            decoder.set_score_block(block);
+            let got = hidden(&decoder);
             let worst = got.iter().zip(&whole).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
             assert!(worst <= 2e-5, "{block} scores a block: hidden states differ by {worst}");
         }

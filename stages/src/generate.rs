@@ -1,5 +1,5 @@
 //! `generate`: a language model writes a column (caption fusion in the style of CapFusion,
-//! re-captioning, rewriting).
+//! re-captioning, rewriting), from text or from the record's image.
 //!
 //! ```toml
 //! [stages.fused]
@@ -12,16 +12,26 @@
 //! temperature = 0.0      # greedy; > 0 samples, seeded per record
 //! top_p = 1.0
 //! seed = 0
+//! image = "{image}"      # optional: the model sees the record's image (a VLM: LLaVA-format,
+//!                        # Qwen2-VL or Qwen2.5-VL), the prompt after it in the user turn
+//! on_bad_image = "fail"  # or "drop"
 //! ```
 //!
 //! Generation stops after the chat template's end-of-turn token or the model's EOS, or at
 //! `max_new_tokens`; the column holds the new text without special tokens, and
 //! `{column}_tokens` the number of new tokens. A sampled record's seed is derived from `seed` and
 //! the record itself, so its output does not depend on shards, workers or reruns.
+//!
+//! With `image`, the user turn holds the image then the prompt as the model's chat template
+//! renders them (LLaVA: `<image>\n{prompt}`; Qwen2-VL: the image's vision tokens, after the
+//! default system turn), so a re-captioning prompt may quote the record's alt-text. Images are
+//! read as `perplexity` reads them ([`crate::image_source`]); their contents join the shard keys.
 //! `device` and `dtype` choose where and in what precision it runs (see [`ladle_models::device`]).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use image::RgbImage;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record, write_record};
@@ -30,9 +40,12 @@ use ladle_engine::stage::{
 };
 use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
-use ladle_models::llm::LanguageModel;
 use ladle_models::llm::generate::{Rng, Sampling, generate};
+use ladle_models::llm::{LanguageModel, ModelError};
+use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
+use ladle_models::vision::llava::{Llava, PreparedRecord};
 
+use crate::image_source::{ImageField, bad_image};
 use crate::model_error;
 use crate::template::Template;
 
@@ -45,7 +58,7 @@ impl StageKind for GenerateKind {
         "generate"
     }
     fn about(&self) -> &'static str {
-        "a language model writes a column from a chat-formatted prompt template"
+        "a language model writes a column from a chat-formatted prompt template (and the record's image)"
     }
     fn ports(&self) -> &'static [PortSpec] {
         PORTS
@@ -67,6 +80,19 @@ impl StageKind for GenerateKind {
         }
         let seed = params.integer("seed")?.unwrap_or(0);
         params.record("sampling", serde_json::json!({"temperature": temperature, "top_p": top_p, "seed": seed}));
+        let image = match params.string("image")? {
+            Some(src) => Some(ImageField::parse(&src).map_err(|e| params.error("image", e))?),
+            None => None,
+        };
+        let drop_bad_images = match params.choice("on_bad_image", &["fail", "drop"])? {
+            Some(_) if image.is_none() => {
+                return Err(params.error("on_bad_image", "`on_bad_image` needs `image`: this stage reads no images"));
+            }
+            choice => choice.as_deref() == Some("drop"),
+        };
+        if image.is_some() {
+            params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
+        }
         let placement = crate::placement::configure(params)?;
         Ok(Arc::new(Generate {
             prompt,
@@ -74,6 +100,8 @@ impl StageKind for GenerateKind {
             max_new_tokens,
             sampling: Sampling { temperature, top_p },
             seed: seed as u64,
+            image,
+            drop_bad_images,
             placement,
         }))
     }
@@ -86,6 +114,8 @@ struct Generate {
     max_new_tokens: usize,
     sampling: Sampling,
     seed: u64,
+    image: Option<ImageField>,
+    drop_bad_images: bool,
     placement: Placement,
 }
 
@@ -102,60 +132,201 @@ impl Stage for Generate {
 }
 
 impl MapStage for Generate {
+    fn reads_record_files(&self) -> bool {
+        self.image.is_some()
+    }
+
+    fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
+        let Some(field) = &self.image else { return Ok(Vec::new()) };
+        field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
+    }
+
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = crate::model::model_dir(ctx, inputs)?;
-        let model = LanguageModel::load_on(&dir, &self.placement.device().map_err(model_error)?, self.placement.dtype)
-            .map_err(model_error)?;
-        if !model.tokenizer.has_chat_template() {
-            return Err(StageError::input(format!(
-                "{}: the model has no chat template (`chat_template` in tokenizer_config.json)",
-                dir.display()
-            )));
+        let device = self.placement.device().map_err(model_error)?;
+        let dtype = self.placement.dtype;
+        let root = inputs.dataset_root("data");
+        if self.image.is_none() {
+            let model = LanguageModel::load_on(&dir, &device, dtype).map_err(model_error)?;
+            return self.mapper(&dir, model, root);
         }
-        let mut stop: Vec<u32> = model.config.eos_token_ids.clone();
-        if let Some(id) = model.tokenizer.end_of_turn().and_then(|t| model.tokenizer.token_id(t)) {
-            stop.push(id);
+        if Qwen2Vl::is_one(&dir) {
+            return self.mapper(&dir, Qwen2Vl::load_on(&dir, &device, dtype).map_err(model_error)?, root);
         }
-        Ok(Arc::new(Mapper { stage: self.clone(), model, stop }))
+        let vlm = Llava::load_on(&dir, &device, dtype).map_err(|e| {
+            model_error(e).with_hint(
+                "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to generate from text alone",
+            )
+        })?;
+        self.mapper(&dir, vlm, root)
     }
 }
 
-struct Mapper {
-    stage: Generate,
-    model: LanguageModel,
-    stop: Vec<u32>,
+impl Generate {
+    fn mapper<W: Writer>(
+        &self,
+        dir: &std::path::Path,
+        writer: W,
+        root: Option<PathBuf>,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
+        let lm = writer.language_model();
+        if !lm.tokenizer.has_chat_template() {
+            return Err(StageError::input(format!(
+                "{}: the model has no chat template (`chat_template` in tokenizer_config.json, or chat_template.json)",
+                dir.display()
+            )));
+        }
+        let mut stop: Vec<u32> = lm.config.eos_token_ids.clone();
+        if let Some(id) = lm.tokenizer.end_of_turn().and_then(|t| lm.tokenizer.token_id(t)) {
+            stop.push(id);
+        }
+        Ok(Arc::new(Mapper { stage: self.clone(), writer, stop, root }))
+    }
 }
 
-impl ShardMapper for Mapper {
+/// What writing a column needs of a model: a prompt (and an image, for a VLM) made ready, its
+/// length in positions, then new tokens after it.
+trait Writer: Send + Sync + 'static {
+    type Prompt;
+    fn language_model(&self) -> &LanguageModel;
+    /// `image` is given exactly when the stage has `image`.
+    fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(Self::Prompt, usize), ModelError>;
+    fn write(
+        &self,
+        prompt: &Self::Prompt,
+        max_new: usize,
+        stop: &[u32],
+        sampling: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>, ModelError>;
+}
+
+impl Writer for LanguageModel {
+    type Prompt = Vec<u32>;
+    fn language_model(&self) -> &LanguageModel {
+        self
+    }
+    fn prompt(&self, prompt: &str, _image: Option<&RgbImage>) -> Result<(Vec<u32>, usize), ModelError> {
+        let ids = self.tokenizer.encode(&self.tokenizer.chat_prefix(prompt)?, false)?;
+        let n = ids.len();
+        Ok((ids, n))
+    }
+    fn write(
+        &self,
+        ids: &Vec<u32>,
+        max_new: usize,
+        stop: &[u32],
+        s: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>, ModelError> {
+        generate(&self.decoder, ids, max_new, stop, s, rng)
+    }
+}
+
+/// The image a VLM's writer is always given (the stage reads one for every record).
+fn the_image(image: Option<&RgbImage>) -> Result<&RgbImage, ModelError> {
+    image.ok_or_else(|| ModelError::Compute("a VLM writes from an image, and none was read".into()))
+}
+
+impl Writer for Llava {
+    type Prompt = PreparedRecord;
+    fn language_model(&self) -> &LanguageModel {
+        &self.lm
+    }
+    fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(PreparedRecord, usize), ModelError> {
+        let p = self.prepare_prompt(the_image(image)?, prompt)?;
+        let n = p.seq.ids.len();
+        Ok((p, n))
+    }
+    fn write(
+        &self,
+        p: &PreparedRecord,
+        max_new: usize,
+        stop: &[u32],
+        s: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>, ModelError> {
+        self.generate(p, max_new, stop, s, rng)
+    }
+}
+
+impl Writer for Qwen2Vl {
+    type Prompt = PreparedImageRecord;
+    fn language_model(&self) -> &LanguageModel {
+        &self.lm
+    }
+    fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(PreparedImageRecord, usize), ModelError> {
+        let p = self.prepare_prompt(the_image(image)?, prompt)?;
+        // Generated tokens continue from the text position after the image's block.
+        let n = (p.seq.ids.len() as i64 + p.positions.rope_delta).max(0) as usize;
+        Ok((p, n))
+    }
+    fn write(
+        &self,
+        p: &PreparedImageRecord,
+        max_new: usize,
+        stop: &[u32],
+        s: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>, ModelError> {
+        self.generate(p, max_new, stop, s, rng)
+    }
+}
+
+struct Mapper<W> {
+    stage: Generate,
+    writer: W,
+    stop: Vec<u32>,
+    root: Option<PathBuf>,
+}
+
+impl<W: Writer> Mapper<W> {
+    /// The record's image, when the stage reads one; `Err` is the image's fault.
+    fn image(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<Option<RgbImage>, String> {
+        let Some(field) = &self.stage.image else { return Ok(None) };
+        let image = field.locate(record, self.root.as_deref())?;
+        image.load().map(Some).map_err(|e| e.to_string())
+    }
+}
+
+impl<W: Writer> ShardMapper for Mapper<W> {
     fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
-        let tok = &self.model.tokenizer;
+        let tok = &self.writer.language_model().tokenizer;
+        let max_positions = self.writer.language_model().config.max_positions;
         let mut out = Vec::new();
-        let mut n = 0;
+        let (mut n, mut dropped) = (0, 0);
         for (i, line) in lines(shard.jsonl).enumerate() {
             let at = |e: String| StageError::input(e).at_record(i as u64);
             let mut record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
             let prompt = self.stage.prompt.render(&record).map_err(at)?;
-            let ids = tok.encode(&tok.chat_prefix(&prompt).map_err(model_error)?, false).map_err(model_error)?;
-            let room = self.model.config.max_positions.saturating_sub(ids.len());
+            let image = match self.image(&record) {
+                Ok(image) => image,
+                Err(_) if self.stage.drop_bad_images => {
+                    dropped += 1;
+                    continue;
+                }
+                Err(e) => return Err(bad_image(e).at_record(i as u64)),
+            };
+            let (ready, len) = match self.writer.prompt(&prompt, image.as_ref()) {
+                Ok(p) => p,
+                Err(ModelError::Image(_)) if self.stage.drop_bad_images => {
+                    dropped += 1;
+                    continue;
+                }
+                Err(ModelError::Image(e)) => return Err(bad_image(e).at_record(i as u64)),
+                Err(e) => return Err(model_error(e).at_record(i as u64)),
+            };
+            let room = max_positions.saturating_sub(len);
             if room == 0 {
-                return Err(at(format!(
-                    "the prompt ({} tokens) fills the model's {} positions",
-                    ids.len(),
-                    self.model.config.max_positions
-                )));
+                return Err(at(format!("the prompt ({len} positions) fills the model's {max_positions} positions")));
             }
             let mut rng = Rng::new(
                 self.stage.seed ^ u64::from_le_bytes(blake3::hash(line).as_bytes()[..8].try_into().expect("8 bytes")),
             );
-            let new = generate(
-                &self.model.decoder,
-                &ids,
-                self.stage.max_new_tokens.min(room),
-                &self.stop,
-                &self.stage.sampling,
-                &mut rng,
-            )
-            .map_err(model_error)?;
+            let new = self
+                .writer
+                .write(&ready, self.stage.max_new_tokens.min(room), &self.stop, &self.stage.sampling, &mut rng)
+                .map_err(|e| model_error(e).at_record(i as u64))?;
             let text = tok.decode(&new, true).map_err(model_error)?;
             record.insert(self.stage.column.clone(), text.trim().into());
             record.insert(format!("{}_tokens", self.stage.column), new.len().into());
@@ -163,6 +334,6 @@ impl ShardMapper for Mapper {
             n += 1;
         }
         output.append(&out)?;
-        Ok(MappedShard { records: n, ..Default::default() })
+        Ok(MappedShard { records: n, dropped_on_error: dropped })
     }
 }

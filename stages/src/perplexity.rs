@@ -314,9 +314,9 @@ impl ImageScorer for Qwen2Vl {
     fn truncated(prepared: &PreparedImageRecord) -> bool {
         prepared.truncated
     }
-    /// One record at a time for now (its images differ in size).
-    fn score_all(&self, items: &[&PreparedImageRecord], _batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
-        items.iter().map(|item| self.score_prepared(item)).collect()
+    /// Batched by length under `batch_tokens`, the images of a batch in one tower pass.
+    fn score_all(&self, items: &[&PreparedImageRecord], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        Qwen2Vl::score_all(self, items, batch_tokens)
     }
 }
 

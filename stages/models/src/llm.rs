@@ -16,7 +16,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::{Arch, LlmConfig};
-pub use decoder::{Decoder, SCORE_BLOCK_ELEMENTS};
+pub use decoder::{Decoder, KvCache, SCORE_BLOCK_ELEMENTS, StepRotary};
 pub use scorer::{Score, Scorer, Sequence};
 pub use tokenizer::TextTokenizer;
 

@@ -107,3 +107,39 @@ fn a_record_scores_the_same_alone_and_in_a_batch() {
         assert!(rel < 1e-5, "alone {} vs in a batch {} (rel {rel:e})", alone.nll_sum, t.nll_sum);
     }
 }
+
+/// Image-conditioned greedy generation against transformers (tests/fixtures/points-tiny/
+/// llava_greedy.json, made by tests/fixtures/generator/llava_greedy.py from a fresh load in
+/// float64): the prompt in one pass with the image's features, then the KV cache.
+#[test]
+fn llava_greedy_generations_are_transformers_token_for_token() {
+    use ladle_models::llm::generate::{Rng, Sampling};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("llava_greedy.json")).unwrap()).unwrap();
+    let m = Llava::load(&root.join("tiny-llava")).unwrap();
+    let tok = &m.lm.tokenizer;
+    assert_eq!(
+        tok.chat_prefix(&format!("<image>\n{}", expected["prompt"].as_str().unwrap())).unwrap(),
+        expected["prefix_text"].as_str().unwrap()
+    );
+    let stop = [tok.token_id("<|im_end|>").unwrap()];
+    let mut compared = 0;
+    for g in expected["greedy"].as_array().unwrap() {
+        let id = g["id"].as_str().unwrap();
+        // ladle's CLIP pixels differ from transformers' by a level here and there (the scores
+        // are held to 1e-3 for it): where two logits came within 0.01, either path is right.
+        if g["min_top2_logit_margin"].as_f64().unwrap() < 0.01 {
+            continue;
+        }
+        let image = load_rgb(&root.join(g["image"].as_str().unwrap())).unwrap();
+        let item = m.prepare_prompt(&image, expected["prompt"].as_str().unwrap()).unwrap();
+        let got = m.generate(&item, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0)).unwrap();
+        let want: Vec<u32> =
+            g["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(got, want, "{id}");
+        assert_eq!(tok.decode(&got, true).unwrap(), g["text"].as_str().unwrap(), "{id}");
+        compared += 1;
+    }
+    assert!(compared >= 5, "only {compared} records were compared");
+}

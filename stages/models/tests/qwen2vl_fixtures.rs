@@ -232,7 +232,7 @@ fn every_record_scores_as_transformers_scored_it() {
     for name in MODELS {
         let e = &expected["models"][name];
         let model = ladle_models::qwen2_vl::Qwen2Vl::load(&fixtures().join(name)).unwrap();
-        let n_prefix_text = model.prompt_text(prompt, 1);
+        let n_prefix_text = model.prompt_text(prompt, 1).unwrap();
         assert_eq!(n_prefix_text, expected["prompt_text"].as_str().unwrap(), "the template's rendering");
         let mut worst = 0f64;
         for (r, c) in e["records"].as_array().unwrap().iter().zip(&captions) {
@@ -251,7 +251,7 @@ fn every_record_scores_as_transformers_scored_it() {
                     e["record0"]["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
                 assert_eq!(item.seq.ids, want, "{name} record0 ids");
             }
-            let score = model.score_prepared(&item).unwrap();
+            let score = model.score_prepared(&[&item]).unwrap()[0];
             let want = r["mean_nll"].as_f64().unwrap();
             let rel = (score.mean_nll() - want).abs() / want;
             worst = worst.max(rel);
@@ -281,4 +281,147 @@ fn a_checkpoint_missing_a_vision_tensor_names_it() {
         Ok(_) => panic!("a checkpoint without the merger's last weight loaded"),
     };
     assert!(err.contains("visual.merger.mlp.2.weight"), "{err}");
+}
+
+/// Every record of the fixtures, prepared for `model` with POINTS' prompt.
+fn prepared_records(
+    model: &ladle_models::qwen2_vl::Qwen2Vl,
+    expected: &Value,
+) -> Vec<ladle_models::qwen2_vl::PreparedImageRecord> {
+    let prompt = expected["prompt"].as_str().unwrap();
+    std::fs::read_to_string(fixtures().join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let c: Value = serde_json::from_str(l).unwrap();
+            let image = load_rgb(&fixtures().join(c["image"].as_str().unwrap())).unwrap();
+            model.prepare(&image, prompt, c["caption"].as_str().unwrap()).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_record_scores_the_same_alone_and_in_a_batch_of_mixed_image_sizes() {
+    let expected = expected();
+    for name in MODELS {
+        let model = ladle_models::qwen2_vl::Qwen2Vl::load(&fixtures().join(name)).unwrap();
+        let items = prepared_records(&model, &expected);
+        let refs: Vec<_> = items.iter().collect();
+        let grids: std::collections::BTreeSet<[usize; 3]> = items.iter().map(|i| i.patches.grid_thw).collect();
+        assert!(grids.len() >= 5, "{name}: the fixtures' images should come in several sizes, found {grids:?}");
+        // All 42 in one batch (one tower pass over every image), and as the stage plans them.
+        let together = model.score_prepared(&refs).unwrap();
+        let planned = model.score_all(&refs, 1024).unwrap();
+        for (k, item) in items.iter().enumerate() {
+            let alone = model.score_prepared(&[item]).unwrap()[0];
+            for (how, s) in [("one batch", together[k]), ("planned batches", planned[k])] {
+                assert_eq!(s.tokens, alone.tokens, "{name} record {k}");
+                let rel = (s.mean_nll() - alone.mean_nll()).abs() / alone.mean_nll();
+                assert!(rel < 1e-5, "{name} record {k} ({how}): {} vs {} alone", s.mean_nll(), alone.mean_nll());
+            }
+        }
+    }
+}
+
+#[test]
+fn images_packed_in_one_tower_pass_or_in_query_blocks_give_the_same_tokens() {
+    let expected = expected();
+    for name in MODELS {
+        let processor = ImageProcessor::load(&fixtures().join(name)).unwrap();
+        let mut tower = tower(name);
+        let patches: Vec<_> = expected["models"][name]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| processor.patches(&load_rgb(&fixtures().join(r["image"].as_str().unwrap())).unwrap()).unwrap())
+            .collect();
+        let refs: Vec<_> = patches.iter().collect();
+        let alone: Vec<Vec<f32>> =
+            patches.iter().map(|p| tower.forward(p).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let packed = tower.forward_many(&refs).unwrap();
+        // Two heads × 3 query rows × the image's keys: every image's attention in many blocks.
+        tower.set_score_block(2 * 3 * 64);
+        let blocked = tower.forward_many(&refs).unwrap();
+        for (k, want) in alone.iter().enumerate() {
+            for (how, got) in [("packed", &packed[k]), ("packed, blocked", &blocked[k])] {
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(got.len(), want.len(), "{name} image {k} {how}");
+                let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0f32, f32::max);
+                assert!(worst < 1e-5, "{name} image {k} {how}: differs by {worst:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_generations_are_transformers_token_for_token() {
+    use ladle_models::llm::generate::{Rng, Sampling};
+    let expected = expected();
+    let prompt = expected["prompt"].as_str().unwrap();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        let model = ladle_models::qwen2_vl::Qwen2Vl::load(&fixtures().join(name)).unwrap();
+        let stop = [model.lm.tokenizer.token_id("<|im_end|>").unwrap()];
+        for g in e["greedy"].as_array().unwrap() {
+            let id = g["id"].as_str().unwrap();
+            let record = e["records"].as_array().unwrap().iter().find(|r| r["id"] == g["id"]).unwrap();
+            let image = load_rgb(&fixtures().join(record["image"].as_str().unwrap())).unwrap();
+            let item = model.prepare_prompt(&image, prompt).unwrap();
+            let got = model.generate(&item, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0)).unwrap();
+            let want: Vec<u32> =
+                g["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            assert_eq!(got, want, "{name} {id}: greedy tokens");
+            assert_eq!(model.lm.tokenizer.decode(&got, true).unwrap(), g["text"].as_str().unwrap(), "{name} {id}");
+        }
+    }
+}
+
+#[test]
+fn the_processor_chat_template_renders_when_the_tokenizer_has_none() {
+    // transformers' processors save the VLM template in chat_template.json; drop it from
+    // tokenizer_config.json and the prompt must render the same.
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-qwen2-vl");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let config = dir.path().join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config, v.to_string()).unwrap();
+    let expected = expected();
+    let model = ladle_models::qwen2_vl::Qwen2Vl::load(dir.path()).unwrap();
+    assert_eq!(
+        model.prompt_text(expected["prompt"].as_str().unwrap(), 1).unwrap(),
+        expected["prompt_text"].as_str().unwrap()
+    );
+    // Without any template, the error names where it looked.
+    std::fs::remove_file(dir.path().join("chat_template.json")).unwrap();
+    let model = ladle_models::qwen2_vl::Qwen2Vl::load(dir.path()).unwrap();
+    let err = model.prompt_text("x", 1).unwrap_err().to_string();
+    assert!(err.contains("no chat template"), "{err}");
+}
+
+#[test]
+fn bf16_and_f16_on_the_cpu_stay_within_2e_2_of_the_f32_references() {
+    use candle_core::{DType, Device};
+    let expected = expected();
+    for name in MODELS {
+        let e = &expected["models"][name];
+        for dtype in [DType::BF16, DType::F16] {
+            let model = ladle_models::qwen2_vl::Qwen2Vl::load_on(&fixtures().join(name), &Device::Cpu, dtype).unwrap();
+            let items = prepared_records(&model, &expected);
+            let refs: Vec<_> = items.iter().collect();
+            let scores = model.score_all(&refs, 4096).unwrap();
+            let mut worst = 0f64;
+            for (s, r) in scores.iter().zip(e["records"].as_array().unwrap()) {
+                let want = r["mean_nll"].as_f64().unwrap();
+                let rel = (s.mean_nll() - want).abs() / want;
+                worst = worst.max(rel);
+                assert!(rel < 2e-2, "{name} {dtype:?} {}: {} vs {want}", r["id"], s.mean_nll());
+            }
+            eprintln!("{name} {dtype:?}: worst relative difference in mean NLL {worst:.2e}");
+        }
+    }
 }

@@ -57,6 +57,16 @@ enum Rotation<'a> {
     Given(&'a Tensor, &'a Tensor),
 }
 
+/// Where the rotary angles of a [`Decoder::step_embeddings`]'s new positions come from.
+#[derive(Clone, Copy)]
+pub enum StepRotary<'a> {
+    /// The model's table, the new positions numbered from the cache's length plus this shift
+    /// (0 for text; Qwen2-VL's `rope_delta` for the tokens generated after an image).
+    Shifted(i64),
+    /// Tables [B, t, head_dim/2] in the model's dtype (Qwen2-VL's M-RoPE for a prompt).
+    Given(&'a Tensor, &'a Tensor),
+}
+
 impl Rotation<'_> {
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -396,15 +406,33 @@ impl Decoder {
     /// Final hidden states [1, t, H] of new tokens `ids` [1, t] that follow those in `cache`,
     /// which is extended with them.
     pub fn step(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        let t = ids.dim(1)?;
-        let positions = self.rope.cos.dim(0)?;
-        if cache.len + t > positions {
-            candle_core::bail!("the sequence would pass the model's {positions} positions");
-        }
-        let blocks = self.query_blocks(ids.dim(0)?, t, cache.len)?;
-        let mut x = self.embed(ids)?;
+        self.step_embeddings(self.embed(ids)?, StepRotary::Shifted(0), cache)
+    }
+
+    /// [`Decoder::step`] from input embeddings [B, t, H] (a VLM's prompt, image features
+    /// spliced in), their rotary angles as `rotary` says.
+    pub fn step_embeddings(
+        &self,
+        x: Tensor,
+        rotary: StepRotary<'_>,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let rotation = match rotary {
+            StepRotary::Given(cos, sin) => Rotation::Given(cos, sin),
+            StepRotary::Shifted(shift) => {
+                let positions = self.rope.cos.dim(0)?;
+                let start = cache.len as i64 + shift;
+                if start < 0 || start as usize + t > positions {
+                    candle_core::bail!("the sequence would pass the model's {positions} positions");
+                }
+                Rotation::From(&self.rope, start as usize)
+            }
+        };
+        let blocks = self.query_blocks(b, t, cache.len)?;
+        let mut x = x;
         for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, kv) = layer.forward(&x, Rotation::From(&self.rope, cache.len), past.as_ref(), &blocks)?;
+            let (y, kv) = layer.forward(&x, rotation, past.as_ref(), &blocks)?;
             *past = Some(kv);
             x = y;
         }

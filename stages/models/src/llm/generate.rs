@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use super::{Decoder, ModelError};
+use super::{Decoder, ModelError, StepRotary};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
@@ -88,21 +88,43 @@ pub fn generate(
     sampling: &Sampling,
     rng: &mut Rng,
 ) -> Result<Vec<u32>, ModelError> {
+    let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), decoder.device())?;
+    let prompt = decoder.embed(&ids)?;
+    generate_from_embeddings(decoder, prompt, StepRotary::Shifted(0), 0, max_new, stop, sampling, rng)
+}
+
+/// New tokens after a prompt given as input embeddings [1, T, H] (a VLM's, image features
+/// spliced in) whose rotary angles `rotary` gives; the new tokens take rotary positions from
+/// their place in the sequence plus `shift` (Qwen2-VL's `rope_delta`).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_from_embeddings(
+    decoder: &Decoder,
+    prompt: Tensor,
+    rotary: StepRotary<'_>,
+    shift: i64,
+    max_new: usize,
+    stop: &[u32],
+    sampling: &Sampling,
+    rng: &mut Rng,
+) -> Result<Vec<u32>, ModelError> {
     let device = decoder.device();
     let mut cache = decoder.new_cache();
     let mut out = Vec::new();
-    let mut input = prompt.to_vec();
+    if max_new == 0 {
+        return Ok(out);
+    }
+    let mut hidden = decoder.step_embeddings(prompt, rotary, &mut cache)?;
     while out.len() < max_new {
-        let hidden = decoder.step(&Tensor::from_vec(input.clone(), (1, input.len()), device)?, &mut cache)?;
         let (_, t, h) = hidden.dims3()?;
         let last = hidden.narrow(1, t - 1, 1)?.reshape((1, h))?;
         let logits = decoder.logits(&last)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let next = pick(&logits, sampling, rng);
         out.push(next);
-        if stop.contains(&next) {
+        if stop.contains(&next) || out.len() == max_new {
             break;
         }
-        input = vec![next];
+        let ids = Tensor::from_vec(vec![next], (1, 1), device)?;
+        hidden = decoder.step_embeddings(decoder.embed(&ids)?, StepRotary::Shifted(shift), &mut cache)?;
     }
     Ok(out)
 }

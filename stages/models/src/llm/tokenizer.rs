@@ -1,6 +1,7 @@
 //! The tokenizer (`tokenizer.json`, with its own special tokens and post-processor, so a
 //! BOS-adding tokenizer adds BOS) and the chat template (`tokenizer_config.json`'s
-//! `chat_template`, rendered with minijinja and Python-compatible string methods).
+//! `chat_template`, else a processor's `chat_template.jinja` or `chat_template.json`, rendered
+//! with minijinja and Python-compatible string methods).
 //!
 //! The end-of-turn token is found, not configured: the template renders a one-turn conversation
 //! and the special token that follows the assistant's text is the end of a turn (`<|im_end|>` for
@@ -21,6 +22,24 @@ pub struct TextTokenizer {
 }
 
 const MARK: &str = "LADLE-ASSISTANT-MARK-7f3a";
+
+/// The chat template a processor saves beside the tokenizer when `tokenizer_config.json` has
+/// none: `chat_template.jinja`, or `chat_template.json`'s `chat_template` (what transformers'
+/// processors write for VLMs).
+fn processor_chat_template(dir: &Path) -> Result<Option<String>, ModelError> {
+    let jinja = dir.join("chat_template.jinja");
+    if let Ok(text) = std::fs::read_to_string(&jinja) {
+        return Ok(Some(text));
+    }
+    let path = dir.join("chat_template.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Tokenizer { path: path.clone(), message: format!("invalid JSON: {e}") })?;
+    match &v["chat_template"] {
+        Value::String(t) => Ok(Some(t.clone())),
+        _ => Err(ModelError::Tokenizer { path, message: "it holds no `chat_template` string".into() }),
+    }
+}
 
 impl TextTokenizer {
     pub fn load(dir: &Path) -> Result<TextTokenizer, ModelError> {
@@ -43,13 +62,11 @@ impl TextTokenizer {
             "bos_token": token_text(&config["bos_token"]).unwrap_or_default(),
             "eos_token": token_text(&config["eos_token"]).unwrap_or_default(),
         });
-        let mut t = TextTokenizer {
-            path,
-            tokenizer,
-            chat_template: config["chat_template"].as_str().map(str::to_string),
-            special,
-            end_of_turn: None,
+        let chat_template = match config["chat_template"].as_str() {
+            Some(t) => Some(t.to_string()),
+            None => processor_chat_template(dir)?,
         };
+        let mut t = TextTokenizer { path, tokenizer, chat_template, special, end_of_turn: None };
         if t.chat_template.is_some() {
             t.end_of_turn = t.find_end_of_turn()?;
         }
@@ -89,7 +106,9 @@ impl TextTokenizer {
         self.end_of_turn.as_deref()
     }
 
-    fn render(&self, messages: Value, add_generation_prompt: bool) -> Result<String, ModelError> {
+    /// The chat template rendered over `messages` (as transformers' `apply_chat_template` takes
+    /// them: a list of `{role, content}`, content a string or a list of typed parts).
+    pub fn render(&self, messages: Value, add_generation_prompt: bool) -> Result<String, ModelError> {
         let config_path = self.path.with_file_name("tokenizer_config.json");
         let template = self.chat_template.as_deref().ok_or_else(|| ModelError::Tokenizer {
             path: config_path.clone(),

@@ -12,8 +12,9 @@ use super::processor::{ImagePatches, ImageProcessor};
 use super::rope::{MropePositions, mrope_positions, mrope_tables};
 use super::vision::VisionTower;
 use crate::llm::config::{MODEL_FILES, read_json};
-use crate::llm::scorer::score_hidden;
-use crate::llm::{LanguageModel, ModelError, Score, Sequence, weights};
+use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
+use crate::llm::scorer::{plan_batches, score_hidden};
+use crate::llm::{LanguageModel, ModelError, Score, Sequence, StepRotary, weights};
 
 /// The system turn Qwen2-VL's chat template adds when the messages have none.
 pub const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
@@ -59,13 +60,23 @@ impl Qwen2Vl {
         Ok(Qwen2Vl { config, lm, tower, processor })
     }
 
-    /// The prompt side as the Qwen2-VL chat template renders a user turn of one image and
-    /// `prompt` with the generation prompt, the image's pad expanded to `image_tokens` copies.
-    pub fn prompt_text(&self, prompt: &str, image_tokens: usize) -> String {
-        format!(
-            "<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>{}<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n",
-            "<|image_pad|>".repeat(image_tokens)
-        )
+    /// The prompt side as the model's chat template renders a user turn of one image then
+    /// `prompt` (POINTS' order), with the generation prompt; the image's one `<|image_pad|>` expanded to `image_tokens` copies. Qwen2-VL's
+    /// template adds its default system turn ([`DEFAULT_SYSTEM`]).
+    pub fn prompt_text(&self, prompt: &str, image_tokens: usize) -> Result<String, ModelError> {
+        let mut content = vec![serde_json::json!({"type": "image"})];
+        if !prompt.is_empty() {
+            content.push(serde_json::json!({"type": "text", "text": prompt}));
+        }
+        let text = self.lm.tokenizer.render(serde_json::json!([{"role": "user", "content": content}]), true)?;
+        let pad = "<|image_pad|>";
+        if text.matches(pad).count() != 1 {
+            return Err(ModelError::Compute(format!(
+                "the chat template rendered {} `{pad}` for one image (a Qwen2-VL template renders one)",
+                text.matches(pad).count()
+            )));
+        }
+        Ok(text.replacen(pad, &pad.repeat(image_tokens), 1))
     }
 
     /// Whether `dir`'s `config.json` names a Qwen2-VL or Qwen2.5-VL model (it may still be a
@@ -100,12 +111,22 @@ impl Qwen2Vl {
 
     /// Everything about one record that needs no model weights.
     pub fn prepare(&self, image: &RgbImage, prompt: &str, caption: &str) -> Result<PreparedImageRecord, ModelError> {
+        let mut item = self.prepare_prompt(image, prompt)?;
+        let answer = self.lm.tokenizer.encode(&format!("{caption}<|im_end|>"), false)?;
+        item.seq.ids.extend(&answer);
+        let last = item.positions.axes[0].last().copied().unwrap_or(-1);
+        for (k, _) in answer.iter().enumerate() {
+            item.positions.axes.iter_mut().for_each(|a| a.push(last + 1 + k as i64));
+        }
+        Ok(item)
+    }
+
+    /// The image's patches and the prompt's tokens and positions, up to the assistant's turn:
+    /// what generation starts from, and what scoring appends the caption to.
+    pub fn prepare_prompt(&self, image: &RgbImage, prompt: &str) -> Result<PreparedImageRecord, ModelError> {
         let patches = self.processor.patches(image).map_err(ModelError::Image)?;
         let image_tokens = self.processor.n_image_tokens(&patches);
-        let tok = &self.lm.tokenizer;
-        let mut ids = tok.encode(&self.prompt_text(prompt, image_tokens), false)?;
-        let score_from = ids.len();
-        ids.extend(tok.encode(&format!("{caption}<|im_end|>"), false)?);
+        let ids = self.lm.tokenizer.encode(&self.prompt_text(prompt, image_tokens)?, false)?;
         let image_at = ids
             .iter()
             .position(|&t| t == self.config.image_token_id)
@@ -114,6 +135,7 @@ impl Qwen2Vl {
         let [t, h, w] = patches.grid_thw;
         let positions =
             mrope_positions(&ids, self.config.image_token_id, &[[t, h / m, w / m]]).map_err(ModelError::Compute)?;
+        let score_from = ids.len();
         Ok(PreparedImageRecord {
             patches,
             seq: Sequence { ids, score_from },
@@ -124,30 +146,92 @@ impl Qwen2Vl {
         })
     }
 
-    /// The record's score: the image through the tower, its tokens replacing the pads, the
-    /// decoder with M-RoPE.
-    pub fn score_prepared(&self, item: &PreparedImageRecord) -> Result<Score, ModelError> {
+    /// The decoder's inputs for records: embeddings [B, T, H] (each image's merged tokens in
+    /// place of its pads, all images through the tower in one pass; right-padded with zeros to
+    /// the longest) and M-RoPE's tables [B, T, head_dim/2].
+    fn inputs(&self, items: &[&PreparedImageRecord]) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let decoder = &self.lm.decoder;
-        let embeds = self.tower.forward(&item.patches)?.to_dtype(decoder.dtype())?;
-        let t = item.seq.ids.len();
-        let emb = decoder.embed(&Tensor::from_vec(item.seq.ids.clone(), (1, t), decoder.device())?)?.squeeze(0)?;
-        let (at, n) = (item.image_at, item.image_tokens);
-        let x = Tensor::cat(&[emb.narrow(0, 0, at)?, embeds, emb.narrow(0, at + n, t - at - n)?], 0)?.unsqueeze(0)?;
+        let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
+        let embeds = self.tower.forward_many(&patches)?;
+        let longest = items.iter().map(|r| r.seq.ids.len()).max().unwrap_or(0);
+        let mut rows = Vec::with_capacity(items.len());
+        for (item, image) in items.iter().zip(embeds) {
+            let t = item.seq.ids.len();
+            let (at, n) = (item.image_at, item.image_tokens);
+            if image.dim(0)? != n || at + n > t {
+                return Err(ModelError::Compute(format!(
+                    "the image gives {} tokens for {n} places at {at} in a sequence of {t}",
+                    image.dim(0)?
+                )));
+            }
+            let emb = decoder.embed(&Tensor::from_vec(item.seq.ids.clone(), (1, t), decoder.device())?)?.squeeze(0)?;
+            let mut parts =
+                vec![emb.narrow(0, 0, at)?, image.to_dtype(decoder.dtype())?, emb.narrow(0, at + n, t - at - n)?];
+            if t < longest {
+                parts.push(Tensor::zeros((longest - t, emb.dim(1)?), emb.dtype(), emb.device())?);
+            }
+            rows.push(Tensor::cat(&parts, 0)?);
+        }
         let c = &self.config;
+        let positions: Vec<&MropePositions> = items.iter().map(|r| &r.positions).collect();
         let (cos, sin) = mrope_tables(
-            &item.positions,
+            &positions,
+            longest,
             c.mrope_section,
             c.text.head_dim,
             c.text.rope_theta,
             decoder.device(),
             decoder.dtype(),
         )?;
-        let hidden = decoder.hidden_from_embeddings_with_rotary(x, &cos, &sin)?.squeeze(0)?;
-        score_hidden(decoder, &hidden, &item.seq)
+        Ok((Tensor::stack(&rows, 0)?, cos, sin))
+    }
+
+    /// Scores prepared records in batches of similar length under `batch_tokens` (image tokens
+    /// counted), as [`crate::llm::Scorer::score_all`] does for text; scores in `items`' order.
+    pub fn score_all(&self, items: &[&PreparedImageRecord], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
+        let lengths: Vec<usize> = items.iter().map(|p| p.seq.ids.len()).collect();
+        let mut scores = vec![None; items.len()];
+        for batch in plan_batches(&lengths, batch_tokens) {
+            let group: Vec<&PreparedImageRecord> = batch.iter().map(|&k| items[k]).collect();
+            for (&k, score) in batch.iter().zip(self.score_prepared(&group)?) {
+                scores[k] = Some(score);
+            }
+        }
+        scores.into_iter().map(|s| s.ok_or_else(|| ModelError::Compute("a record was not scored".into()))).collect()
+    }
+
+    /// Scores prepared records together: one tower pass over their images (attention within
+    /// each image), one decoder pass over their sequences right-padded to the longest, so a
+    /// record's score does not depend on its batch.
+    pub fn score_prepared(&self, items: &[&PreparedImageRecord]) -> Result<Vec<Score>, ModelError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let decoder = &self.lm.decoder;
+        let (x, cos, sin) = self.inputs(items)?;
+        let hidden = decoder.hidden_from_embeddings_with_rotary(x, &cos, &sin)?;
+        items.iter().enumerate().map(|(b, r)| score_hidden(decoder, &hidden.get(b)?, &r.seq)).collect()
+    }
+
+    /// New tokens written after a prompt prepared with [`Qwen2Vl::prepare_prompt`]: the prompt in
+    /// one pass with M-RoPE, then one token at a time with the KV cache, each at the text
+    /// position after the image's block (`rope_delta`). Stops after a `stop` token (kept).
+    pub fn generate(
+        &self,
+        item: &PreparedImageRecord,
+        max_new: usize,
+        stop: &[u32],
+        sampling: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>, ModelError> {
+        let (x, cos, sin) = self.inputs(&[item])?;
+        let decoder = &self.lm.decoder;
+        let shift = item.positions.rope_delta;
+        generate_from_embeddings(decoder, x, StepRotary::Given(&cos, &sin), shift, max_new, stop, sampling, rng)
     }
 
     /// POINTS' score of `caption` for `image` after `prompt`.
     pub fn score(&self, image: &RgbImage, prompt: &str, caption: &str) -> Result<Score, ModelError> {
-        self.score_prepared(&self.prepare(image, prompt, caption)?)
+        Ok(self.score_prepared(&[&self.prepare(image, prompt, caption)?])?[0])
     }
 }

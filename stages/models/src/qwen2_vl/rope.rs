@@ -55,12 +55,14 @@ pub fn mrope_positions(ids: &[u32], image_token_id: u32, grids: &[[usize; 3]]) -
     Ok(MropePositions { rope_delta: last + 1 - ids.len() as i64, axes })
 }
 
-/// The rotary tables [1, T, head_dim/2] of one sequence's M-RoPE positions: frequency j
-/// (θ^(−2j/head_dim)) takes its angle from the temporal axis for the first `section[0]` values
-/// of j, the row axis for the next `section[1]`, the column axis for the rest. Computed in f64,
-/// stored in `dtype`.
+/// The rotary tables [B, len, head_dim/2] of a batch of sequences' M-RoPE positions, each
+/// right-padded to `len` (the pads' angles are those of position 0: nothing real attends to
+/// them): frequency j (θ^(−2j/head_dim)) takes its angle from the temporal axis for the first
+/// `section[0]` values of j, the row axis for the next `section[1]`, the column axis for the
+/// rest. Computed in f64, stored in `dtype`.
 pub fn mrope_tables(
-    positions: &MropePositions,
+    batch: &[&MropePositions],
+    len: usize,
     section: [usize; 3],
     head_dim: usize,
     theta: f64,
@@ -78,16 +80,22 @@ pub fn mrope_tables(
         }
     };
     let inv: Vec<f64> = (0..half).map(|j| 1.0 / theta.powf(2.0 * j as f64 / head_dim as f64)).collect();
-    let t = positions.axes[0].len();
-    let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-    for p in 0..t {
-        for (j, f) in inv.iter().enumerate() {
-            let a = positions.axes[axis_of(j)][p] as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+    let (mut cos, mut sin) =
+        (Vec::with_capacity(batch.len() * len * half), Vec::with_capacity(batch.len() * len * half));
+    for positions in batch {
+        let t = positions.axes[0].len();
+        if t > len {
+            candle_core::bail!("a sequence of {t} positions in rotary tables of {len}");
+        }
+        for p in 0..len {
+            for (j, f) in inv.iter().enumerate() {
+                let a = positions.axes[axis_of(j)].get(p).copied().unwrap_or(0) as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
         }
     }
-    let table = |v: Vec<f32>| candle_core::Tensor::from_vec(v, (1, t, half), device)?.to_dtype(dtype);
+    let table = |v: Vec<f32>| candle_core::Tensor::from_vec(v, (batch.len(), len, half), device)?.to_dtype(dtype);
     Ok((table(cos)?, table(sin)?))
 }
 

@@ -13,8 +13,10 @@
 //! - the merger: norm, the 4 patches of each merged token side by side, Linear → GELU (erf) →
 //!   Linear; Qwen2.5-VL's outputs are put back into row-major order.
 //!
-//! Images are encoded one at a time (attention never crosses images), each in the order the
-//! processor lays its patches out ([`super::processor`]).
+//! Several images go through in one pass, packed one after another; attention never crosses
+//! images (nor, in Qwen2.5-VL's windowed blocks, windows), and each image's patches come in the
+//! order the processor lays them out ([`super::processor`]). A large image's attention is formed
+//! in query blocks of at most [`SCORE_BLOCK_ELEMENTS`] scores.
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder};
@@ -22,6 +24,7 @@ use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder};
 use super::config::{Family, VisionAct, VisionConfig};
 use super::processor::{ImagePatches, patch_order};
 use crate::llm::ModelError;
+use crate::llm::SCORE_BLOCK_ELEMENTS;
 
 enum Norm {
     Layer(LayerNorm),
@@ -88,6 +91,8 @@ pub struct VisionTower {
     merger_fc2: Linear,
     device: Device,
     dtype: DType,
+    /// Attention scores formed at once, at most ([`SCORE_BLOCK_ELEMENTS`]).
+    score_block: usize,
 }
 
 impl VisionTower {
@@ -135,45 +140,77 @@ impl VisionTower {
             merger_fc2: candle_nn::linear(merged, c.out_hidden_size, vb.pp("merger.mlp.2"))?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            score_block: SCORE_BLOCK_ELEMENTS,
         })
+    }
+
+    /// Forms at most `elements` attention scores at once from now on (tests hold blocked
+    /// attention to the unblocked result).
+    pub fn set_score_block(&mut self, elements: usize) {
+        self.score_block = elements.max(1);
     }
 
     /// The merged image tokens of one image: [rows / merge², out_hidden_size], row-major over the
     /// merged grid, as they replace the image's `<|image_pad|>` embeddings.
     pub fn forward(&self, image: &ImagePatches) -> Result<Tensor, ModelError> {
-        Ok(self.encode(image)?)
+        Ok(self.forward_many(&[image])?.remove(0))
     }
 
-    fn encode(&self, image: &ImagePatches) -> candle_core::Result<Tensor> {
+    /// [`VisionTower::forward`] of several images in one pass: their patches packed one after
+    /// another (as transformers packs them, with `cu_seqlens`), attention within each image (and
+    /// each window) only, so an image's tokens do not depend on the others.
+    pub fn forward_many(&self, images: &[&ImagePatches]) -> Result<Vec<Tensor>, ModelError> {
+        Ok(self.encode(images)?)
+    }
+
+    fn encode(&self, images: &[&ImagePatches]) -> candle_core::Result<Vec<Tensor>> {
         let c = &self.config;
-        let [t, gh, gw] = image.grid_thw;
-        let n = t * gh * gw;
         let m = c.spatial_merge_size;
         let unit = m * m;
-        let pixels = Tensor::from_slice(&image.values, (n, image.row_len), &Device::Cpu)?
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?;
+        let Some(first) = images.first() else { return Ok(Vec::new()) };
+        let row_len = first.row_len;
+        if let Some(odd) = images.iter().find(|i| i.row_len != row_len || i.values.len() != i.rows() * i.row_len) {
+            candle_core::bail!(
+                "an image's patches have rows of {} values, not the {row_len} of the others",
+                odd.row_len
+            );
+        }
+        // Packed: image after image. Per image its patches' (row, column), its merged tokens in the
+        // order the blocks see them (Qwen2.5-VL: by window) and its attention spans.
+        let n: usize = images.iter().map(|i| i.rows()).sum();
+        let mut values = Vec::with_capacity(n * row_len);
+        let mut rows_cols = Vec::with_capacity(n);
+        let mut order = Vec::with_capacity(n / unit);
+        let (mut full, mut windowed) = (Vec::with_capacity(images.len()), Vec::new());
+        for image in images {
+            let [t, gh, gw] = image.grid_thw;
+            let before = order.len();
+            values.extend_from_slice(&image.values);
+            let (image_order, windows) = match (self.family, c.window_size) {
+                (Family::Qwen25Vl, Some(size)) => window_order(t, gh / m, gw / m, size / c.merge_factor()),
+                _ => ((0..image.rows() / unit).collect(), vec![image.rows() / unit]),
+            };
+            let cells: Vec<(usize, usize)> = patch_order(image.grid_thw, m).collect();
+            for &tok in &image_order {
+                rows_cols.extend_from_slice(&cells[tok * unit..(tok + 1) * unit]);
+                order.push(before + tok);
+            }
+            full.push(image.rows());
+            windowed.extend(windows.iter().map(|w| w * unit));
+        }
+        let pixels =
+            Tensor::from_vec(values, (n, row_len), &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?;
         let mut x = pixels.matmul(&self.patch_embed.t()?)?;
-        let mut rows_cols: Vec<(usize, usize)> = patch_order(image.grid_thw, m).collect();
-        // Qwen2.5-VL: merged tokens regrouped by window; `order[k]` is the merged token at k.
-        let (order, windows) = match (self.family, c.window_size) {
-            (Family::Qwen25Vl, Some(size)) => window_order(t, gh / m, gw / m, size / c.merge_factor()),
-            _ => ((0..n / unit).collect(), vec![n / unit]),
-        };
-        let patch_order: Vec<u32> =
-            order.iter().flat_map(|&tok| (0..unit).map(move |p| (tok * unit + p) as u32)).collect();
         let permute = order.iter().enumerate().any(|(k, &tok)| k != tok);
         if permute {
-            let idx = Tensor::new(patch_order.as_slice(), &self.device)?;
-            x = x.index_select(&idx, 0)?;
-            rows_cols = patch_order.iter().map(|&p| rows_cols[p as usize]).collect();
+            let patches: Vec<u32> =
+                order.iter().flat_map(|&tok| (0..unit).map(move |p| (tok * unit + p) as u32)).collect();
+            x = x.index_select(&Tensor::new(patches.as_slice(), &self.device)?, 0)?;
         }
         let (cos, sin) = self.rotary(&rows_cols)?;
-        let full = vec![n];
-        let window_lens: Vec<usize> = windows.iter().map(|w| w * unit).collect();
         for (i, block) in self.blocks.iter().enumerate() {
             let spans = if self.family == Family::Qwen25Vl && !c.fullatt_block_indexes.contains(&i) {
-                &window_lens
+                &windowed
             } else {
                 &full
             };
@@ -183,16 +220,23 @@ impl VisionTower {
             x = (&x + block.mlp.forward(&h)?)?;
         }
         let merged = self.merger_norm.forward(&x)?.reshape((n / unit, unit * c.hidden_size))?;
-        let out = self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)?;
-        if !permute {
-            return Ok(out);
+        let mut out = self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)?;
+        if permute {
+            // Back to row-major: the token at k goes to order[k].
+            let mut inverse = vec![0u32; order.len()];
+            for (k, &tok) in order.iter().enumerate() {
+                inverse[tok] = k as u32;
+            }
+            out = out.index_select(&Tensor::new(inverse.as_slice(), &self.device)?, 0)?;
         }
-        // Back to row-major: the token at k goes to order[k].
-        let mut inverse = vec![0u32; order.len()];
-        for (k, &tok) in order.iter().enumerate() {
-            inverse[tok] = k as u32;
+        let mut start = 0;
+        let mut each = Vec::with_capacity(images.len());
+        for image in images {
+            let tokens = image.rows() / unit;
+            each.push(out.narrow(0, start, tokens)?);
+            start += tokens;
         }
-        out.index_select(&Tensor::new(inverse.as_slice(), &self.device)?, 0)
+        Ok(each)
     }
 
     /// cos and sin, [n, head_dim] in f32, of the 2-D rotary angles of each patch.
@@ -241,10 +285,18 @@ impl VisionTower {
         let mut outs = Vec::with_capacity(spans.len());
         let mut start = 0;
         for &len in spans {
-            let (q, k, v) = (q.narrow(1, start, len)?, k.narrow(1, start, len)?, v.narrow(1, start, len)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-            outs.push(probs.matmul(&v)?);
+            let (k, v) = (k.narrow(1, start, len)?, v.narrow(1, start, len)?);
+            // Queries in blocks, so that a large image's scores stay within `score_block`.
+            let block = (self.score_block / (heads * len).max(1)).clamp(1, len);
+            let mut from = 0;
+            while from < len {
+                let rows = block.min(len - from);
+                let q = q.narrow(1, start + from, rows)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+                outs.push(probs.matmul(&v)?);
+                from += rows;
+            }
             start += len;
         }
         let out = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, heads * head_dim))?;

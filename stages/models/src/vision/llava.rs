@@ -15,8 +15,9 @@ use serde_json::Value;
 
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::preprocess::ClipPreprocessor;
+use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
 use crate::llm::scorer::{plan_batches, score_hidden};
-use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, weights};
+use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, StepRotary, weights};
 
 /// A record ready to score: see [`Llava::prepare`].
 pub struct PreparedRecord {
@@ -187,13 +188,42 @@ impl Llava {
         scores.into_iter().map(|s| s.ok_or_else(|| ModelError::Compute("a record was not scored".into()))).collect()
     }
 
-    /// Scores prepared records together: one tower pass over their images, one decoder pass
-    /// over their sequences right-padded to the longest (causal attention keeps real tokens
-    /// from seeing the pads, so a record's score does not depend on its batch).
-    pub fn score_prepared(&self, items: &[&PreparedRecord]) -> Result<Vec<Score>, ModelError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// The image's pixels and the chat prefix of a user turn `<image>\n{prompt}` up to the
+    /// assistant's turn, the `<image>` token expanded to its slots: what generation starts from.
+    pub fn prepare_prompt(&self, image: &image::RgbImage, prompt: &str) -> Result<PreparedRecord, ModelError> {
+        let pixels = self.preprocess.pixels(image).map_err(ModelError::Image)?;
+        let tok = &self.lm.tokenizer;
+        let prefix = tok.encode(&tok.chat_prefix(&format!("<image>\n{prompt}"))?, false)?;
+        let at = prefix
+            .iter()
+            .position(|&t| t == self.image_token)
+            .ok_or_else(|| ModelError::Compute("the prompt lost its <image> token".into()))?;
+        let mut ids: Vec<u32> = prefix[..at].to_vec();
+        ids.extend(std::iter::repeat_n(self.image_token, self.image_seq_length));
+        ids.extend(&prefix[at + 1..]);
+        let score_from = ids.len();
+        Ok(PreparedRecord { pixels, seq: Sequence { ids, score_from }, at, truncated: false })
+    }
+
+    /// New tokens written after a prompt prepared with [`Llava::prepare_prompt`]: the prompt in
+    /// one pass (the image's features in its slots), then one token at a time with the KV cache.
+    /// Stops after a `stop` token (kept).
+    pub fn generate(
+        &self,
+        item: &PreparedRecord,
+        max_new: usize,
+        stop: &[u32],
+        sampling: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>, ModelError> {
+        let x = self.inputs(&[item])?;
+        generate_from_embeddings(&self.lm.decoder, x, StepRotary::Shifted(0), 0, max_new, stop, sampling, rng)
+    }
+
+    /// The decoder's input embeddings [B, T, H] of prepared records: one tower pass over their
+    /// images, each image's projected features in its slots, right-padded with zeros to the
+    /// longest.
+    fn inputs(&self, items: &[&PreparedRecord]) -> Result<Tensor, ModelError> {
         let pixels: Vec<&[f32]> = items.iter().map(|r| r.pixels.as_slice()).collect();
         let features = self.image_features(&pixels)?;
         let slots = features.dim(1)?;
@@ -216,7 +246,18 @@ impl Llava {
             }
             rows.push(Tensor::cat(&parts, 0)?);
         }
-        let hidden = decoder.hidden_from_embeddings(Tensor::stack(&rows, 0)?)?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// Scores prepared records together: one tower pass over their images, one decoder pass
+    /// over their sequences right-padded to the longest (causal attention keeps real tokens
+    /// from seeing the pads, so a record's score does not depend on its batch).
+    pub fn score_prepared(&self, items: &[&PreparedRecord]) -> Result<Vec<Score>, ModelError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let decoder = &self.lm.decoder;
+        let hidden = decoder.hidden_from_embeddings(self.inputs(items)?)?;
         items.iter().enumerate().map(|(b, r)| score_hidden(decoder, &hidden.get(b)?, &r.seq)).collect()
     }
 }

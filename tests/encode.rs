@@ -269,3 +269,83 @@ fn wrong_models_layers_and_ports_are_clear_errors() {
     assert!(!out.status.success());
     assert!(err.contains("keep") && err.contains("emb"), "{err}");
 }
+
+/// The Qwen2-VL fixture's records: id, merged-token count, image_embeds_sum, image_embeds_abs_sum.
+fn qwen2vl_reference(model: &str) -> Vec<(String, usize, f64, f64)> {
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(points_tiny().join("expected_qwen2vl.json")).unwrap()).unwrap();
+    e["models"][model]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["n_image_tokens"].as_u64().unwrap() as usize,
+                r["image_embeds_sum"].as_f64().unwrap(),
+                r["image_embeds_abs_sum"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn qwen2_vl_towers_give_transformers_merged_tokens_with_their_grid_positions() {
+    for model in ["tiny-qwen2-vl", "tiny-qwen2.5-vl"] {
+        let reference = qwen2vl_reference(model);
+        let p = Project::new();
+        let bytes =
+            encode_and_export(&p, &points_tiny().join(model), "select = \"patch\"\nbatch_images = 5", "t.safetensors");
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (emb, records, positions) = (floats(&st, "embedding"), ints(&st, "record"), ints(&st, "position"));
+        let total: usize = reference.iter().map(|r| r.1).sum();
+        assert_eq!(st.tensor("embedding").unwrap().shape(), [total, 64], "{model}: one row per merged token");
+        assert_eq!(st.tensor("position").unwrap().shape(), [total, 2]);
+        let mut row = 0;
+        for (k, (id, n, sum, abs)) in reference.iter().enumerate() {
+            assert!(records[row..row + n].iter().all(|&r| r == k as i64), "{model} {id}: rows name their record");
+            // Positions are row-major over the merged grid: (0, 0), (0, 1), … and the last is (rows-1, cols-1).
+            let last = (positions[2 * (row + n - 1)], positions[2 * (row + n - 1) + 1]);
+            assert_eq!(((last.0 + 1) * (last.1 + 1)) as usize, *n, "{model} {id}");
+            assert_eq!((positions[2 * row], positions[2 * row + 1]), (0, 0));
+            let values = &emb[row * 64..(row + n) * 64];
+            let s: f64 = values.iter().map(|&v| v as f64).sum();
+            let a: f64 = values.iter().map(|&v| (v as f64).abs()).sum();
+            assert!((s - sum).abs() <= 1e-5 * abs, "{model} {id}: tokens sum {s} vs transformers {sum}");
+            assert!((a - abs).abs() <= 1e-5 * abs, "{model} {id}: abs sum {a} vs {abs}");
+            row += n;
+        }
+        assert_eq!(row, total);
+
+        // `mean`: one row per record, the mean of its tokens.
+        let bytes = encode_and_export(&p, &points_tiny().join(model), "select = \"mean\"", "m.safetensors");
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("embedding").unwrap().shape(), [reference.len(), 64]);
+        assert!(st.tensor("position").is_err(), "a mean row is no token");
+        let emb = floats(&st, "embedding");
+        for (k, (id, n, sum, abs)) in reference.iter().enumerate() {
+            let s: f64 = emb[k * 64..(k + 1) * 64].iter().map(|&v| v as f64).sum::<f64>() * *n as f64;
+            assert!((s - sum).abs() <= 1e-5 * abs, "{model} {id}: mean × tokens {s} vs {sum}");
+        }
+    }
+}
+
+#[test]
+fn clip_parameters_on_a_qwen2_vl_tower_and_pixel_bounds_on_clip_are_clear_errors() {
+    let p = Project::new();
+    for (extra, want) in [
+        ("layer = -1", "drop `layer`"),
+        ("select = \"cls\"", "the tower has no class token"),
+        ("tiling = { method = \"catty\" }", "drop `tiling`"),
+    ] {
+        p.write("p.toml", pipeline(&points_tiny().join("tiny-qwen2-vl"), extra));
+        let out = p.ladle(&["run", "p.toml"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_ne!(out.status.code(), Some(0), "{extra}");
+        assert!(err.contains("Qwen2-VL tower") && err.contains(want), "{extra}: {err}");
+    }
+    p.write("p.toml", pipeline(&points_tiny().join("tiny-llava"), "max_pixels = 50000"));
+    let out = p.ladle(&["run", "p.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("drop `min_pixels` and `max_pixels`"), "{err}");
+}

@@ -365,3 +365,50 @@ fn the_bundled_qwen2_vl_pipeline_scores_as_transformers_and_keeps_the_lowest_fif
     lowest.sort();
     assert_eq!(got, lowest);
 }
+
+#[test]
+fn min_and_max_pixels_bound_qwen2_vl_images_as_transformers_bounds_them() {
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(points_tiny().join("qwen2vl_pixel_bounds.json")).unwrap())
+            .unwrap();
+    let (min, max) =
+        (reference["bounds"]["min_pixels"].as_u64().unwrap(), reference["bounds"]["max_pixels"].as_u64().unwrap());
+    let p = Project::new();
+    copy_data(&p);
+    let eight: String =
+        String::from_utf8(p.read("data/captions.jsonl")).unwrap().lines().take(8).map(|l| format!("{l}\n")).collect();
+    p.write("data/captions.jsonl", eight);
+    for model in ["tiny-qwen2-vl", "tiny-qwen2.5-vl"] {
+        p.write("p.toml", pipeline(model, ""));
+        assert_eq!(p.run("p.toml", &[]).code(), 0);
+        let default = by_id(&p.jsonl("scored.jsonl"));
+        p.write("p.toml", pipeline(model, &format!("min_pixels = {min}\nmax_pixels = {max}")));
+        let r = p.run("p.toml", &[]);
+        assert_eq!(r.code(), 0, "{}", r.stderr());
+        assert_eq!(r.status("ppl"), "ran", "the bounds are in the key");
+        let bounded = by_id(&p.jsonl("scored.jsonl"));
+        let mut moved = 0;
+        for e in reference["models"][model].as_array().unwrap() {
+            let id = e["id"].as_str().unwrap();
+            let (g, w) = (bounded[id]["ppl_nll"].as_f64().unwrap(), e["mean_nll"].as_f64().unwrap());
+            assert!((g - w).abs() / w < 1e-4, "{model} {id}: {g} vs transformers {w}");
+            moved += usize::from(bounded[id]["ppl"] != default[id]["ppl"]);
+        }
+        assert!(moved >= 6, "{model}: the bounds resize most of the images, only {moved} scores moved");
+    }
+
+    // Bounds that cross, or on a model they do not apply to: one clear error each.
+    p.write("p.toml", pipeline("tiny-qwen2-vl", "min_pixels = 20000\nmax_pixels = 10000"));
+    let err = run_failing(&p);
+    assert!(err.contains("`min_pixels` (20000) is more than `max_pixels` (10000)"), "{err}");
+    p.write("p.toml", pipeline("tiny-qwen2-vl", "min_pixels = 20000"));
+    let err = run_failing(&p);
+    assert!(
+        err.contains("min_pixels 20000 is more than max_pixels 12544") && err.contains("preprocessor_config.json"),
+        "{err}"
+    );
+    p.write("p.toml", pipeline("tiny-llava", "max_pixels = 10000"));
+    let err = run_failing(&p);
+    assert!(err.contains("this model is not one") && err.contains("drop `min_pixels` and `max_pixels`"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

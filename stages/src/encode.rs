@@ -1,10 +1,11 @@
-//! `encode`: image embeddings per record, from a CLIP vision tower.
+//! `encode`: image embeddings per record, from a CLIP vision tower or a Qwen2-VL one.
 //!
 //! ```toml
 //! [stages.embeddings]
 //! kind = "encode"
 //! data = "captions"
-//! model = "clip"              # a CLIP vision model, a CLIP model, or a LLaVA-format VLM's tower
+//! model = "clip"              # a CLIP vision model, a CLIP model, a LLaVA-format VLM's tower,
+//!                             # or a Qwen2-VL / Qwen2.5-VL model's tower
 //! image = "{image}"           # a path (relative to the data file's folder) or embedded bytes
 //! layer = -2                  # the hidden state: 0 = embeddings, i = layer i, -1 = the last layer
 //! select = "patch"            # "patch" [patches, hidden] | "cls" [hidden] | "mean" [hidden]
@@ -18,13 +19,20 @@
 //! Without tiling a row is a record; with it, a record has one row per tile and one for the
 //! global thumbnail, told apart by `view`. `ladle export` writes them as `.safetensors` or `.npy`.
 //!
+//! With a Qwen2-VL or Qwen2.5-VL model the embeddings are the tower's merged image tokens (what
+//! the language model reads in place of the image's pads, [`ladle_models::qwen2_vl::encoder`]),
+//! their number set by the image's size within `min_pixels`/`max_pixels` (see [`crate::vlm`]):
+//! `select = "patch"` writes one row [out_hidden] per merged token, with `position` (its row and
+//! column in the image's grid of merged tokens); `"mean"` one row per record. `layer`, `"cls"`
+//! and `tiling` are CLIP's and refused.
+//!
 //! Images are decoded and preprocessed as [`ladle_models::vision::preprocess`] says (bit-exact with
 //! transformers' CLIPImageProcessor), then run through the tower `batch_images` at a time (default
 //! 16; it does not change results, so it is not part of the key). The tower runs only up to
 //! `layer`. Image contents are part of each shard's key, as for `perplexity`. Embeddings are
 //! written as f32 whatever the dtype the tower computes in.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ladle_engine::error::{PipelineError, StageError};
@@ -35,12 +43,15 @@ use ladle_engine::stage::{
 };
 use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
+use ladle_models::llm::ModelError;
+use ladle_models::qwen2_vl::{ImagePatches, Qwen2Vl, Qwen2VlEncoder};
 use ladle_models::vision::encoder::{ImageEncoder, Select};
 
 use crate::image_source::{ImageField, bad_image};
 use crate::model::{MODEL_PORT, model_dir};
 use crate::model_error;
 use crate::tensors::TensorShard;
+use crate::vlm::PixelBounds;
 
 pub struct EncodeKind;
 
@@ -57,7 +68,7 @@ impl StageKind for EncodeKind {
         "encode"
     }
     fn about(&self) -> &'static str {
-        "image embeddings per record from a CLIP vision tower (a tensors artifact)"
+        "image embeddings per record from a CLIP or Qwen2-VL vision tower (a tensors artifact)"
     }
     fn ports(&self) -> &'static [PortSpec] {
         PORTS
@@ -65,7 +76,8 @@ impl StageKind for EncodeKind {
     fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
         let image_src = params.required_string("image")?;
         let image = ImageField::parse(&image_src).map_err(|e| params.error("image", e))?;
-        let layer = params.integer("layer")?.unwrap_or(-2);
+        let layer_given = params.integer("layer")?;
+        let layer = layer_given.unwrap_or(-2);
         params.record("layer", layer.into());
         let select = match params.choice("select", &["patch", "cls", "mean"])? {
             Some(s) => Select::from_name(&s).expect("checked by choice"),
@@ -83,8 +95,19 @@ impl StageKind for EncodeKind {
         params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
         let batch_images = params.positive("batch_images")?.unwrap_or(16) as usize;
         params.exclude_from_key("batch_images");
+        let pixels = PixelBounds::configure(params)?;
         let placement = crate::placement::configure(params)?;
-        Ok(Arc::new(Encode { image, layer, select, tiling, drop_bad_images, batch_images, placement }))
+        Ok(Arc::new(Encode {
+            image,
+            layer,
+            layer_given: layer_given.is_some(),
+            select,
+            tiling,
+            drop_bad_images,
+            batch_images,
+            pixels,
+            placement,
+        }))
     }
 }
 
@@ -111,10 +134,12 @@ fn parse_tiling(t: &serde_json::Value) -> Result<Catty, String> {
 struct Encode {
     image: ImageField,
     layer: i64,
+    layer_given: bool,
     select: Select,
     tiling: Option<Catty>,
     drop_bad_images: bool,
     batch_images: usize,
+    pixels: PixelBounds,
     placement: Placement,
 }
 
@@ -141,8 +166,12 @@ impl MapStage for Encode {
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
-        let encoder = ImageEncoder::load_on(&dir, &self.placement.device().map_err(model_error)?, self.placement.dtype)
-            .map_err(model_error)?;
+        let device = self.placement.device().map_err(model_error)?;
+        if Qwen2Vl::is_one(&dir) {
+            return self.qwen2_vl_encoder(&dir, &device, inputs);
+        }
+        self.pixels.refuse_for(&dir)?;
+        let encoder = ImageEncoder::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
         if encoder.tower.state_index(self.layer).is_none() {
             let n = encoder.config.num_layers as i64;
             return Err(StageError::input(format!(
@@ -160,6 +189,46 @@ impl MapStage for Encode {
             layer: self.layer,
             select: self.select,
             tiling: self.tiling,
+            drop_bad_images: self.drop_bad_images,
+            batch_images: self.batch_images,
+        }))
+    }
+}
+
+impl Encode {
+    /// The mapper for a Qwen2-VL or Qwen2.5-VL tower, after refusing CLIP's parameters.
+    fn qwen2_vl_encoder(
+        &self,
+        dir: &Path,
+        device: &candle_core::Device,
+        inputs: &Inputs,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
+        let refuse = |what: &str, hint: &str| {
+            Err(StageError::input(format!("{}: {what} is for CLIP towers; this is a Qwen2-VL tower", dir.display()))
+                .with_hint(hint.to_string()))
+        };
+        if self.layer_given {
+            return refuse("`layer`", "drop `layer`: a Qwen2-VL tower gives its merged tokens, after its last block");
+        }
+        if self.select == Select::Cls {
+            return refuse(
+                "`select = \"cls\"`",
+                "use `select = \"mean\"` or `\"patch\"`: the tower has no class token",
+            );
+        }
+        if self.tiling.is_some() {
+            return refuse(
+                "`tiling`",
+                "drop `tiling`: the tower reads each image at its own resolution (see `max_pixels`)",
+            );
+        }
+        let mut encoder = Qwen2VlEncoder::load_on(dir, device, self.placement.dtype).map_err(model_error)?;
+        self.pixels.apply(&mut encoder.processor, dir)?;
+        Ok(Arc::new(MergedTokens {
+            encoder,
+            image: self.image.clone(),
+            root: inputs.dataset_root("data"),
+            mean: self.select == Select::Mean,
             drop_bad_images: self.drop_bad_images,
             batch_images: self.batch_images,
         }))
@@ -219,15 +288,82 @@ impl ShardMapper for Encoder {
             let flat: Vec<f32> = batch.concat();
             let emb = self.encoder.encode(flat, batch.len(), self.layer, self.select).map_err(model_error)?;
             out.embedding.extend(
-                emb.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(ladle_models::llm::ModelError::from)
-                    .map_err(model_error)?,
+                emb.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(ModelError::from).map_err(model_error)?,
             );
         }
         if tiled {
             out.view = Some(views);
         }
+        let rows = out.rows() as u64;
+        output.append(&out.to_bytes()?)?;
+        Ok(MappedShard { records: rows, dropped_on_error: dropped })
+    }
+}
+
+/// `encode` with a Qwen2-VL or Qwen2.5-VL tower: each image's merged tokens.
+struct MergedTokens {
+    encoder: Qwen2VlEncoder,
+    image: ImageField,
+    root: Option<PathBuf>,
+    /// One row per record (the tokens' mean), else one per token.
+    mean: bool,
+    drop_bad_images: bool,
+    batch_images: usize,
+}
+
+impl MergedTokens {
+    fn patches(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<ImagePatches, String> {
+        let image = self.image.locate(record, self.root.as_deref())?;
+        let rgb = image.load().map_err(|e| e.to_string())?;
+        self.encoder.patches(&rgb).map_err(|e| e.to_string())
+    }
+
+    /// Adds one batch's images to `out`: its rows, record positions and token positions.
+    fn encode_batch(&self, batch: &[(i64, ImagePatches)], out: &mut TensorShard) -> Result<(), ModelError> {
+        let patches: Vec<&ImagePatches> = batch.iter().map(|(_, p)| p).collect();
+        for ((record, _), image) in batch.iter().zip(self.encoder.encode(&patches)?) {
+            if self.mean {
+                out.embedding.extend(image.tokens.mean(0)?.to_vec1::<f32>()?);
+                out.record.push(*record);
+                continue;
+            }
+            out.embedding.extend(image.tokens.flatten_all()?.to_vec1::<f32>()?);
+            let [frames, rows, cols] = image.grid;
+            let positions = out.position.get_or_insert_with(Vec::new);
+            for _ in 0..frames {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        out.record.push(*record);
+                        positions.extend([r as i64, c as i64]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ShardMapper for MergedTokens {
+    fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
+        let mut out = TensorShard { row_shape: vec![self.encoder.width()], ..Default::default() };
+        if !self.mean {
+            out.position = Some(Vec::new());
+        }
+        let mut batch = Vec::with_capacity(self.batch_images);
+        let mut dropped = 0;
+        for (i, line) in lines(shard.jsonl).enumerate() {
+            let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+            match self.patches(&record) {
+                Ok(p) => batch.push(((shard.first_record + i as u64) as i64, p)),
+                Err(_) if self.drop_bad_images => dropped += 1,
+                Err(e) => return Err(bad_image(e).at_record(i as u64)),
+            }
+            if batch.len() >= self.batch_images.max(1) {
+                self.encode_batch(&batch, &mut out).map_err(model_error)?;
+                batch.clear();
+            }
+        }
+        self.encode_batch(&batch, &mut out).map_err(model_error)?;
         let rows = out.rows() as u64;
         output.append(&out.to_bytes()?)?;
         Ok(MappedShard { records: rows, dropped_on_error: dropped })

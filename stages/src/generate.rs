@@ -15,6 +15,8 @@
 //! image = "{image}"      # optional: the model sees the record's image (a VLM: LLaVA-format,
 //!                        # Qwen2-VL or Qwen2.5-VL), the prompt after it in the user turn
 //! on_bad_image = "fail"  # or "drop"
+//! min_pixels = 3136      # Qwen2-VL/Qwen2.5-VL: the image processor's bounds (see crate::vlm)
+//! max_pixels = 1003520
 //! ```
 //!
 //! Generation stops after the chat template's end-of-turn token or the model's EOS, or at
@@ -45,9 +47,10 @@ use ladle_models::llm::{LanguageModel, ModelError};
 use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
 use ladle_models::vision::llava::{Llava, PreparedRecord};
 
-use crate::image_source::{ImageField, bad_image};
+use crate::image_source::bad_image;
 use crate::model_error;
 use crate::template::Template;
+use crate::vlm::ImageParams;
 
 pub struct GenerateKind;
 
@@ -80,19 +83,7 @@ impl StageKind for GenerateKind {
         }
         let seed = params.integer("seed")?.unwrap_or(0);
         params.record("sampling", serde_json::json!({"temperature": temperature, "top_p": top_p, "seed": seed}));
-        let image = match params.string("image")? {
-            Some(src) => Some(ImageField::parse(&src).map_err(|e| params.error("image", e))?),
-            None => None,
-        };
-        let drop_bad_images = match params.choice("on_bad_image", &["fail", "drop"])? {
-            Some(_) if image.is_none() => {
-                return Err(params.error("on_bad_image", "`on_bad_image` needs `image`: this stage reads no images"));
-            }
-            choice => choice.as_deref() == Some("drop"),
-        };
-        if image.is_some() {
-            params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
-        }
+        let image = ImageParams::configure(params)?;
         let placement = crate::placement::configure(params)?;
         Ok(Arc::new(Generate {
             prompt,
@@ -101,7 +92,6 @@ impl StageKind for GenerateKind {
             sampling: Sampling { temperature, top_p },
             seed: seed as u64,
             image,
-            drop_bad_images,
             placement,
         }))
     }
@@ -114,8 +104,7 @@ struct Generate {
     max_new_tokens: usize,
     sampling: Sampling,
     seed: u64,
-    image: Option<ImageField>,
-    drop_bad_images: bool,
+    image: Option<ImageParams>,
     placement: Placement,
 }
 
@@ -137,8 +126,8 @@ impl MapStage for Generate {
     }
 
     fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
-        let Some(field) = &self.image else { return Ok(Vec::new()) };
-        field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
+        let Some(image) = &self.image else { return Ok(Vec::new()) };
+        image.field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
@@ -146,13 +135,16 @@ impl MapStage for Generate {
         let device = self.placement.device().map_err(model_error)?;
         let dtype = self.placement.dtype;
         let root = inputs.dataset_root("data");
-        if self.image.is_none() {
+        let Some(image) = &self.image else {
             let model = LanguageModel::load_on(&dir, &device, dtype).map_err(model_error)?;
             return self.mapper(&dir, model, root);
-        }
+        };
         if Qwen2Vl::is_one(&dir) {
-            return self.mapper(&dir, Qwen2Vl::load_on(&dir, &device, dtype).map_err(model_error)?, root);
+            let mut vlm = Qwen2Vl::load_on(&dir, &device, dtype).map_err(model_error)?;
+            image.pixels.apply(&mut vlm.processor, &dir)?;
+            return self.mapper(&dir, vlm, root);
         }
+        image.pixels.refuse_for(&dir)?;
         let vlm = Llava::load_on(&dir, &device, dtype).map_err(|e| {
             model_error(e).with_hint(
                 "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to generate from text alone",
@@ -281,10 +273,14 @@ struct Mapper<W> {
 }
 
 impl<W: Writer> Mapper<W> {
+    fn drops_bad_images(&self) -> bool {
+        self.stage.image.as_ref().is_some_and(|i| i.drop_bad)
+    }
+
     /// The record's image, when the stage reads one; `Err` is the image's fault.
     fn image(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<Option<RgbImage>, String> {
-        let Some(field) = &self.stage.image else { return Ok(None) };
-        let image = field.locate(record, self.root.as_deref())?;
+        let Some(params) = &self.stage.image else { return Ok(None) };
+        let image = params.field.locate(record, self.root.as_deref())?;
         image.load().map(Some).map_err(|e| e.to_string())
     }
 }
@@ -301,7 +297,7 @@ impl<W: Writer> ShardMapper for Mapper<W> {
             let prompt = self.stage.prompt.render(&record).map_err(at)?;
             let image = match self.image(&record) {
                 Ok(image) => image,
-                Err(_) if self.stage.drop_bad_images => {
+                Err(_) if self.drops_bad_images() => {
                     dropped += 1;
                     continue;
                 }
@@ -309,7 +305,7 @@ impl<W: Writer> ShardMapper for Mapper<W> {
             };
             let (ready, len) = match self.writer.prompt(&prompt, image.as_ref()) {
                 Ok(p) => p,
-                Err(ModelError::Image(_)) if self.stage.drop_bad_images => {
+                Err(ModelError::Image(_)) if self.drops_bad_images() => {
                     dropped += 1;
                     continue;
                 }

@@ -4,7 +4,7 @@
 //! engine's [`Stage`](ladle_engine::stage::Stage) traits. [`registry`] returns them all for the
 //! binary. The model stages ([`perplexity`], [`generate`], [`encode`], [`soup`]) are the glue
 //! between records and the models of `ladle-models`: [`image_source`] finds a record's image,
-//! [`placement`] reads `device`/`dtype`, [`model_error`] turns a model's error into a stage's.
+//! [`vlm`] reads the image parameters, [`placement`] reads `device`/`dtype`, [`model_error`] turns a model's error into a stage's.
 //!
 //! The dependency rule: stages → engine and stages → models; the models never see the engine.
 
@@ -26,6 +26,7 @@ pub mod select;
 pub mod soup;
 pub mod template;
 pub mod tensors;
+pub mod vlm;
 pub mod write;
 
 use std::sync::Arc;

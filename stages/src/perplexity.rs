@@ -11,6 +11,8 @@
 //! image = "{image}"           # optional: image-conditioned scoring with a VLM (LLaVA-format,
 //!                             # Qwen2-VL or Qwen2.5-VL)
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
+//! min_pixels = 3136           # Qwen2-VL/Qwen2.5-VL: the image processor's bounds (default: the
+//! max_pixels = 1003520        # checkpoint's preprocessor_config.json; see crate::vlm)
 //! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
 //! ```                         # (see ladle_models::device: default f32 on the CPU, bf16 on a GPU)
 //!
@@ -57,6 +59,7 @@ use crate::image_source::{ImageField, bad_image};
 use crate::model::{MODEL_PORT, model_dir};
 use crate::model_error;
 use crate::template::Template;
+use crate::vlm::ImageParams;
 
 pub struct PerplexityKind;
 
@@ -92,22 +95,10 @@ impl StageKind for PerplexityKind {
         }
         let batch_tokens = params.positive("batch_tokens")?;
         params.exclude_from_key("batch_tokens");
-        let image = match params.string("image")? {
-            Some(src) => Some(ImageField::parse(&src).map_err(|e| params.error("image", e))?),
-            None => None,
-        };
-        let drop_bad_images = match params.choice("on_bad_image", &["fail", "drop"])? {
-            Some(_) if image.is_none() => {
-                return Err(params.error("on_bad_image", "`on_bad_image` needs `image`: this stage reads no images"));
-            }
-            choice => choice.as_deref() == Some("drop"),
-        };
-        if image.is_some() {
-            params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
-        }
+        let image = ImageParams::configure(params)?;
         let placement = crate::placement::configure(params)?;
         let batch_tokens = batch_tokens.map_or(placement.default_batch_tokens(), |n| n as usize);
-        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, drop_bad_images, placement }))
+        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, placement }))
     }
 }
 
@@ -117,8 +108,7 @@ struct Perplexity {
     column: String,
     max_tokens: Option<usize>,
     batch_tokens: usize,
-    image: Option<ImageField>,
-    drop_bad_images: bool,
+    image: Option<ImageParams>,
     placement: Placement,
 }
 
@@ -140,25 +130,27 @@ impl MapStage for Perplexity {
     }
 
     fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
-        let Some(field) = &self.image else { return Ok(Vec::new()) };
-        field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
+        let Some(image) = &self.image else { return Ok(Vec::new()) };
+        image.field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
         let device = self.placement.device().map_err(model_error)?;
-        if let Some(field) = &self.image {
+        if let Some(image) = &self.image {
             let root = inputs.dataset_root("data");
             if Qwen2Vl::is_one(&dir) {
-                let vlm = Qwen2Vl::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
-                return Ok(self.image_mapper(vlm, field, root));
+                let mut vlm = Qwen2Vl::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
+                image.pixels.apply(&mut vlm.processor, &dir)?;
+                return Ok(self.image_mapper(vlm, image, root));
             }
+            image.pixels.refuse_for(&dir)?;
             let vlm = Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
                 crate::model_error(e).with_hint(
                     "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to score the text alone",
                 )
             })?;
-            return Ok(self.image_mapper(vlm, field, root));
+            return Ok(self.image_mapper(vlm, image, root));
         }
         let model = LanguageModel::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
         // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
@@ -321,16 +313,16 @@ impl ImageScorer for Qwen2Vl {
 }
 
 impl Perplexity {
-    fn image_mapper<V: ImageScorer>(&self, vlm: V, field: &ImageField, root: Option<PathBuf>) -> Arc<dyn ShardMapper> {
+    fn image_mapper<V: ImageScorer>(&self, vlm: V, image: &ImageParams, root: Option<PathBuf>) -> Arc<dyn ShardMapper> {
         let max_tokens = self.max_tokens.unwrap_or(vlm.max_positions()).min(vlm.max_positions());
         Arc::new(ImageMapper {
             text: self.text.clone(),
             prompt: self.prompt.clone(),
             column: self.column.clone(),
             max_tokens,
-            image: field.clone(),
+            image: image.field.clone(),
             root,
-            drop_bad_images: self.drop_bad_images,
+            drop_bad_images: image.drop_bad,
             batch_tokens: self.batch_tokens,
             vlm,
         })

@@ -5,7 +5,9 @@
 //! - `embedding`: F32 `[rows, ...]`, one row per record (or per view of a tiled image);
 //! - `record`: I64 `[rows]`, the position of the row's record in the input dataset, so rows can
 //!   be matched to records when some were dropped or images were tiled;
-//! - `view`: I64 `[rows]`, only for tiled images: the tile (0..n), then n for the thumbnail.
+//! - `view`: I64 `[rows]`, only for tiled images: the tile (0..n), then n for the thumbnail;
+//! - `position`: I64 `[rows, 2]`, only where a row is one token of an image whose token count
+//!   varies (a Qwen2-VL tower's merged tokens): the token's (row, column) in the image's grid.
 //!
 //! Export concatenates the shards' tensors along the first axis, streaming: memory holds one
 //! shard at a time, whatever the total size.
@@ -27,6 +29,8 @@ pub struct TensorShard {
     pub embedding: Vec<f32>,
     pub record: Vec<i64>,
     pub view: Option<Vec<i64>>,
+    /// (row, column) pairs, one per row.
+    pub position: Option<Vec<i64>>,
 }
 
 impl TensorShard {
@@ -43,6 +47,7 @@ impl TensorShard {
         let ints = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let (embedding, record) = (as_bytes(&self.embedding), ints(&self.record));
         let view = self.view.as_deref().map(ints);
+        let position = self.position.as_deref().map(ints);
         let err = |e: safetensors::SafeTensorError| StageError::internal(format!("cannot build a tensor shard: {e}"));
         let mut tensors = vec![
             ("embedding", safetensors::tensor::TensorView::new(Dtype::F32, shape, &embedding).map_err(err)?),
@@ -50,6 +55,10 @@ impl TensorShard {
         ];
         if let Some(view) = &view {
             tensors.push(("view", safetensors::tensor::TensorView::new(Dtype::I64, vec![rows], view).map_err(err)?));
+        }
+        if let Some(position) = &position {
+            let t = safetensors::tensor::TensorView::new(Dtype::I64, vec![rows, 2], position).map_err(err)?;
+            tensors.push(("position", t));
         }
         let meta = HashMap::from([("format".to_string(), "ladle tensors v1".to_string())]);
         safetensors::serialize(tensors, Some(meta)).map_err(err)
@@ -96,59 +105,59 @@ pub fn export(
                 .with_hint("name it .safetensors (embeddings with their record positions) or .npy (embeddings)"));
         }
     };
-    // Pass 1: headers, to know the total shape before writing.
+    // Pass 1: headers, to know the total shapes before writing. Every shard holds the same
+    // tensors: `embedding`, then the per-row indices (`record`, and `view`/`position` where made).
     let mut rows = 0usize;
-    let mut row_shape: Option<Vec<usize>> = None;
-    let mut names: Vec<String> = Vec::new();
+    let mut layout: Option<Vec<TensorInfo>> = None;
     for s in shards {
         let infos = describe(&read_shard(s)?)?;
         let emb = infos.iter().find(|t| t.name == "embedding").ok_or_else(|| bad_shard("no `embedding` tensor"))?;
-        let shape = emb.shape[1..].to_vec();
-        match &row_shape {
-            Some(r) if *r != shape => return Err(bad_shard("shards disagree on the embedding's shape")),
-            _ => row_shape = Some(shape),
-        }
         rows += emb.shape[0];
-        names = infos.into_iter().map(|t| t.name).collect();
+        let rowless: Vec<TensorInfo> =
+            infos.iter().map(|t| TensorInfo { shape: t.shape[1..].to_vec(), ..t.clone() }).collect();
+        match &layout {
+            Some(l) if *l != rowless => return Err(bad_shard("shards disagree on their tensors or their shapes")),
+            _ => layout = Some(rowless),
+        }
     }
-    let row_shape = row_shape.unwrap_or_default();
-    let row_len: usize = row_shape.iter().product();
-    let mut shape = vec![rows];
-    shape.extend(&row_shape);
+    let mut layout =
+        layout.unwrap_or_else(|| vec![TensorInfo { name: "embedding".into(), dtype: "F32".into(), shape: Vec::new() }]);
+    // `embedding` first (streamed), then the indices in name order (gathered: 8 bytes a value).
+    layout.sort_by_key(|t| (t.name != "embedding", t.name.clone()));
+    let shape_of = |t: &TensorInfo| std::iter::once(rows).chain(t.shape.iter().copied()).collect::<Vec<usize>>();
+    let shape = shape_of(&layout[0]);
+    let indices: Vec<&TensorInfo> = if npy { Vec::new() } else { layout[1..].iter().collect() };
 
     let io = |e: std::io::Error| StageError::input(format!("cannot write {}: {e}", dest.display()));
     let file = std::fs::File::create(dest).map_err(io)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    let (mut records, mut views): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
-    let has_view = names.iter().any(|n| n == "view");
     if npy {
         out.write_all(&npy_header(&shape)).map_err(io)?;
     } else {
-        let emb_bytes = rows * row_len * 4;
-        let mut entries = vec![
-            StreamedTensor { name: "embedding", dtype: "F32", shape: shape.clone(), bytes: emb_bytes },
-            StreamedTensor { name: "record", dtype: "I64", shape: vec![rows], bytes: rows * 8 },
-        ];
-        if has_view {
-            entries.push(StreamedTensor { name: "view", dtype: "I64", shape: vec![rows], bytes: rows * 8 });
-        }
+        let entries: Vec<StreamedTensor<'_>> = layout
+            .iter()
+            .map(|t| {
+                let shape = shape_of(t);
+                let width = if t.dtype == "F32" { 4 } else { 8 };
+                StreamedTensor { name: &t.name, dtype: &t.dtype, bytes: shape.iter().product::<usize>() * width, shape }
+            })
+            .collect();
         let meta = std::collections::BTreeMap::from([("format".to_string(), "ladle tensors v1".to_string())]);
         out.write_all(&streamed_header(&entries, &meta)).map_err(io)?;
     }
     // Pass 2: the data, shard by shard.
+    let mut gathered: Vec<Vec<u8>> = vec![Vec::new(); indices.len()];
     for s in shards {
         let bytes = read_shard(s)?;
         let st = SafeTensors::deserialize(&bytes).map_err(bad_shard)?;
         out.write_all(st.tensor("embedding").map_err(bad_shard)?.data()).map_err(io)?;
-        if !npy {
-            records.extend_from_slice(st.tensor("record").map_err(bad_shard)?.data());
-            if has_view {
-                views.extend_from_slice(st.tensor("view").map_err(bad_shard)?.data());
-            }
+        for (t, into) in indices.iter().zip(&mut gathered) {
+            into.extend_from_slice(st.tensor(&t.name).map_err(bad_shard)?.data());
         }
     }
-    out.write_all(&records).map_err(io)?;
-    out.write_all(&views).map_err(io)?;
+    for data in &gathered {
+        out.write_all(data).map_err(io)?;
+    }
     let file = out.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
@@ -183,6 +192,7 @@ mod tests {
             embedding: (0..rows * 6).map(|i| first as f32 * 100.0 + i as f32).collect(),
             record: (0..rows as i64).map(|r| first + r).collect(),
             view: view.then(|| (0..rows as i64).collect()),
+            position: None,
         }
     }
 

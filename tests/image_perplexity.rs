@@ -412,3 +412,31 @@ fn min_and_max_pixels_bound_qwen2_vl_images_as_transformers_bounds_them() {
     assert!(err.contains("this model is not one") && err.contains("drop `min_pixels` and `max_pixels`"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn qwen2_vl_reads_pixels_as_qwen_vl_utils_does_rgba_over_white_and_exif_ignored() {
+    // Each image beside the PNG Pillow + qwen_vl_utils made of it (tests/fixtures/pixels): the
+    // two must score alike, to the last digit.
+    let p = Project::new();
+    let pixels = points_tiny().join("../pixels");
+    let mut lines = String::new();
+    for (i, (src, made)) in
+        [("rgba.png", "rgba_qwen_vl_utils.png"), ("exif_rotated.jpg", "exif_rotated_qwen_vl_utils.png")]
+            .iter()
+            .enumerate()
+    {
+        for (j, file) in [src, made].iter().enumerate() {
+            p.write(&format!("data/{file}"), std::fs::read(pixels.join(file)).unwrap());
+            let id = format!("{i}{j}");
+            lines.push_str(&format!("{}\n", serde_json::json!({"id": id, "caption": "a red square", "image": file})));
+        }
+    }
+    p.write("data/captions.jsonl", lines);
+    p.write("p.toml", pipeline("tiny-qwen2-vl", ""));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let scored = by_id(&p.jsonl("scored.jsonl"));
+    for i in 0..2 {
+        assert_eq!(scored[&format!("{i}0")]["ppl"], scored[&format!("{i}1")]["ppl"], "image {i}");
+    }
+}

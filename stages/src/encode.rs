@@ -314,7 +314,7 @@ struct MergedTokens {
 impl MergedTokens {
     fn patches(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<ImagePatches, String> {
         let image = self.image.locate(record, self.root.as_deref())?;
-        let rgb = image.load().map_err(|e| e.to_string())?;
+        let rgb = image.load_as(ladle_models::qwen2_vl::processor::RGB_CONVENTION).map_err(|e| e.to_string())?;
         self.encoder.patches(&rgb).map_err(|e| e.to_string())
     }
 

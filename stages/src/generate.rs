@@ -45,6 +45,7 @@ use ladle_models::device::Placement;
 use ladle_models::llm::generate::{Rng, Sampling, generate};
 use ladle_models::llm::{LanguageModel, ModelError};
 use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
+use ladle_models::vision::images::RgbConvention;
 use ladle_models::vision::llava::{Llava, PreparedRecord};
 
 use crate::image_source::bad_image;
@@ -180,6 +181,8 @@ impl Generate {
 /// length in positions, then new tokens after it.
 trait Writer: Send + Sync + 'static {
     type Prompt;
+    /// How the model's reference reads an image's pixels.
+    const RGB: RgbConvention = RgbConvention::Displayed;
     fn language_model(&self) -> &LanguageModel;
     /// `image` is given exactly when the stage has `image`.
     fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(Self::Prompt, usize), ModelError>;
@@ -244,6 +247,7 @@ impl Writer for Llava {
 
 impl Writer for Qwen2Vl {
     type Prompt = PreparedImageRecord;
+    const RGB: RgbConvention = ladle_models::qwen2_vl::processor::RGB_CONVENTION;
     fn language_model(&self) -> &LanguageModel {
         &self.lm
     }
@@ -281,7 +285,7 @@ impl<W: Writer> Mapper<W> {
     fn image(&self, record: &serde_json::Map<String, serde_json::Value>) -> Result<Option<RgbImage>, String> {
         let Some(params) = &self.stage.image else { return Ok(None) };
         let image = params.field.locate(record, self.root.as_deref())?;
-        image.load().map(Some).map_err(|e| e.to_string())
+        image.load_as(W::RGB).map(Some).map_err(|e| e.to_string())
     }
 }
 

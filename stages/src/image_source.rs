@@ -17,6 +17,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use ladle_models::vision::images::RgbConvention;
 use serde_json::{Map, Value};
 
 use crate::template::Template;
@@ -33,11 +34,21 @@ pub enum ImageRef {
 }
 
 impl ImageRef {
-    /// Decodes the image to RGB (see [`ladle_models::vision::images::decode_rgb`]).
+    /// Decodes the image to RGB as displayed (EXIF orientation applied; see
+    /// [`ladle_models::vision::images::decode_rgb`]).
     pub fn load(&self) -> Result<image::RgbImage, ladle_models::vision::images::ImageError> {
+        self.load_as(RgbConvention::Displayed)
+    }
+
+    /// Decodes the image to RGB as the model's reference reads images.
+    pub fn load_as(
+        &self,
+        convention: RgbConvention,
+    ) -> Result<image::RgbImage, ladle_models::vision::images::ImageError> {
+        use ladle_models::vision::images::{decode_rgb_as, load_rgb_as};
         match self {
-            ImageRef::File(path) => ladle_models::vision::images::load_rgb(path),
-            ImageRef::Bytes { data, name } => ladle_models::vision::images::decode_rgb(data, name),
+            ImageRef::File(path) => load_rgb_as(path, convention),
+            ImageRef::Bytes { data, name } => decode_rgb_as(data, name, convention),
         }
     }
 }

@@ -52,6 +52,7 @@ use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
 use ladle_models::llm::{LanguageModel, ModelError, Score, Scorer, Sequence};
 use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
+use ladle_models::vision::images::RgbConvention;
 use ladle_models::vision::llava::{Llava, PreparedRecord};
 use serde_json::Value;
 
@@ -253,6 +254,8 @@ fn add_score(record: &mut serde_json::Map<String, Value>, column: &str, s: &Scor
 /// come out there), then scored together.
 trait ImageScorer: Send + Sync + 'static {
     type Prepared: Send;
+    /// How the model's reference reads an image's pixels.
+    const RGB: RgbConvention;
     fn max_positions(&self) -> usize;
     fn prepare(
         &self,
@@ -268,6 +271,7 @@ trait ImageScorer: Send + Sync + 'static {
 
 impl ImageScorer for Llava {
     type Prepared = PreparedRecord;
+    const RGB: RgbConvention = RgbConvention::Displayed;
     fn max_positions(&self) -> usize {
         self.lm.config.max_positions
     }
@@ -291,6 +295,7 @@ impl ImageScorer for Llava {
 
 impl ImageScorer for Qwen2Vl {
     type Prepared = PreparedImageRecord;
+    const RGB: RgbConvention = ladle_models::qwen2_vl::processor::RGB_CONVENTION;
     fn max_positions(&self) -> usize {
         self.lm.config.max_positions
     }
@@ -360,7 +365,7 @@ impl<V: ImageScorer> ImageMapper<V> {
             None => String::new(),
         };
         let image = self.image.locate(record, self.root.as_deref()).map_err(RecordFailure::Image)?;
-        let rgb = image.load().map_err(|e| RecordFailure::Image(e.to_string()))?;
+        let rgb = image.load_as(V::RGB).map_err(|e| RecordFailure::Image(e.to_string()))?;
         self.vlm.prepare(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
             ModelError::Image(m) => RecordFailure::Image(m),
             other => RecordFailure::Other(model_error(other)),

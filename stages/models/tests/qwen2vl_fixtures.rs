@@ -7,9 +7,13 @@
 use std::path::{Path, PathBuf};
 
 use ladle_models::qwen2_vl::{Family, ImageProcessor, Qwen2VlConfig, mrope_positions};
-use ladle_models::vision::images::load_rgb;
 use ladle_models::vision::resample::Resampler;
 use serde_json::{Value, json};
+
+/// A fixture image, read as qwen_vl_utils reads images.
+fn load_rgb(path: &Path) -> Result<image::RgbImage, ladle_models::vision::images::ImageError> {
+    ladle_models::vision::images::load_rgb_as(path, ladle_models::qwen2_vl::processor::RGB_CONVENTION)
+}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny")

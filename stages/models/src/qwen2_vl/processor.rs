@@ -1,5 +1,6 @@
 //! Images into Qwen2-VL's patches, as POINTS' reference filter gets them: `qwen_vl_utils`
-//! fetches the image (smart_resize to multiples of 28 within its own pixel bounds, Pillow's
+//! reads the pixels ([`RGB_CONVENTION`]: as stored, with no EXIF orientation, and RGBA over
+//! white), fetches the image (smart_resize to multiples of 28 within its own pixel bounds, Pillow's
 //! bicubic resize), then transformers' image processor resizes again to the checkpoint's
 //! `min_pixels`/`max_pixels` (only when that changes the size), normalizes with CLIP's mean and
 //! std, and lays the 14×14 patches out in merge-window order with the frame repeated to
@@ -19,6 +20,9 @@ use serde_json::Value;
 use crate::llm::ModelError;
 use crate::llm::config::read_json;
 use crate::vision::resample::{Resampler, resize_rgb8, resize_rgb8_as};
+
+/// How `qwen_vl_utils` reads an image's pixels: as stored (no EXIF orientation), RGBA over white.
+pub const RGB_CONVENTION: crate::vision::images::RgbConvention = crate::vision::images::RgbConvention::QwenVlUtils;
 
 /// `qwen_vl_utils`' bounds for fetching an image: 4 and 16384 merged tokens of 28×28 pixels.
 pub const FETCH_MIN_PIXELS: usize = 4 * 28 * 28;

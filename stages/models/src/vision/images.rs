@@ -1,5 +1,6 @@
-//! Reading images: decoding (EXIF orientation applied, RGB), sizes from headers, and errors that
-//! say what is wrong with which file.
+//! Reading images: decoding to RGB as a reference reads them ([`RgbConvention`]: as displayed, or
+//! as `qwen_vl_utils` reads them), sizes from headers, and errors that say what is wrong with
+//! which file.
 //!
 //! JPEGs go through mozjpeg (libjpeg-turbo's decoder) with libjpeg's defaults, as Pillow decodes
 //! them, so pixels match transformers' to the level. libjpeg fills a truncated JPEG with gray
@@ -51,16 +52,43 @@ pub fn displayed_size(path: &Path) -> Result<[u32; 2], ImageError> {
     Ok(if rotated { [h, w] } else { [w, h] })
 }
 
+/// How stored pixels become the RGB a model sees: each reference ladle matches reads images its
+/// own way, and the same file can differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RgbConvention {
+    /// The image as displayed: EXIF orientation applied; alpha dropped, as Pillow's
+    /// `convert("RGB")` drops it (CLIP, LLaVA).
+    #[default]
+    Displayed,
+    /// As `qwen_vl_utils.fetch_image` reads it for Qwen2-VL: the pixels as stored (`Image.open`
+    /// applies no EXIF orientation); an RGBA image (Pillow's mode `RGBA`: a PNG of colour type 6,
+    /// a WebP with alpha) composited over white as Pillow's `paste` with the alpha as mask does
+    /// it; any other image through `convert("RGB")` (grey + alpha and palette transparency
+    /// dropped).
+    QwenVlUtils,
+}
+
 /// Decodes the image file at `path` to RGB with its EXIF orientation applied.
 pub fn load_rgb(path: &Path) -> Result<image::RgbImage, ImageError> {
+    load_rgb_as(path, RgbConvention::Displayed)
+}
+
+/// Decodes the image file at `path` to RGB as `convention` says.
+pub fn load_rgb_as(path: &Path, convention: RgbConvention) -> Result<image::RgbImage, ImageError> {
     let name = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ImageError::new(&name, e.to_string()))?;
-    decode_rgb(&bytes, &name)
+    decode_rgb_as(&bytes, &name, convention)
 }
 
 /// Decodes an encoded image (PNG, JPEG, WebP) to RGB with its EXIF orientation applied; `name`
 /// (a path, or a record's field) is what errors name.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<image::RgbImage, ImageError> {
+    decode_rgb_as(bytes, name, RgbConvention::Displayed)
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP) to RGB as `convention` says; `name` (a path, or a
+/// record's field) is what errors name.
+pub fn decode_rgb_as(bytes: &[u8], name: &str, convention: RgbConvention) -> Result<image::RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::new(name, "the file is empty (0 bytes)"));
     }
@@ -74,6 +102,12 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<image::RgbImage, ImageErro
     let (w, h) = decoder.dimensions();
     check_size(name, w, h)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    // Pillow's mode RGBA: PNG colour type 6 (byte 25, in IHDR), or a WebP with alpha.
+    let pillow_rgba = match format {
+        image::ImageFormat::Png => bytes.get(25) == Some(&6),
+        image::ImageFormat::WebP => decoder.color_type().has_alpha(),
+        _ => false,
+    };
     let mut img = if format == image::ImageFormat::Jpeg {
         let (w, h, rgb) = decode_jpeg(bytes).map_err(|e| ImageError::new(name, format!("not a readable JPEG: {e}")))?;
         image::DynamicImage::ImageRgb8(
@@ -82,8 +116,29 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<image::RgbImage, ImageErro
     } else {
         image::DynamicImage::from_decoder(decoder).map_err(|e| ImageError::new(name, e.to_string()))?
     };
-    img.apply_orientation(orientation);
-    Ok(img.to_rgb8())
+    match convention {
+        RgbConvention::Displayed => {
+            img.apply_orientation(orientation);
+            Ok(img.to_rgb8())
+        }
+        RgbConvention::QwenVlUtils if pillow_rgba => Ok(over_white(&img.to_rgba8())),
+        RgbConvention::QwenVlUtils => Ok(img.to_rgb8()),
+    }
+}
+
+/// An RGBA image pasted over white with its alpha as the mask, as Pillow's `paste` blends:
+/// out = (255·(255 − a) + c·a) / 255, the division rounded as Pillow's `DIV255` rounds it.
+fn over_white(rgba: &image::RgbaImage) -> image::RgbImage {
+    let div255 = |v: u32| {
+        let t = v + 128;
+        ((t >> 8) + t) >> 8
+    };
+    image::RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        let a = a as u32;
+        let blend = |c: u8| div255(255 * (255 - a) + c as u32 * a) as u8;
+        image::Rgb([blend(r), blend(g), blend(b)])
+    })
 }
 
 fn check_size(name: &str, w: u32, h: u32) -> Result<(), ImageError> {
@@ -151,5 +206,45 @@ fn decode_jpeg(bytes: &[u8]) -> std::io::Result<(u32, u32, Vec<u8>)> {
             Ok(f) => f.0,
             Err(p) => p.downcast::<String>().map(|s| *s).unwrap_or_else(|_| "the decoder failed".into()),
         })),
+    }
+}
+
+#[cfg(test)]
+mod convention_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pixels").join(name)
+    }
+
+    /// What Pillow wrote (tests/fixtures/generator/pixel_conventions.py): an RGB PNG.
+    fn pillow(name: &str) -> image::RgbImage {
+        image::open(fixture(name)).unwrap().to_rgb8()
+    }
+
+    #[test]
+    fn images_read_as_qwen_vl_utils_reads_them() {
+        for (src, want) in [
+            ("rgba.png", "rgba_qwen_vl_utils.png"),
+            ("la.png", "la_qwen_vl_utils.png"),
+            ("palette_trns.png", "palette_trns_qwen_vl_utils.png"),
+            ("exif_rotated.jpg", "exif_rotated_qwen_vl_utils.png"),
+        ] {
+            let got = load_rgb_as(&fixture(src), RgbConvention::QwenVlUtils).unwrap();
+            let want = pillow(want);
+            assert_eq!(got.dimensions(), want.dimensions(), "{src}");
+            assert!(got == want, "{src}: pixels differ from qwen_vl_utils'");
+        }
+    }
+
+    #[test]
+    fn displayed_images_drop_alpha_and_follow_exif() {
+        assert!(load_rgb(&fixture("rgba.png")).unwrap() == pillow("rgba_pillow_rgb.png"));
+        // Orientation 6: the stored 40×24 is shown 24×40, the left band (blue) on top.
+        let shown = load_rgb(&fixture("exif_rotated.jpg")).unwrap();
+        assert_eq!(shown.dimensions(), (24, 40));
+        assert_eq!(displayed_size(&fixture("exif_rotated.jpg")).unwrap(), [24, 40]);
+        let top = shown.get_pixel(12, 2).0;
+        assert!(top[2] > 150 && top[0] < 80, "{top:?}");
     }
 }

@@ -259,6 +259,11 @@ fn images_embedded_in_parquet_score_as_their_files_do() {
     assert_eq!(r.code(), 0, "{}", r.stderr());
     let scored = p.jsonl("scored.jsonl");
     assert_eq!(scored.len(), 7);
+    // The bytes travel as base64 (4 characters per 3 bytes, padded), not as hex (2 per byte).
+    for (got, row) in scored.iter().zip(&rows[..6]) {
+        let n = row.2.as_ref().unwrap().len();
+        assert_eq!(got["image"]["bytes"].as_str().unwrap().len(), n.div_ceil(3) * 4, "{}", row.0);
+    }
     for (got, e) in scored.iter().zip(want) {
         assert_eq!(got["id"], e["id"]);
         let (g, w) = (got["ppl"].as_f64().unwrap(), e["perplexity"].as_f64().unwrap());

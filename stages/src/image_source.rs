@@ -10,8 +10,8 @@
 //!   GIF signature at its start and no `.` in it). An embedded image is part of its record, so
 //!   its bytes are in the shard's digest: editing one rescores only its shard, as for files.
 //! - an object `{bytes, path}`: the struct Hugging Face datasets write for `Image` columns in
-//!   Parquet. `read` turns binary into hex, so `bytes` is a hex string; when it is null, `path`
-//!   is used as above.
+//!   Parquet. `read` turns binary into base64, so `bytes` is a base64 string (hex, as `read`
+//!   wrote it before, is still understood); when it is null, `path` is used as above.
 //!
 //! A template with text around fields (`"images/{id}.jpg"`) renders to a path.
 
@@ -83,13 +83,13 @@ impl ImageField {
                 None => resolve(&s, root).map(ImageRef::File),
             },
             Value::Object(o) => match (o.get("bytes"), o.get("path")) {
-                (Some(Value::String(hex)), path) => {
+                (Some(Value::String(text)), path) => {
                     let name = match path {
                         Some(Value::String(p)) if !p.is_empty() => format!("{} (`{p}`, embedded)", self.source),
                         _ => format!("{} (embedded)", self.source),
                     };
-                    let data = decode_hex(hex).ok_or_else(|| {
-                        format!("{name}: `bytes` is not hex-encoded binary (as `read` writes Parquet binary columns)")
+                    let data = decode_struct_bytes(text).map_err(|e| {
+                        format!("{name}: `bytes` is {e}; `read` writes Parquet binary columns as base64")
                     })?;
                     Ok(ImageRef::Bytes { data, name })
                 }
@@ -217,6 +217,20 @@ fn resolve(written: &str, root: Option<&Path>) -> Result<PathBuf, String> {
     Ok(root.join(path))
 }
 
+/// A `{bytes, path}` struct's bytes: base64, or the hex `read` wrote before (told apart by the
+/// image signature the hex decodes to: no base64 of an image is all hex digits).
+fn decode_struct_bytes(text: &str) -> Result<Vec<u8>, String> {
+    if let Some(bytes) = decode_hex(text)
+        && IMAGE_SIGNATURES.iter().any(|sig| bytes.starts_with(sig))
+    {
+        return Ok(bytes);
+    }
+    decode_base64(text)
+}
+
+/// The first bytes of the image files ladle decodes (PNG, JPEG, WebP's RIFF, GIF).
+const IMAGE_SIGNATURES: [&[u8]; 4] = [b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8"];
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
     if !s.len().is_multiple_of(2) {
@@ -251,14 +265,22 @@ mod tests {
     }
 
     #[test]
-    fn embedded_images_are_hex_bytes_and_null_bytes_fall_back_to_the_path() {
+    fn struct_bytes_are_base64_or_the_hex_of_older_stores_and_null_bytes_fall_back_to_the_path() {
         let f = ImageField::parse("{img}").unwrap();
         let root = Some(Path::new("/d"));
-        let got = f.locate(&rec(serde_json::json!({ "img": { "bytes": "ff0a", "path": "x.png" } })), root).unwrap();
-        assert_eq!(got, ImageRef::Bytes { data: vec![0xff, 0x0a], name: "{img} (`x.png`, embedded)".into() });
+        // A JPEG's first bytes, in base64 (what `read` writes) and in hex (what it wrote before).
+        let jpeg = vec![0xff, 0xd8, 0xff, 0xe0];
+        for text in ["/9j/4A==", "ffd8ffe0"] {
+            let got = f.locate(&rec(serde_json::json!({ "img": { "bytes": text, "path": "x.png" } })), root).unwrap();
+            assert_eq!(got, ImageRef::Bytes { data: jpeg.clone(), name: "{img} (`x.png`, embedded)".into() }, "{text}");
+        }
+        // Hex digits that decode to no image are base64 ("ff0a" is three bytes of base64).
+        let got = f.locate(&rec(serde_json::json!({ "img": { "bytes": "ff0a" } })), root).unwrap();
+        assert_eq!(got, ImageRef::Bytes { data: vec![125, 253, 26], name: "{img} (embedded)".into() });
         let got = f.locate(&rec(serde_json::json!({ "img": { "bytes": null, "path": "x.png" } })), root).unwrap();
         assert_eq!(got, ImageRef::File("/d/x.png".into()));
-        assert!(f.locate(&rec(serde_json::json!({ "img": { "bytes": "xyz" } })), root).is_err());
+        let e = f.locate(&rec(serde_json::json!({ "img": { "bytes": "x!z" } })), root).unwrap_err();
+        assert!(e.contains("not valid base64") && e.contains("`read` writes"), "{e}");
         assert!(f.locate(&rec(serde_json::json!({ "img": 3 })), root).unwrap_err().contains("is a number"));
         assert!(f.locate(&rec(serde_json::json!({ "img": null })), root).unwrap_err().contains("no image"));
         assert!(f.locate(&rec(serde_json::json!({})), root).is_err());

@@ -1,6 +1,9 @@
 //! Parquet in and out, through Arrow.
 //!
 //! Reading decodes record batches to JSON objects (arrow-json), then to canonical records.
+//! Binary values (a Hugging Face `Image` column's `bytes`, anywhere in structs or lists) become
+//! standard base64 strings first: a third larger than the bytes, where arrow-json's hex doubles
+//! them.
 //! Writing infers one Arrow schema from all records (arrow-json's inference, merged across
 //! shards), then encodes shard by shard, so memory holds one shard's batch at a time.
 
@@ -8,7 +11,9 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_schema::Schema;
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, LargeListArray, ListArray, RecordBatch, StringArray, StructArray};
+use arrow_schema::{DataType, Field, Schema};
 use ladle_engine::error::StageError;
 use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::{ShardRef, StageContext};
@@ -31,7 +36,8 @@ pub fn read(ctx: &StageContext<'_>, path: &Path, shard_records: usize) -> Result
     let mut pending: Vec<u8> = Vec::new();
     let mut pending_n = 0usize;
     for batch in reader {
-        let batch = batch.map_err(|e| bad_parquet(path, e))?;
+        let batch = binary_as_base64(&batch.map_err(|e| bad_parquet(path, e))?)
+            .map_err(|e| StageError::internal(format!("{}: cannot re-encode binary values: {e}", path.display())))?;
         let mut writer = arrow_json::LineDelimitedWriter::new(Vec::new());
         writer
             .write(&batch)
@@ -56,6 +62,70 @@ pub fn read(ctx: &StageContext<'_>, path: &Path, shard_records: usize) -> Result
         shards.push(ctx.write_shard(&pending, pending_n as u64)?);
     }
     Ok(shards)
+}
+
+/// `batch` with every binary array (at any depth of structs and lists) replaced by base64 strings.
+fn binary_as_base64(batch: &RecordBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    if !batch.schema().fields().iter().any(|f| holds_binary(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    let columns: Vec<ArrayRef> = batch.columns().iter().map(base64_array).collect::<Result<_, _>>()?;
+    let fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()))
+        .collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+fn holds_binary(t: &DataType) -> bool {
+    match t {
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_) => true,
+        DataType::Struct(fields) => fields.iter().any(|f| holds_binary(f.data_type())),
+        DataType::List(f) | DataType::LargeList(f) => holds_binary(f.data_type()),
+        _ => false,
+    }
+}
+
+fn base64_array(array: &ArrayRef) -> Result<ArrayRef, arrow_schema::ArrowError> {
+    use base64::Engine;
+    let encode = |values: &mut dyn Iterator<Item = Option<&[u8]>>| -> ArrayRef {
+        Arc::new(
+            values.map(|v| v.map(|b| base64::engine::general_purpose::STANDARD.encode(b))).collect::<StringArray>(),
+        )
+    };
+    Ok(match array.data_type() {
+        DataType::Binary => encode(&mut array.as_binary::<i32>().iter()),
+        DataType::LargeBinary => encode(&mut array.as_binary::<i64>().iter()),
+        DataType::BinaryView => encode(&mut array.as_binary_view().iter()),
+        DataType::FixedSizeBinary(_) => encode(&mut array.as_fixed_size_binary().iter()),
+        DataType::Struct(_) if holds_binary(array.data_type()) => {
+            let s = array.as_struct();
+            let columns: Vec<ArrayRef> = s.columns().iter().map(base64_array).collect::<Result<_, _>>()?;
+            let fields: Vec<Field> = s
+                .fields()
+                .iter()
+                .zip(&columns)
+                .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()))
+                .collect();
+            Arc::new(StructArray::try_new(fields.into(), columns, s.nulls().cloned())?)
+        }
+        DataType::List(f) if holds_binary(f.data_type()) => {
+            let l = array.as_list::<i32>();
+            let values = base64_array(l.values())?;
+            let field = Arc::new(f.as_ref().clone().with_data_type(values.data_type().clone()));
+            Arc::new(ListArray::try_new(field, l.offsets().clone(), values, l.nulls().cloned())?)
+        }
+        DataType::LargeList(f) if holds_binary(f.data_type()) => {
+            let l = array.as_list::<i64>();
+            let values = base64_array(l.values())?;
+            let field = Arc::new(f.as_ref().clone().with_data_type(values.data_type().clone()));
+            Arc::new(LargeListArray::try_new(field, l.offsets().clone(), values, l.nulls().cloned())?)
+        }
+        _ => array.clone(),
+    })
 }
 
 /// Writes `shards` as one Parquet file at `dest`.
@@ -106,4 +176,38 @@ fn write_with(
     let file = writer.into_inner().map_err(|e| err(&e))?;
     file.sync_all().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod base64_tests {
+    use arrow_array::builder::{BinaryBuilder, ListBuilder};
+    use arrow_array::{BinaryArray, Int32Array};
+
+    use super::*;
+
+    #[test]
+    fn binary_values_become_base64_at_any_depth_and_the_rest_is_kept() {
+        let top: ArrayRef = Arc::new(BinaryArray::from(vec![Some(&b"\xff\xd8\xff"[..]), None]));
+        let mut list = ListBuilder::new(BinaryBuilder::new());
+        list.values().append_value(b"ab");
+        list.values().append_value(b"");
+        list.append(true);
+        list.append(false);
+        let list: ArrayRef = Arc::new(list.finish());
+        let n: ArrayRef = Arc::new(Int32Array::from(vec![1, 2]));
+        let batch = RecordBatch::try_from_iter([("top", top), ("list", list), ("n", n)]).unwrap();
+        let out = binary_as_base64(&batch).unwrap();
+        let top = out.column(0).as_string::<i32>();
+        assert_eq!((top.value(0), top.is_null(1)), ("/9j/", true));
+        let list = out.column(1).as_list::<i32>();
+        let first = list.value(0);
+        let first = first.as_string::<i32>();
+        assert_eq!((first.value(0), first.value(1)), ("YWI=", ""));
+        assert!(list.is_null(1));
+        assert_eq!(out.column(2).as_ref(), batch.column(2).as_ref());
+        assert_eq!(
+            out.schema().field(1).data_type(),
+            &DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+        );
+    }
 }

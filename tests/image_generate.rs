@@ -138,3 +138,26 @@ fn bad_images_name_the_record_or_are_dropped_and_text_models_are_refused() {
     assert_ne!(out.status.code(), Some(0));
     assert!(err.contains("drop `image` to generate from text alone"), "{err}");
 }
+
+#[test]
+fn the_bundled_recaption_pipeline_writes_captions_from_images_and_scores_them() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(repo.join("pipelines/recaption-qwen2vl.toml")).unwrap();
+    let text = text.replace("../tests/fixtures", &repo.join("tests/fixtures").display().to_string()).replace(
+        "data/points-tiny-base64.jsonl",
+        &repo.join("pipelines/data/points-tiny-base64.jsonl").display().to_string(),
+    );
+    let p = Project::new();
+    p.write("r.toml", text);
+    let r = p.run("r.toml", &["-j", "2"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let out = p.jsonl("out/recaption-qwen2vl.jsonl");
+    assert_eq!(out.len(), 8, "⌊0.2 · 42⌋");
+    for rec in &out {
+        assert!(!rec["fused"].as_str().unwrap().is_empty(), "{rec}");
+        assert!((1..=32).contains(&rec["fused_tokens"].as_u64().unwrap()), "{rec}");
+        assert!(rec["ppl"].as_f64().unwrap() > 1.0, "{rec}");
+    }
+    // A second run is served from the cache, generation included.
+    assert_eq!(p.run("r.toml", &[]).status("fused"), "cached");
+}

@@ -163,33 +163,61 @@ impl CustomOp1 for Attention {
 
 /// [`Attention`] over slices: `qkv` is [b, t, 3·h], `out` [b, t, h].
 pub fn attention(qkv: &[f32], b: usize, t: usize, heads: usize, out: &mut [f32]) -> candle_core::Result<()> {
-    let three_h = qkv.len() / (b * t).max(1);
+    attention_spans(qkv, &vec![t; b], heads, t * t, out)
+}
+
+/// Self-attention within consecutive spans of rows (packed images, or windows of one): `qkv` is
+/// [n, 3·h] with n the spans' total, `out` [n, h]; a row attends only to the rows of its span.
+/// Each (span, head) goes in blocks of query rows whose scores stay within `block` values, so
+/// a large image needs a bounded buffer per thread (softmax is per row: blocks change nothing).
+pub fn attention_spans(
+    qkv: &[f32],
+    spans: &[usize],
+    heads: usize,
+    block: usize,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    let n: usize = spans.iter().sum();
+    let three_h = qkv.len() / n.max(1);
     let h = three_h / 3;
-    if qkv.len() != b * t * three_h || !three_h.is_multiple_of(3) || !h.is_multiple_of(heads) || out.len() != b * t * h
-    {
-        candle_core::bail!("attention: {} values are not [{b}, {t}, 3 × heads × head size]", qkv.len());
+    if qkv.len() != n * three_h || !three_h.is_multiple_of(3) || !h.is_multiple_of(heads) || out.len() != n * h {
+        candle_core::bail!("attention: {} values are not [{n}, 3 × heads × head size]", qkv.len());
     }
     let d = h / heads;
     let scale = 1.0 / (d as f32).sqrt();
+    // Tasks: (first row of the span, span length, head, first query row, query rows).
+    let mut tasks = Vec::new();
+    let mut start = 0;
+    for &len in spans {
+        let rows = (block / len.max(1)).clamp(1, len.max(1));
+        for head in 0..heads {
+            for q0 in (0..len).step_by(rows) {
+                tasks.push((start, len, head, q0, rows.min(len - q0)));
+            }
+        }
+        start += len;
+    }
+    let widest = tasks.iter().map(|&(_, len, _, _, rows)| len * rows).max().unwrap_or(0);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..b * heads).into_par_iter().for_each_init(
-        || vec![0f32; t * t],
-        |scores, task| {
-            let (img, head) = (task / heads, task % heads);
-            let base = img * t * three_h + head * d;
-            let (q, k, v) = (&qkv[base..], &qkv[base + h..], &qkv[base + 2 * h..]);
+    tasks.into_par_iter().for_each_init(
+        || vec![0f32; widest],
+        |scores, (start, len, head, q0, rows)| {
+            let base = start * three_h + head * d;
+            let (q, k, v) = (&qkv[base + q0 * three_h..], &qkv[base + h..], &qkv[base + 2 * h..]);
             let rs = three_h as isize;
-            // SAFETY: every pointer and stride stays inside `qkv`, `scores` and this task's
-            // block of `out`: rows < t, columns < d, in buffers of b·t·3h, t·t and b·t·h.
+            let scores = &mut scores[..rows * len];
+            // SAFETY: every pointer and stride stays inside `qkv` (rows of the span, columns of
+            // the head), `scores` (rows × len) and this task's block of `out` (its query rows,
+            // its head's columns), which no other task writes.
             unsafe {
-                // scores = scale · Q Kᵀ: Q [t, d] with rows 3h apart; Kᵀ [d, t] read from K.
+                // scores = scale · Q Kᵀ: Q [rows, d] with rows 3h apart; Kᵀ [d, len] read from K.
                 gemm::gemm(
-                    t,
-                    t,
+                    rows,
+                    len,
                     d,
                     scores.as_mut_ptr(),
                     1,
-                    t as isize,
+                    len as isize,
                     false,
                     q.as_ptr(),
                     1,
@@ -205,21 +233,21 @@ pub fn attention(qkv: &[f32], b: usize, t: usize, heads: usize, out: &mut [f32])
                     gemm::Parallelism::None,
                 );
             }
-            softmax_rows_fast(scores, t);
+            softmax_rows_fast(scores, len);
             let dst = out_ptr;
             unsafe {
-                // out[img, :, head·d..] = P V: P [t, t]; V [t, d] with rows 3h apart.
+                // out[rows of the block, head·d..] = P V: P [rows, len]; V [len, d], rows 3h apart.
                 gemm::gemm(
-                    t,
+                    rows,
                     d,
-                    t,
-                    dst.0.add(img * t * h + head * d),
+                    len,
+                    dst.0.add((start + q0) * h + head * d),
                     1,
                     h as isize,
                     false,
                     scores.as_ptr(),
                     1,
-                    t as isize,
+                    len as isize,
                     v.as_ptr(),
                     1,
                     rs,
@@ -235,6 +263,47 @@ pub fn attention(qkv: &[f32], b: usize, t: usize, heads: usize, out: &mut [f32])
     );
     Ok(())
 }
+
+/// Rotary embedding in place on the Q and K parts of `qkv` ([n, 3·h], `heads` heads of `d`
+/// each): per row r and head, x·cos + rotate_half(x)·sin with `cos`/`sin` [n, d], in the order
+/// of operations candle's ops take.
+pub fn rotary_qk_in_place(qkv: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
+    let (three_h, half) = (3 * heads * d, d / 2);
+    qkv.par_chunks_mut(three_h).zip(cos.par_chunks(d).zip(sin.par_chunks(d))).for_each(|(row, (c, s))| {
+        for x in row[..2 * heads * d].chunks_exact_mut(d) {
+            for i in 0..half {
+                let (x1, x2) = (x[i], x[i + half]);
+                x[i] = x1 * c[i] + -x2 * s[i];
+                x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
+    });
+}
+
+/// RMS normalization of each `gamma.len()`-wide row of `x` into `dst` (the mean square in f64).
+pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f64, dst: &mut [f32]) {
+    let h = gamma.len();
+    dst.par_chunks_mut(h * 16).zip(x.par_chunks(h * 16)).for_each(|(d, x)| {
+        for (d, x) in d.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / h as f64;
+            let inv = (1.0 / (ms + eps).sqrt()) as f32;
+            for ((d, &x), &g) in d.iter_mut().zip(x).zip(gamma) {
+                *d = x * inv * g;
+            }
+        }
+    });
+}
+
+/// `gate = silu(gate) · up`, in place, across threads.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| swiglu_split_fast(g, u));
+}
+
+with_best_simd!(swiglu_split_fast, (gate: &mut [f32], up: &[f32]), {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g * sigmoid(*g) * u;
+    }
+});
 
 /// `x · sigmoid(1.702 x)` in place, across threads.
 pub fn quick_gelu_in_place(x: &mut [f32]) {
@@ -450,6 +519,56 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f64, dst: &mut [f
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn attention_stays_within_its_spans_and_query_blocks_change_nothing() {
+        // Ragged spans, two heads of 4: each output row against softmax(q·k/2)·v over its span.
+        let (spans, heads, d) = ([5usize, 1, 9], 2, 4);
+        let n: usize = spans.iter().sum();
+        let h = heads * d;
+        let qkv: Vec<f32> = (0..n * 3 * h).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let mut want = vec![0f32; n * h];
+        let mut start = 0;
+        for &len in &spans {
+            for r in start..start + len {
+                for head in 0..heads {
+                    let at = |row: usize, part: usize, c: usize| qkv[row * 3 * h + part * h + head * d + c] as f64;
+                    let s: Vec<f64> = (start..start + len)
+                        .map(|k| (0..d).map(|c| at(r, 0, c) * at(k, 1, c)).sum::<f64>() / (d as f64).sqrt())
+                        .collect();
+                    let max = s.iter().copied().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                    for c in 0..d {
+                        let v: f64 = (start..start + len).map(|k| (s[k - start] - max).exp() / z * at(k, 2, c)).sum();
+                        want[r * h + head * d + c] = v as f32;
+                    }
+                }
+            }
+            start += len;
+        }
+        for block in [usize::MAX / 2, 9, 1] {
+            let mut got = vec![0f32; n * h];
+            attention_spans(&qkv, &spans, heads, block, &mut got).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "block {block}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn rotary_and_rms_norm_by_hand() {
+        // One row, one head of 4: (x1, x2) → (x1·c − x2·s, x2·c + x1·s) per half.
+        let mut qkv = vec![1.0, 2.0, 3.0, 4.0, 1.0, 0.0, 0.0, 1.0, 9.0, 9.0, 9.0, 9.0];
+        let (c, s) = (vec![0.5, 0.25, 0.5, 0.25], vec![2.0, 1.0, 2.0, 1.0]);
+        rotary_qk_in_place(&mut qkv, 1, 4, &c, &s);
+        assert_eq!(qkv[..4], [1.0 * 0.5 - 3.0 * 2.0, 2.0 * 0.25 - 4.0 * 1.0, 3.0 * 0.5 + 2.0, 4.0 * 0.25 + 2.0]);
+        assert_eq!(qkv[4..8], [0.5, -1.0, 2.0, 0.25]);
+        assert_eq!(qkv[8..], [9.0; 4], "v is left alone");
+        let mut dst = vec![0f32; 2];
+        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut dst);
+        let inv = 1.0 / 12.5f32.sqrt();
+        assert_eq!(dst, [3.0 * inv, 8.0 * inv]);
+    }
 
     #[test]
     fn swiglu_is_silu_of_the_gate_times_up_in_every_row() {

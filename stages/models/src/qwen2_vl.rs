@@ -21,7 +21,7 @@ pub mod vision;
 
 pub use config::{Family, Qwen2VlConfig, VisionConfig};
 pub use encoder::{EncodedImage, Qwen2VlEncoder};
-pub use model::{PreparedImageRecord, Qwen2Vl};
+pub use model::{PreparedImageRecord, Qwen2Vl, ScoreTimes};
 pub use processor::{ImagePatches, ImageProcessor, smart_resize};
 pub use rope::{MropePositions, mrope_positions, mrope_tables};
 pub use vision::VisionTower;

@@ -64,40 +64,44 @@ impl Scorer<'_> {
             return Ok(seqs.iter().map(|_| Score { nll_sum: 0.0, tokens: 0 }).collect());
         }
         let mut ids = vec![self.pad; b * t];
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        let mut owner = Vec::new();
         for (r, s) in seqs.iter().enumerate() {
             ids[r * t..r * t + s.ids.len()].copy_from_slice(&s.ids);
-            for p in s.score_from.max(1)..s.ids.len() {
-                rows.push((r * t + p - 1) as u32);
-                targets.push(s.ids[p]);
-                owner.push(r);
-            }
         }
-        let device = self.decoder.device();
-        let hidden = self.decoder.hidden(&Tensor::from_vec(ids, (b, t), device)?)?;
-        let h = hidden.dim(2)?;
-        let picked = hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(rows, owner.len(), device)?, 0)?;
-        let logp = self.decoder.target_log_probs(&picked, &targets)?;
-        let mut scores = vec![Score { nll_sum: 0.0, tokens: 0 }; b];
-        for (lp, r) in logp.into_iter().zip(owner) {
-            scores[r].nll_sum -= lp as f64;
-            scores[r].tokens += 1;
-        }
-        Ok(scores)
+        let hidden = self.decoder.hidden(&Tensor::from_vec(ids, (b, t), self.decoder.device())?)?;
+        score_hidden_batch(self.decoder, &hidden, seqs)
     }
 }
 
-/// The score of `seq` from the final hidden states [T, H] of its positions, for callers that
-/// build the inputs themselves (a VLM splices image features into the embeddings).
-pub fn score_hidden(decoder: &Decoder, hidden: &Tensor, seq: &Sequence) -> Result<Score, ModelError> {
-    let from = seq.score_from.max(1);
-    let rows: Vec<u32> = (from - 1..seq.ids.len() - 1).map(|p| p as u32).collect();
-    let n = rows.len();
-    let picked = hidden.index_select(&Tensor::from_vec(rows, n, decoder.device())?, 0)?;
-    let logp = decoder.target_log_probs(&picked, &seq.ids[from..])?;
-    Ok(Score { nll_sum: logp.iter().map(|&l| -(l as f64)).sum(), tokens: n })
+/// The scores of right-padded sequences from their final hidden states [B, T, H], for callers
+/// that build the inputs themselves (a VLM splices image features into the embeddings): every
+/// scored position of the batch through the LM head in one call (one pass over its weights, not
+/// one per sequence).
+pub fn score_hidden_batch(decoder: &Decoder, hidden: &Tensor, seqs: &[&Sequence]) -> Result<Vec<Score>, ModelError> {
+    let (b, t, h) = hidden.dims3()?;
+    if seqs.len() != b || seqs.iter().any(|s| s.ids.len() > t) {
+        return Err(ModelError::Compute(format!("{} sequences for hidden states of {b} × {t}", seqs.len())));
+    }
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut owner = Vec::new();
+    for (r, s) in seqs.iter().enumerate() {
+        for p in s.score_from.max(1)..s.ids.len() {
+            rows.push((r * t + p - 1) as u32);
+            targets.push(s.ids[p]);
+            owner.push(r);
+        }
+    }
+    let mut scores = vec![Score { nll_sum: 0.0, tokens: 0 }; b];
+    if rows.is_empty() {
+        return Ok(scores);
+    }
+    let picked =
+        hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(rows, owner.len(), decoder.device())?, 0)?;
+    for (lp, r) in decoder.target_log_probs(&picked, &targets)?.into_iter().zip(owner) {
+        scores[r].nll_sum -= lp as f64;
+        scores[r].tokens += 1;
+    }
+    Ok(scores)
 }
 
 /// Groups indices of sequences with the given lengths into batches whose padded size

@@ -13,7 +13,7 @@ use super::rope::{MropePositions, mrope_positions, mrope_tables};
 use super::vision::VisionTower;
 use crate::llm::config::{MODEL_FILES, read_json};
 use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
-use crate::llm::scorer::{plan_batches, score_hidden};
+use crate::llm::scorer::{plan_batches, score_hidden_batch};
 use crate::llm::{LanguageModel, ModelError, Score, Sequence, StepRotary, weights};
 
 /// The system turn Qwen2-VL's chat template adds when the messages have none.
@@ -24,6 +24,15 @@ pub struct Qwen2Vl {
     pub lm: LanguageModel,
     pub tower: VisionTower,
     pub processor: ImageProcessor,
+}
+
+/// Where a batch's scoring time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ScoreTimes {
+    /// The vision tower, all images of the batch.
+    pub vision_s: f64,
+    /// Splicing, the decoder and the scored positions' log-probabilities.
+    pub language_s: f64,
 }
 
 /// One record, ready to score: its image's patches and its tokens (image pads expanded).
@@ -150,9 +159,17 @@ impl Qwen2Vl {
     /// place of its pads, all images through the tower in one pass; right-padded with zeros to
     /// the longest) and M-RoPE's tables [B, T, head_dim/2].
     fn inputs(&self, items: &[&PreparedImageRecord]) -> Result<(Tensor, Tensor, Tensor), ModelError> {
-        let decoder = &self.lm.decoder;
         let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
-        let embeds = self.tower.forward_many(&patches)?;
+        self.inputs_with(items, self.tower.forward_many(&patches)?)
+    }
+
+    /// [`Qwen2Vl::inputs`] with the images' merged tokens already made.
+    fn inputs_with(
+        &self,
+        items: &[&PreparedImageRecord],
+        embeds: Vec<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+        let decoder = &self.lm.decoder;
         let longest = items.iter().map(|r| r.seq.ids.len()).max().unwrap_or(0);
         let mut rows = Vec::with_capacity(items.len());
         for (item, image) in items.iter().zip(embeds) {
@@ -207,10 +224,24 @@ impl Qwen2Vl {
         if items.is_empty() {
             return Ok(Vec::new());
         }
+        Ok(self.score_prepared_timed(items)?.0)
+    }
+
+    /// [`Qwen2Vl::score_prepared`], saying how its time split between the vision tower and the
+    /// language model (the device synchronized between the two).
+    pub fn score_prepared_timed(&self, items: &[&PreparedImageRecord]) -> Result<(Vec<Score>, ScoreTimes), ModelError> {
         let decoder = &self.lm.decoder;
-        let (x, cos, sin) = self.inputs(items)?;
+        let start = std::time::Instant::now();
+        let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
+        let embeds = self.tower.forward_many(&patches)?;
+        decoder.device().synchronize()?;
+        let vision_s = start.elapsed().as_secs_f64();
+        let (x, cos, sin) = self.inputs_with(items, embeds)?;
         let hidden = decoder.hidden_from_embeddings_with_rotary(x, &cos, &sin)?;
-        items.iter().enumerate().map(|(b, r)| score_hidden(decoder, &hidden.get(b)?, &r.seq)).collect()
+        let seqs: Vec<&Sequence> = items.iter().map(|r| &r.seq).collect();
+        let scores = score_hidden_batch(decoder, &hidden, &seqs)?;
+        let language_s = start.elapsed().as_secs_f64() - vision_s;
+        Ok((scores, ScoreTimes { vision_s, language_s }))
     }
 
     /// New tokens written after a prompt prepared with [`Qwen2Vl::prepare_prompt`]: the prompt in

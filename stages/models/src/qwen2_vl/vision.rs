@@ -26,23 +26,28 @@ use super::processor::{ImagePatches, patch_order};
 use crate::llm::ModelError;
 use crate::llm::SCORE_BLOCK_ELEMENTS;
 
-enum Norm {
-    Layer(LayerNorm),
-    Rms(RmsNorm),
+/// LayerNorm (Qwen2-VL, with a bias) or RMSNorm (Qwen2.5-VL), eps 1e-6.
+struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
+
+const NORM_EPS: f64 = 1e-6;
 
 impl Norm {
     fn load(family: Family, size: usize, vb: VarBuilder) -> candle_core::Result<Norm> {
-        Ok(match family {
-            Family::Qwen2Vl => Norm::Layer(candle_nn::layer_norm(size, 1e-6, vb)?),
-            Family::Qwen25Vl => Norm::Rms(candle_nn::rms_norm(size, 1e-6, vb)?),
-        })
+        let weight = vb.get(size, "weight")?;
+        let bias = match family {
+            Family::Qwen2Vl => Some(vb.get(size, "bias")?),
+            Family::Qwen25Vl => None,
+        };
+        Ok(Norm { weight, bias })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Norm::Layer(n) => n.forward(x),
-            Norm::Rms(n) => n.forward(x),
+        match &self.bias {
+            Some(bias) => LayerNorm::new(self.weight.clone(), bias.clone(), NORM_EPS).forward(x),
+            None => RmsNorm::new(self.weight.clone(), NORM_EPS).forward(x),
         }
     }
 }
@@ -79,6 +84,54 @@ struct Block {
     mlp: Mlp,
 }
 
+/// A contiguous f32 CPU tensor's values (the CPU path's weights).
+fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A block's weights as plain f32 buffers, for the CPU path (see [`VisionTower::blocks_cpu`]).
+struct CpuBlock {
+    norm1: (Vec<f32>, Option<Vec<f32>>),
+    norm2: (Vec<f32>, Option<Vec<f32>>),
+    qkv: (Vec<f32>, Vec<f32>),
+    proj: (Vec<f32>, Vec<f32>),
+    /// fc1 (or gate), fc2 (or down), and up for a gated MLP.
+    fc1: (Vec<f32>, Vec<f32>),
+    fc2: (Vec<f32>, Vec<f32>),
+    up: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CpuBlock {
+    /// The block's weights, when the CPU path can run it: f32 on the CPU, with QuickGELU (a
+    /// plain MLP) or SiLU (a gated one), every linear layer with its bias.
+    fn of(block: &Block) -> candle_core::Result<Option<CpuBlock>> {
+        let linear = |l: &Linear| -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
+            match l.bias() {
+                Some(b) => Ok(Some((values(l.weight())?, values(b)?))),
+                None => Ok(None),
+            }
+        };
+        let norm = |n: &Norm| -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+            Ok((values(&n.weight)?, n.bias.as_ref().map(values).transpose()?))
+        };
+        let (fc1, fc2, up) = match &block.mlp {
+            Mlp::Plain { fc1, fc2, act: VisionAct::QuickGelu } => (linear(fc1)?, linear(fc2)?, None),
+            Mlp::Gated { gate, up, down, act: VisionAct::Silu } => (linear(gate)?, linear(down)?, Some(linear(up)?)),
+            _ => return Ok(None),
+        };
+        let (Some(qkv), Some(proj), Some(fc1), Some(fc2)) = (linear(&block.qkv)?, linear(&block.proj)?, fc1, fc2)
+        else {
+            return Ok(None);
+        };
+        let up = match up {
+            Some(Some(up)) => Some(up),
+            Some(None) => return Ok(None),
+            None => None,
+        };
+        Ok(Some(CpuBlock { norm1: norm(&block.norm1)?, norm2: norm(&block.norm2)?, qkv, proj, fc1, fc2, up }))
+    }
+}
+
 /// The vision tower, loaded.
 pub struct VisionTower {
     config: VisionConfig,
@@ -93,6 +146,8 @@ pub struct VisionTower {
     dtype: DType,
     /// Attention scores formed at once, at most ([`SCORE_BLOCK_ELEMENTS`]).
     score_block: usize,
+    /// The blocks' weights as plain buffers, when the tower is f32 on the CPU.
+    cpu_blocks: Option<Vec<CpuBlock>>,
 }
 
 impl VisionTower {
@@ -130,6 +185,11 @@ impl VisionTower {
             });
         }
         let merged = width * c.spatial_merge_size * c.spatial_merge_size;
+        let cpu_blocks = if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            blocks.iter().map(CpuBlock::of).collect::<candle_core::Result<Option<Vec<_>>>>()?
+        } else {
+            None
+        };
         Ok(VisionTower {
             config: c.clone(),
             family,
@@ -141,6 +201,7 @@ impl VisionTower {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             score_block: SCORE_BLOCK_ELEMENTS,
+            cpu_blocks,
         })
     }
 
@@ -208,16 +269,18 @@ impl VisionTower {
             x = x.index_select(&Tensor::new(patches.as_slice(), &self.device)?, 0)?;
         }
         let (cos, sin) = self.rotary(&rows_cols)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let spans = if self.family == Family::Qwen25Vl && !c.fullatt_block_indexes.contains(&i) {
-                &windowed
-            } else {
-                &full
-            };
-            let h = block.norm1.forward(&x)?;
-            x = (x + self.attention(block, &h, &cos, &sin, spans)?)?;
-            let h = block.norm2.forward(&x)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+        let spans_of = |i: usize| {
+            if self.family == Family::Qwen25Vl && !c.fullatt_block_indexes.contains(&i) { &windowed } else { &full }
+        };
+        if let Some(cpu) = &self.cpu_blocks {
+            x = self.blocks_cpu(cpu, x, &cos, &sin, &spans_of)?;
+        } else {
+            for (i, block) in self.blocks.iter().enumerate() {
+                let h = block.norm1.forward(&x)?;
+                x = (x + self.attention(block, &h, &cos, &sin, spans_of(i))?)?;
+                let h = block.norm2.forward(&x)?;
+                x = (&x + block.mlp.forward(&h)?)?;
+            }
         }
         let merged = self.merger_norm.forward(&x)?.reshape((n / unit, unit * c.hidden_size))?;
         let mut out = self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf()?)?;
@@ -237,6 +300,53 @@ impl VisionTower {
             start += tokens;
         }
         Ok(each)
+    }
+
+    /// The blocks on the CPU in f32, over plain buffers with [`crate::kernels`]' fused kernels:
+    /// the residuals added by the projections' gemm calls, attention within each span in query
+    /// blocks, the rotary embedding in place (the same arithmetic as the candle path).
+    fn blocks_cpu<'s>(
+        &self,
+        cpu: &[CpuBlock],
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        spans_of: &dyn Fn(usize) -> &'s Vec<usize>,
+    ) -> candle_core::Result<Tensor> {
+        use crate::kernels;
+        let c = &self.config;
+        let (n, w) = x.dims2()?;
+        let (heads, d) = (c.num_heads, c.head_dim());
+        let inter = cpu.first().map_or(0, |b| b.fc1.1.len());
+        let (cos, sin) = (values(cos)?, values(sin)?);
+        let mut x = values(&x)?;
+        let mut normed = vec![0f32; n * w];
+        let mut qkv = vec![0f32; n * 3 * w];
+        let mut attended = vec![0f32; n * w];
+        let mut mlp = vec![0f32; n * inter];
+        let mut up = if cpu.iter().any(|b| b.up.is_some()) { vec![0f32; n * inter] } else { Vec::new() };
+        let norm = |x: &[f32], (g, b): &(Vec<f32>, Option<Vec<f32>>), dst: &mut [f32]| match b {
+            Some(b) => kernels::layer_norm(x, g, b, NORM_EPS, dst),
+            None => kernels::rms_norm(x, g, NORM_EPS, dst),
+        };
+        for (i, block) in cpu.iter().enumerate() {
+            norm(&x, &block.norm1, &mut normed);
+            kernels::linear(&normed, n, &block.qkv.0, &block.qkv.1, &mut qkv, false);
+            kernels::rotary_qk_in_place(&mut qkv, heads, d, &cos, &sin);
+            kernels::attention_spans(&qkv, spans_of(i), heads, self.score_block / heads.max(1), &mut attended)?;
+            kernels::linear(&attended, n, &block.proj.0, &block.proj.1, &mut x, true);
+            norm(&x, &block.norm2, &mut normed);
+            kernels::linear(&normed, n, &block.fc1.0, &block.fc1.1, &mut mlp, false);
+            match &block.up {
+                Some((uw, ub)) => {
+                    kernels::linear(&normed, n, uw, ub, &mut up, false);
+                    kernels::swiglu_in_place(&mut mlp, &up);
+                }
+                None => kernels::quick_gelu_in_place(&mut mlp),
+            }
+            kernels::linear(&mlp, n, &block.fc2.0, &block.fc2.1, &mut x, true);
+        }
+        Tensor::from_vec(x, (n, w), &self.device)
     }
 
     /// cos and sin, [n, head_dim] in f32, of the 2-D rotary angles of each patch.

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::preprocess::ClipPreprocessor;
 use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
-use crate::llm::scorer::{plan_batches, score_hidden};
+use crate::llm::scorer::{plan_batches, score_hidden_batch};
 use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, StepRotary, weights};
 
 /// A record ready to score: see [`Llava::prepare`].
@@ -258,6 +258,7 @@ impl Llava {
         }
         let decoder = &self.lm.decoder;
         let hidden = decoder.hidden_from_embeddings(self.inputs(items)?)?;
-        items.iter().enumerate().map(|(b, r)| score_hidden(decoder, &hidden.get(b)?, &r.seq)).collect()
+        let seqs: Vec<&Sequence> = items.iter().map(|r| &r.seq).collect();
+        score_hidden_batch(decoder, &hidden, &seqs)
     }
 }

@@ -21,7 +21,8 @@ use ladle_models::device::{Placement, dtype_name};
 use ladle_models::llm::generate::{Rng, Sampling, generate};
 use ladle_models::llm::{Decoder, LanguageModel, LlmConfig, ModelError, Score, Scorer, Sequence};
 use ladle_models::qwen2_vl::Qwen2Vl;
-use ladle_models::vision::images::load_rgb;
+use ladle_models::qwen2_vl::processor::RGB_CONVENTION;
+use ladle_models::vision::images::{RgbConvention, load_rgb_as};
 use ladle_models::vision::llava::Llava;
 use serde_json::{Value, json};
 
@@ -86,7 +87,7 @@ pub fn run_fixtures(dir: &Path, placement: &Placement) -> Result<Value, ModelErr
     let llava = Llava::load_on(&dir.join("tiny-llava"), &device, dtype)?;
     let mut got = Vec::new();
     for r in &captions {
-        let image = image_of(dir, r)?;
+        let image = image_of(dir, r, RgbConvention::Displayed)?;
         got.push(llava.score(&image, &prompt, &text(r))?.perplexity());
     }
     let want = perplexities(&expected["llava_image_conditioned"], "perplexity");
@@ -98,13 +99,16 @@ pub fn run_fixtures(dir: &Path, placement: &Placement) -> Result<Value, ModelErr
         let vlm = Qwen2Vl::load_on(&dir.join(name), &device, dtype)?;
         let mut items = Vec::new();
         for r in &captions {
-            items.push(vlm.prepare(&image_of(dir, r)?, &prompt, &text(r))?);
+            items.push(vlm.prepare(&image_of(dir, r, RGB_CONVENTION)?, &prompt, &text(r))?);
         }
         // Batched as the stage batches them (images packed into one tower pass).
         let refs: Vec<_> = items.iter().collect();
         let got: Vec<f64> = vlm.score_all(&refs, 4096)?.iter().map(|s| s.mean_nll()).collect();
         let want = perplexities(&qwen2vl["models"][name]["records"], "mean_nll");
         checks.push(compare(&format!("{name}_mean_nll"), &got, &want, tolerance)?);
+        if dtype == DType::F32 {
+            checks.push(image_greedy(dir, name, &vlm, &qwen2vl, &prompt)?);
+        }
     }
 
     if dtype == DType::F32 {
@@ -139,6 +143,34 @@ fn greedy(dir: &Path, expected: &Value, device: &candle_core::Device) -> Result<
         differ += usize::from(out != want);
     }
     Ok(Check { name: "qwen2_greedy_tokens".into(), records: cases.len(), worst: differ as f64, tolerance: 0.0 })
+}
+
+/// A Qwen2-VL fixture's greedy captions of r000–r005 (the image in the prompt, then the KV
+/// cache), token for token: `worst` counts the records that differ.
+fn image_greedy(dir: &Path, name: &str, vlm: &Qwen2Vl, expected: &Value, prompt: &str) -> Result<Check, ModelError> {
+    let stop: Vec<u32> = vlm.lm.tokenizer.token_id("<|im_end|>").into_iter().collect();
+    let model = &expected["models"][name];
+    let cases = model["greedy"].as_array().cloned().unwrap_or_default();
+    let mut differ = 0;
+    for case in &cases {
+        let record = model["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["id"] == case["id"])
+            .ok_or_else(|| ModelError::Compute(format!("{name}: no record {}", case["id"])))?;
+        let image = image_of(dir, record, RGB_CONVENTION)?;
+        let out = vlm.generate(&vlm.prepare_prompt(&image, prompt)?, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0))?;
+        let want: Vec<u32> = case["generated_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect();
+        differ += usize::from(out != want);
+    }
+    Ok(Check { name: format!("{name}_greedy_tokens"), records: cases.len(), worst: differ as f64, tolerance: 0.0 })
 }
 
 /// A 6000-token record through tiny-qwen2 (its positions raised to 8192), its attention in the
@@ -190,9 +222,10 @@ fn perplexities(list: &Value, field: &str) -> Vec<f64> {
     list.as_array().into_iter().flatten().filter_map(|r| r[field].as_f64()).collect()
 }
 
-fn image_of(dir: &Path, record: &Value) -> Result<image::RgbImage, ModelError> {
+/// A fixture record's image, read as the model's reference reads pixels.
+fn image_of(dir: &Path, record: &Value, convention: RgbConvention) -> Result<image::RgbImage, ModelError> {
     let path = dir.join(record["image"].as_str().unwrap_or_default());
-    load_rgb(&path).map_err(|e| ModelError::Image(format!("{}: {e}", path.display())))
+    load_rgb_as(&path, convention).map_err(|e| ModelError::Image(format!("{}: {e}", path.display())))
 }
 
 /// A fixture's JSON file, read as a model folder's are.
@@ -215,7 +248,7 @@ mod tests {
         let report = run_fixtures(&dir, &Placement::CPU_F32).unwrap();
         eprintln!("{report:#}");
         let checks = report["checks"].as_array().unwrap();
-        assert_eq!(checks.len(), 9, "{report}");
+        assert_eq!(checks.len(), 11, "{report}");
         assert!(checks.iter().all(|c| c["records"].as_u64().unwrap() > 0), "{report}");
         assert_eq!(report["ok"], true, "{report:#}");
     }

@@ -84,51 +84,31 @@ struct Block {
     mlp: Mlp,
 }
 
-/// A contiguous f32 CPU tensor's values (the CPU path's weights).
+/// A contiguous f32 CPU tensor's values (the rotary tables, the activations).
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// A block's weights as plain f32 buffers, for the CPU path (see [`VisionTower::blocks_cpu`]).
-struct CpuBlock {
-    norm1: (Vec<f32>, Option<Vec<f32>>),
-    norm2: (Vec<f32>, Option<Vec<f32>>),
-    qkv: (Vec<f32>, Vec<f32>),
-    proj: (Vec<f32>, Vec<f32>),
-    /// fc1 (or gate), fc2 (or down), and up for a gated MLP.
-    fc1: (Vec<f32>, Vec<f32>),
-    fc2: (Vec<f32>, Vec<f32>),
-    up: Option<(Vec<f32>, Vec<f32>)>,
-}
-
-impl CpuBlock {
-    /// The block's weights, when the CPU path can run it: f32 on the CPU, with QuickGELU (a
-    /// plain MLP) or SiLU (a gated one), every linear layer with its bias.
-    fn of(block: &Block) -> candle_core::Result<Option<CpuBlock>> {
-        let linear = |l: &Linear| -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
-            match l.bias() {
-                Some(b) => Ok(Some((values(l.weight())?, values(b)?))),
-                None => Ok(None),
-            }
+impl Block {
+    /// The block's tensors in the order [`VisionTower::blocks_cpu`] reads them (norm1 weight and
+    /// bias, qkv, proj, norm2, fc1 or gate, fc2 or down, then up), when the CPU path can run it:
+    /// QuickGELU with a plain MLP or SiLU with a gated one, every linear layer with its bias.
+    /// Norm biases are absent for RMSNorm.
+    fn cpu_tensors(&self) -> Option<Vec<Option<&Tensor>>> {
+        let (fc1, fc2, up) = match &self.mlp {
+            Mlp::Plain { fc1, fc2, act: VisionAct::QuickGelu } => (fc1, fc2, None),
+            Mlp::Gated { gate, up, down, act: VisionAct::Silu } => (gate, down, Some(up)),
+            _ => return None,
         };
-        let norm = |n: &Norm| -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
-            Ok((values(&n.weight)?, n.bias.as_ref().map(values).transpose()?))
-        };
-        let (fc1, fc2, up) = match &block.mlp {
-            Mlp::Plain { fc1, fc2, act: VisionAct::QuickGelu } => (linear(fc1)?, linear(fc2)?, None),
-            Mlp::Gated { gate, up, down, act: VisionAct::Silu } => (linear(gate)?, linear(down)?, Some(linear(up)?)),
-            _ => return Ok(None),
-        };
-        let (Some(qkv), Some(proj), Some(fc1), Some(fc2)) = (linear(&block.qkv)?, linear(&block.proj)?, fc1, fc2)
-        else {
-            return Ok(None);
-        };
-        let up = match up {
-            Some(Some(up)) => Some(up),
-            Some(None) => return Ok(None),
-            None => None,
-        };
-        Ok(Some(CpuBlock { norm1: norm(&block.norm1)?, norm2: norm(&block.norm2)?, qkv, proj, fc1, fc2, up }))
+        let mut out = vec![Some(&self.norm1.weight), self.norm1.bias.as_ref()];
+        for l in [&self.qkv, &self.proj] {
+            out.extend([Some(l.weight()), Some(l.bias()?)]);
+        }
+        out.extend([Some(&self.norm2.weight), self.norm2.bias.as_ref()]);
+        for l in [Some(fc1), Some(fc2), up].into_iter().flatten() {
+            out.extend([Some(l.weight()), Some(l.bias()?)]);
+        }
+        Some(out)
     }
 }
 
@@ -146,8 +126,9 @@ pub struct VisionTower {
     dtype: DType,
     /// Attention scores formed at once, at most ([`SCORE_BLOCK_ELEMENTS`]).
     score_block: usize,
-    /// The blocks' weights as plain buffers, when the tower is f32 on the CPU.
-    cpu_blocks: Option<Vec<CpuBlock>>,
+    /// Whether the blocks run on the CPU path ([`VisionTower::blocks_cpu`]): f32 on the CPU,
+    /// every block of a shape it takes.
+    cpu_path: bool,
 }
 
 impl VisionTower {
@@ -185,11 +166,8 @@ impl VisionTower {
             });
         }
         let merged = width * c.spatial_merge_size * c.spatial_merge_size;
-        let cpu_blocks = if vb.device().is_cpu() && vb.dtype() == DType::F32 {
-            blocks.iter().map(CpuBlock::of).collect::<candle_core::Result<Option<Vec<_>>>>()?
-        } else {
-            None
-        };
+        let cpu_path =
+            vb.device().is_cpu() && vb.dtype() == DType::F32 && blocks.iter().all(|b| b.cpu_tensors().is_some());
         Ok(VisionTower {
             config: c.clone(),
             family,
@@ -201,7 +179,7 @@ impl VisionTower {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             score_block: SCORE_BLOCK_ELEMENTS,
-            cpu_blocks,
+            cpu_path,
         })
     }
 
@@ -272,8 +250,8 @@ impl VisionTower {
         let spans_of = |i: usize| {
             if self.family == Family::Qwen25Vl && !c.fullatt_block_indexes.contains(&i) { &windowed } else { &full }
         };
-        if let Some(cpu) = &self.cpu_blocks {
-            x = self.blocks_cpu(cpu, x, &cos, &sin, &spans_of)?;
+        if self.cpu_path {
+            x = self.blocks_cpu(x, &cos, &sin, &spans_of)?;
         } else {
             for (i, block) in self.blocks.iter().enumerate() {
                 let h = block.norm1.forward(&x)?;
@@ -307,7 +285,6 @@ impl VisionTower {
     /// blocks, the rotary embedding in place (the same arithmetic as the candle path).
     fn blocks_cpu<'s>(
         &self,
-        cpu: &[CpuBlock],
         x: Tensor,
         cos: &Tensor,
         sin: &Tensor,
@@ -317,34 +294,44 @@ impl VisionTower {
         let c = &self.config;
         let (n, w) = x.dims2()?;
         let (heads, d) = (c.num_heads, c.head_dim());
-        let inter = cpu.first().map_or(0, |b| b.fc1.1.len());
+        let gated = self.blocks.iter().any(|b| matches!(b.mlp, Mlp::Gated { .. }));
+        let inter = c.intermediate_size;
         let (cos, sin) = (values(cos)?, values(sin)?);
         let mut x = values(&x)?;
         let mut normed = vec![0f32; n * w];
         let mut qkv = vec![0f32; n * 3 * w];
         let mut attended = vec![0f32; n * w];
         let mut mlp = vec![0f32; n * inter];
-        let mut up = if cpu.iter().any(|b| b.up.is_some()) { vec![0f32; n * inter] } else { Vec::new() };
-        let norm = |x: &[f32], (g, b): &(Vec<f32>, Option<Vec<f32>>), dst: &mut [f32]| match b {
+        let mut up = if gated { vec![0f32; n * inter] } else { Vec::new() };
+        let norm = |x: &[f32], g: &[f32], b: Option<&[f32]>, dst: &mut [f32]| match b {
             Some(b) => kernels::layer_norm(x, g, b, NORM_EPS, dst),
             None => kernels::rms_norm(x, g, NORM_EPS, dst),
         };
-        for (i, block) in cpu.iter().enumerate() {
-            norm(&x, &block.norm1, &mut normed);
-            kernels::linear(&normed, n, &block.qkv.0, &block.qkv.1, &mut qkv, false);
+        for (i, block) in self.blocks.iter().enumerate() {
+            // The weights are read in place, as the CLIP tower's CPU path reads them.
+            let tensors =
+                block.cpu_tensors().ok_or_else(|| candle_core::Error::Msg("a block off the CPU path".into()))?;
+            let guards: Vec<_> = tensors.iter().map(|t| t.map(|t| t.storage_and_layout())).collect();
+            let weights = guards
+                .iter()
+                .map(|g| g.as_ref().map(|(s, l)| kernels::f32_values(s, l)).transpose())
+                .collect::<candle_core::Result<Vec<Option<&[f32]>>>>()?;
+            let want =
+                |k: usize| weights[k].ok_or_else(|| candle_core::Error::Msg("a CPU-path weight is missing".into()));
+            norm(&x, want(0)?, weights[1], &mut normed);
+            kernels::linear(&normed, n, want(2)?, want(3)?, &mut qkv, false);
             kernels::rotary_qk_in_place(&mut qkv, heads, d, &cos, &sin);
             kernels::attention_spans(&qkv, spans_of(i), heads, self.score_block / heads.max(1), &mut attended)?;
-            kernels::linear(&attended, n, &block.proj.0, &block.proj.1, &mut x, true);
-            norm(&x, &block.norm2, &mut normed);
-            kernels::linear(&normed, n, &block.fc1.0, &block.fc1.1, &mut mlp, false);
-            match &block.up {
-                Some((uw, ub)) => {
-                    kernels::linear(&normed, n, uw, ub, &mut up, false);
-                    kernels::swiglu_in_place(&mut mlp, &up);
-                }
-                None => kernels::quick_gelu_in_place(&mut mlp),
+            kernels::linear(&attended, n, want(4)?, want(5)?, &mut x, true);
+            norm(&x, want(6)?, weights[7], &mut normed);
+            kernels::linear(&normed, n, want(8)?, want(9)?, &mut mlp, false);
+            if weights.len() > 12 {
+                kernels::linear(&normed, n, want(12)?, want(13)?, &mut up, false);
+                kernels::swiglu_in_place(&mut mlp, &up);
+            } else {
+                kernels::quick_gelu_in_place(&mut mlp);
             }
-            kernels::linear(&mlp, n, &block.fc2.0, &block.fc2.1, &mut x, true);
+            kernels::linear(&mlp, n, want(10)?, want(11)?, &mut x, true);
         }
         Tensor::from_vec(x, (n, w), &self.device)
     }

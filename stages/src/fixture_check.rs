@@ -133,14 +133,7 @@ fn greedy(dir: &Path, expected: &Value, device: &candle_core::Device) -> Result<
     for case in &cases {
         let ids = m.tokenizer.encode(&m.tokenizer.chat_prefix(case["prompt"].as_str().unwrap_or_default())?, false)?;
         let out = generate(&m.decoder, &ids, 16, &eot, &Sampling::GREEDY, &mut Rng::new(0))?;
-        let want: Vec<u32> = case["generated_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_u64())
-            .map(|v| v as u32)
-            .collect();
-        differ += usize::from(out != want);
+        differ += usize::from(out != token_ids(&case["generated_ids"]));
     }
     Ok(Check { name: "qwen2_greedy_tokens".into(), records: cases.len(), worst: differ as f64, tolerance: 0.0 })
 }
@@ -161,14 +154,7 @@ fn image_greedy(dir: &Path, name: &str, vlm: &Qwen2Vl, expected: &Value, prompt:
             .ok_or_else(|| ModelError::Compute(format!("{name}: no record {}", case["id"])))?;
         let image = image_of(dir, record, RGB_CONVENTION)?;
         let out = vlm.generate(&vlm.prepare_prompt(&image, prompt)?, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0))?;
-        let want: Vec<u32> = case["generated_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_u64())
-            .map(|v| v as u32)
-            .collect();
-        differ += usize::from(out != want);
+        differ += usize::from(out != token_ids(&case["generated_ids"]));
     }
     Ok(Check { name: format!("{name}_greedy_tokens"), records: cases.len(), worst: differ as f64, tolerance: 0.0 })
 }
@@ -220,6 +206,11 @@ fn compare(name: &str, got: &[f64], want: &[f64], tolerance: f64) -> Result<Chec
 
 fn perplexities(list: &Value, field: &str) -> Vec<f64> {
     list.as_array().into_iter().flatten().filter_map(|r| r[field].as_f64()).collect()
+}
+
+/// A fixture's list of token ids.
+fn token_ids(v: &Value) -> Vec<u32> {
+    v.as_array().into_iter().flatten().filter_map(Value::as_u64).map(|v| v as u32).collect()
 }
 
 /// A fixture record's image, read as the model's reference reads pixels.

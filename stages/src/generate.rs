@@ -44,14 +44,12 @@ use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
 use ladle_models::llm::generate::{Rng, Sampling, generate};
 use ladle_models::llm::{LanguageModel, ModelError};
-use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
 use ladle_models::vision::images::RgbConvention;
-use ladle_models::vision::llava::{Llava, PreparedRecord};
 
 use crate::image_source::bad_image;
 use crate::model_error;
 use crate::template::Template;
-use crate::vlm::ImageParams;
+use crate::vlm::{self, ImageParams, LoadedVlm, Vlm};
 
 pub struct GenerateKind;
 
@@ -140,18 +138,10 @@ impl MapStage for Generate {
             let model = LanguageModel::load_on(&dir, &device, dtype).map_err(model_error)?;
             return self.mapper(&dir, model, root);
         };
-        if Qwen2Vl::is_one(&dir) {
-            let mut vlm = Qwen2Vl::load_on(&dir, &device, dtype).map_err(model_error)?;
-            image.pixels.apply(&mut vlm.processor, &dir)?;
-            return self.mapper(&dir, vlm, root);
+        match vlm::load(&dir, &device, dtype, &image.pixels, "drop `image` to generate from text alone")? {
+            LoadedVlm::Llava(v) => self.mapper(&dir, *v, root),
+            LoadedVlm::Qwen2Vl(v) => self.mapper(&dir, *v, root),
         }
-        image.pixels.refuse_for(&dir)?;
-        let vlm = Llava::load_on(&dir, &device, dtype).map_err(|e| {
-            model_error(e).with_hint(
-                "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to generate from text alone",
-            )
-        })?;
-        self.mapper(&dir, vlm, root)
     }
 }
 
@@ -218,48 +208,20 @@ impl Writer for LanguageModel {
     }
 }
 
-/// The image a VLM's writer is always given (the stage reads one for every record).
-fn the_image(image: Option<&RgbImage>) -> Result<&RgbImage, ModelError> {
-    image.ok_or_else(|| ModelError::Compute("a VLM writes from an image, and none was read".into()))
-}
-
-impl Writer for Llava {
-    type Prompt = PreparedRecord;
+/// Every VLM writes from the record's image, which the stage reads for every record.
+impl<V: Vlm> Writer for V {
+    type Prompt = V::Prepared;
+    const RGB: RgbConvention = V::RGB;
     fn language_model(&self) -> &LanguageModel {
-        &self.lm
+        Vlm::language_model(self)
     }
-    fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(PreparedRecord, usize), ModelError> {
-        let p = self.prepare_prompt(the_image(image)?, prompt)?;
-        let n = p.seq.ids.len();
-        Ok((p, n))
+    fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(V::Prepared, usize), ModelError> {
+        let image = image.ok_or_else(|| ModelError::Compute("a VLM writes from an image, and none was read".into()))?;
+        self.prepare_prompt(image, prompt)
     }
     fn write(
         &self,
-        p: &PreparedRecord,
-        max_new: usize,
-        stop: &[u32],
-        s: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        self.generate(p, max_new, stop, s, rng)
-    }
-}
-
-impl Writer for Qwen2Vl {
-    type Prompt = PreparedImageRecord;
-    const RGB: RgbConvention = ladle_models::qwen2_vl::processor::RGB_CONVENTION;
-    fn language_model(&self) -> &LanguageModel {
-        &self.lm
-    }
-    fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(PreparedImageRecord, usize), ModelError> {
-        let p = self.prepare_prompt(the_image(image)?, prompt)?;
-        // Generated tokens continue from the text position after the image's block.
-        let n = (p.seq.ids.len() as i64 + p.positions.rope_delta).max(0) as usize;
-        Ok((p, n))
-    }
-    fn write(
-        &self,
-        p: &PreparedImageRecord,
+        p: &V::Prepared,
         max_new: usize,
         stop: &[u32],
         s: &Sampling,

@@ -51,16 +51,13 @@ use ladle_engine::stage::{
 use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
 use ladle_models::llm::{LanguageModel, ModelError, Score, Scorer, Sequence};
-use ladle_models::qwen2_vl::{PreparedImageRecord, Qwen2Vl};
-use ladle_models::vision::images::RgbConvention;
-use ladle_models::vision::llava::{Llava, PreparedRecord};
 use serde_json::Value;
 
 use crate::image_source::{ImageField, bad_image};
 use crate::model::{MODEL_PORT, model_dir};
 use crate::model_error;
 use crate::template::Template;
-use crate::vlm::ImageParams;
+use crate::vlm::{self, ImageParams, LoadedVlm, Vlm};
 
 pub struct PerplexityKind;
 
@@ -140,18 +137,18 @@ impl MapStage for Perplexity {
         let device = self.placement.device().map_err(model_error)?;
         if let Some(image) = &self.image {
             let root = inputs.dataset_root("data");
-            if Qwen2Vl::is_one(&dir) {
-                let mut vlm = Qwen2Vl::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
-                image.pixels.apply(&mut vlm.processor, &dir)?;
-                return Ok(self.image_mapper(vlm, image, root));
-            }
-            image.pixels.refuse_for(&dir)?;
-            let vlm = Llava::load_on(&dir, &device, self.placement.dtype).map_err(|e| {
-                crate::model_error(e).with_hint(
-                    "`image` needs a VLM (LLaVA-format, Qwen2-VL or Qwen2.5-VL); drop `image` to score the text alone",
-                )
-            })?;
-            return Ok(self.image_mapper(vlm, image, root));
+            return Ok(
+                match vlm::load(
+                    &dir,
+                    &device,
+                    self.placement.dtype,
+                    &image.pixels,
+                    "drop `image` to score the text alone",
+                )? {
+                    LoadedVlm::Llava(v) => self.image_mapper(*v, image, root),
+                    LoadedVlm::Qwen2Vl(v) => self.image_mapper(*v, image, root),
+                },
+            );
         }
         let model = LanguageModel::load_on(&dir, &device, self.placement.dtype).map_err(model_error)?;
         // Prompted scoring needs a chat template and its end-of-turn token: fail before any shard.
@@ -250,76 +247,10 @@ fn add_score(record: &mut serde_json::Map<String, Value>, column: &str, s: &Scor
     }
 }
 
-/// What image-conditioned scoring needs of a VLM: records prepared one at a time (image errors
-/// come out there), then scored together.
-trait ImageScorer: Send + Sync + 'static {
-    type Prepared: Send;
-    /// How the model's reference reads an image's pixels.
-    const RGB: RgbConvention;
-    fn max_positions(&self) -> usize;
-    fn prepare(
-        &self,
-        image: &image::RgbImage,
-        prompt: &str,
-        text: &str,
-        max_tokens: usize,
-    ) -> Result<Self::Prepared, ModelError>;
-    fn truncated(prepared: &Self::Prepared) -> bool;
-    /// Scores in `items`' order.
-    fn score_all(&self, items: &[&Self::Prepared], batch_tokens: usize) -> Result<Vec<Score>, ModelError>;
-}
-
-impl ImageScorer for Llava {
-    type Prepared = PreparedRecord;
-    const RGB: RgbConvention = RgbConvention::Displayed;
-    fn max_positions(&self) -> usize {
-        self.lm.config.max_positions
-    }
-    fn prepare(
-        &self,
-        image: &image::RgbImage,
-        prompt: &str,
-        text: &str,
-        max_tokens: usize,
-    ) -> Result<PreparedRecord, ModelError> {
-        Llava::prepare(self, image, prompt, text, max_tokens)
-    }
-    fn truncated(prepared: &PreparedRecord) -> bool {
-        prepared.truncated
-    }
-    /// Batched by length under `batch_tokens`.
-    fn score_all(&self, items: &[&PreparedRecord], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
-        Llava::score_all(self, items, batch_tokens)
-    }
-}
-
-impl ImageScorer for Qwen2Vl {
-    type Prepared = PreparedImageRecord;
-    const RGB: RgbConvention = ladle_models::qwen2_vl::processor::RGB_CONVENTION;
-    fn max_positions(&self) -> usize {
-        self.lm.config.max_positions
-    }
-    fn prepare(
-        &self,
-        image: &image::RgbImage,
-        prompt: &str,
-        text: &str,
-        max_tokens: usize,
-    ) -> Result<PreparedImageRecord, ModelError> {
-        self.prepare_within(image, prompt, text, max_tokens)
-    }
-    fn truncated(prepared: &PreparedImageRecord) -> bool {
-        prepared.truncated
-    }
-    /// Batched by length under `batch_tokens`, the images of a batch in one tower pass.
-    fn score_all(&self, items: &[&PreparedImageRecord], batch_tokens: usize) -> Result<Vec<Score>, ModelError> {
-        Qwen2Vl::score_all(self, items, batch_tokens)
-    }
-}
-
 impl Perplexity {
-    fn image_mapper<V: ImageScorer>(&self, vlm: V, image: &ImageParams, root: Option<PathBuf>) -> Arc<dyn ShardMapper> {
-        let max_tokens = self.max_tokens.unwrap_or(vlm.max_positions()).min(vlm.max_positions());
+    fn image_mapper<V: Vlm>(&self, vlm: V, image: &ImageParams, root: Option<PathBuf>) -> Arc<dyn ShardMapper> {
+        let positions = vlm.language_model().config.max_positions;
+        let max_tokens = self.max_tokens.unwrap_or(positions).min(positions);
         Arc::new(ImageMapper {
             text: self.text.clone(),
             prompt: self.prompt.clone(),
@@ -353,7 +284,7 @@ enum RecordFailure {
     Other(StageError),
 }
 
-impl<V: ImageScorer> ImageMapper<V> {
+impl<V: Vlm> ImageMapper<V> {
     /// The record's image and sequence, ready to score with others.
     fn prepare(&self, record: &serde_json::Map<String, Value>) -> Result<V::Prepared, RecordFailure> {
         let text = self.text.render(record).map_err(|e| RecordFailure::Other(StageError::input(e)))?;
@@ -366,7 +297,7 @@ impl<V: ImageScorer> ImageMapper<V> {
         };
         let image = self.image.locate(record, self.root.as_deref()).map_err(RecordFailure::Image)?;
         let rgb = image.load_as(V::RGB).map_err(|e| RecordFailure::Image(e.to_string()))?;
-        self.vlm.prepare(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
+        self.vlm.prepare_scored(&rgb, &prompt, &text, self.max_tokens).map_err(|e| match e {
             ModelError::Image(m) => RecordFailure::Image(m),
             other => RecordFailure::Other(model_error(other)),
         })
@@ -377,7 +308,7 @@ impl<V: ImageScorer> ImageMapper<V> {
 /// 336 pixels), so a window bounds memory whatever the shard's size.
 const IMAGE_WINDOW: usize = 64;
 
-impl<V: ImageScorer> ImageMapper<V> {
+impl<V: Vlm> ImageMapper<V> {
     /// Scores a window of prepared records in batches of similar length under `batch_tokens`,
     /// and writes them in order.
     fn flush(
@@ -396,7 +327,7 @@ impl<V: ImageScorer> ImageMapper<V> {
     }
 }
 
-impl<V: ImageScorer> ShardMapper for ImageMapper<V> {
+impl<V: Vlm> ShardMapper for ImageMapper<V> {
     /// Records are prepared one by one (an unusable image fails or drops its record there), then
     /// scored together, [`IMAGE_WINDOW`] at a time.
     fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {

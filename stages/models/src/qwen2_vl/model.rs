@@ -224,24 +224,37 @@ impl Qwen2Vl {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.score_prepared_timed(items)?.0)
+        let (x, cos, sin) = self.inputs(items)?;
+        self.score_inputs(items, x, &cos, &sin)
     }
 
     /// [`Qwen2Vl::score_prepared`], saying how its time split between the vision tower and the
-    /// language model (the device synchronized between the two).
+    /// language model (the benchmark's: the device is synchronized between the two, which
+    /// scoring itself never waits for).
     pub fn score_prepared_timed(&self, items: &[&PreparedImageRecord]) -> Result<(Vec<Score>, ScoreTimes), ModelError> {
-        let decoder = &self.lm.decoder;
         let start = std::time::Instant::now();
         let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
         let embeds = self.tower.forward_many(&patches)?;
-        decoder.device().synchronize()?;
+        self.lm.decoder.device().synchronize()?;
         let vision_s = start.elapsed().as_secs_f64();
         let (x, cos, sin) = self.inputs_with(items, embeds)?;
-        let hidden = decoder.hidden_from_embeddings_with_rotary(x, &cos, &sin)?;
-        let seqs: Vec<&Sequence> = items.iter().map(|r| &r.seq).collect();
-        let scores = score_hidden_batch(decoder, &hidden, &seqs)?;
+        let scores = self.score_inputs(items, x, &cos, &sin)?;
         let language_s = start.elapsed().as_secs_f64() - vision_s;
         Ok((scores, ScoreTimes { vision_s, language_s }))
+    }
+
+    /// The scores of records from their decoder inputs ([`Qwen2Vl::inputs`]).
+    fn score_inputs(
+        &self,
+        items: &[&PreparedImageRecord],
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Vec<Score>, ModelError> {
+        let decoder = &self.lm.decoder;
+        let hidden = decoder.hidden_from_embeddings_with_rotary(x, cos, sin)?;
+        let seqs: Vec<&Sequence> = items.iter().map(|r| &r.seq).collect();
+        score_hidden_batch(decoder, &hidden, &seqs)
     }
 
     /// New tokens written after a prompt prepared with [`Qwen2Vl::prepare_prompt`]: the prompt in

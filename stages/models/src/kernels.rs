@@ -8,7 +8,8 @@
 //! - [`quick_gelu_in_place`]: `x · sigmoid(1.702 x)`;
 //! - [`attention`] (and the [`Attention`] custom op): softmax(Q Kᵀ / √d) V for every (image,
 //!   head) straight from the fused QKV projection's output, through `gemm` with strides (no
-//!   transposes), one T×T scores buffer per thread;
+//!   transposes), one block of scores per thread, the softmax's division applied to the output
+//!   rows (d values each) rather than the scores (T each);
 //! - [`linear`] (and [`FastLinear`], a drop-in for candle's `Linear`): bias and residual folded
 //!   into the gemm call, one single-threaded gemm per thread on rows or output columns;
 //!   [`matmul_wt`], the same without a bias (the LM head's logits);
@@ -49,27 +50,6 @@ fn sigmoid(z: f32) -> f32 {
     if z >= 0.0 { s } else { e * s }
 }
 
-/// Softmax of one row in place; sums in 16 lanes so the loop vectorizes.
-#[inline(always)]
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut lanes = [0f32; 16];
-    let mut chunks = row.chunks_exact_mut(16);
-    for c in &mut chunks {
-        for (l, s) in lanes.iter_mut().zip(c.iter_mut()) {
-            *s = exp_nonpositive(*s - max);
-            *l += *s;
-        }
-    }
-    let mut sum = 0f32;
-    for s in chunks.into_remainder() {
-        *s = exp_nonpositive(*s - max);
-        sum += *s;
-    }
-    let inv = 1.0 / (sum + lanes.iter().sum::<f32>());
-    row.iter_mut().for_each(|s| *s *= inv);
-}
-
 /// Runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has them (the crate is built for
 /// baseline x86-64, where these loops get 4-lane SSE), else as built.
 macro_rules! with_best_simd {
@@ -107,9 +87,27 @@ with_best_simd!(quick_gelu_inplace_fast, (x: &mut [f32]), {
         *v *= sigmoid(1.702 * *v);
     }
 });
-with_best_simd!(softmax_rows_fast, (scores: &mut [f32], t: usize), {
-    for row in scores.chunks_exact_mut(t) {
-        softmax_row(row);
+// Each row of `scores` ([rows, t]) replaced by exp(x - its max), and `inv[r]` set to 1 / the
+// row's sum (16 lanes, so the loop vectorizes): a softmax whose division is left to the caller,
+// who applies it to the d values of P·V's row instead of the t values of P's (one pass over the
+// scores fewer).
+with_best_simd!(exp_rows_fast, (scores: &mut [f32], t: usize, inv: &mut [f32]), {
+    for (row, inv) in scores.chunks_exact_mut(t).zip(inv.iter_mut()) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (l, s) in lanes.iter_mut().zip(c.iter_mut()) {
+                *s = exp_nonpositive(*s - max);
+                *l += *s;
+            }
+        }
+        let mut sum = 0f32;
+        for s in chunks.into_remainder() {
+            *s = exp_nonpositive(*s - max);
+            sum += *s;
+        }
+        *inv = 1.0 / (sum + lanes.iter().sum::<f32>());
     }
 });
 
@@ -199,9 +197,10 @@ pub fn attention_spans(
     }
     let widest = tasks.iter().map(|&(_, len, _, _, rows)| len * rows).max().unwrap_or(0);
     let out_ptr = OutPtr(out.as_mut_ptr());
+    let most_rows = tasks.iter().map(|&(_, _, _, _, rows)| rows).max().unwrap_or(0);
     tasks.into_par_iter().for_each_init(
-        || vec![0f32; widest],
-        |scores, (start, len, head, q0, rows)| {
+        || (vec![0f32; widest], vec![0f32; most_rows]),
+        |(scores, inv), (start, len, head, q0, rows)| {
             let base = start * three_h + head * d;
             let (q, k, v) = (&qkv[base + q0 * three_h..], &qkv[base + h..], &qkv[base + 2 * h..]);
             let rs = three_h as isize;
@@ -233,7 +232,8 @@ pub fn attention_spans(
                     gemm::Parallelism::None,
                 );
             }
-            softmax_rows_fast(scores, len);
+            let inv = &mut inv[..rows];
+            exp_rows_fast(scores, len, inv);
             let dst = out_ptr;
             unsafe {
                 // out[rows of the block, head·d..] = P V: P [rows, len]; V [len, d], rows 3h apart.
@@ -258,6 +258,11 @@ pub fn attention_spans(
                     false,
                     gemm::Parallelism::None,
                 );
+                // The softmax's division, on the output rows.
+                for (r, &inv) in inv.iter().enumerate() {
+                    let row = std::slice::from_raw_parts_mut(dst.0.add((start + q0 + r) * h + head * d), d);
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
             }
         },
     );

@@ -6,7 +6,10 @@
 //! final hidden states at every position, so callers pick the positions they need logits for.
 //!
 //! The mask is causal only. With right padding that is exact for every real token: a token never
-//! attends to a later position, and pads come after all real tokens.
+//! attends to a later position, and pads come after all real tokens. Sequences of unequal length
+//! (a VLM's records, whose images differ in size) go packed end to end instead
+//! ([`Decoder::hidden_packed`]): the linear layers see only real tokens, and attention runs
+//! sequence by sequence.
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
@@ -106,33 +109,61 @@ impl Attention {
         })
     }
 
-    /// Attention of the `t` new positions of `x` (starting at position `start`) over `past` keys
-    /// and values and their own. Returns the output and all keys and values, for a cache.
+    /// Attention of the `t` new positions of `x` over `past` keys and values and their own, for
+    /// every position or only the `queries` rows of `x` (their indices, with their rotary
+    /// angles: a pass that needs hidden states only there). Returns the output ([B, queries, H])
+    /// and all keys and values, for a cache.
     ///
     /// The scale is folded into q (one pass over [B,H,T,D], not over the scores); grouped-query
     /// attention reshapes q to [B, kv_heads, rep·T, D] so keys and values are used as they are,
-    /// never repeated; the scores go through in the query `blocks` of this pass, each over only
-    /// the keys it can see.
+    /// never repeated; the scores go through in the query blocks of this `pass`, each over only
+    /// the keys it can see, sequence by sequence where the pass packs several.
     fn forward(
         &self,
         x: &Tensor,
         rotation: Rotation<'_>,
         past: Option<&(Tensor, Tensor)>,
-        blocks: &QueryBlocks,
+        pass: &Pass,
+        queries: Option<(&Tensor, Rotation<'_>)>,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
-        let shape = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+        let shape = |y: Tensor, t: usize, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
         let scale = 1.0 / (d as f64).sqrt();
-        let q = (rotation.apply(&shape(self.q.forward(x)?, self.heads)?)? * scale)?;
-        let mut k = rotation.apply(&shape(self.k.forward(x)?, self.kv_heads)?)?;
-        let mut v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        let (xq, tq, q_rotation) = match queries {
+            Some((rows, rotation)) => (x.index_select(rows, 1)?, rows.dim(0)?, rotation),
+            None => (x.clone(), t, rotation),
+        };
+        let q = (q_rotation.apply(&shape(self.q.forward(&xq)?, tq, self.heads)?)? * scale)?;
+        let mut k = rotation.apply(&shape(self.k.forward(x)?, t, self.kv_heads)?)?;
+        let mut v = shape(self.v.forward(x)?, t, self.kv_heads)?.contiguous()?;
         if let Some((pk, pv)) = past {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
-        let y = grouped_causal_attention(&q, &k, &v, blocks)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
+        let y = match pass.sequences.as_slice() {
+            [one] if one.queries_from == 0 && one.blocks.t == tq && one.blocks.past + tq == k.dim(2)? => {
+                grouped_causal_attention(&q, &k, &v, &one.blocks)?
+            }
+            packed => {
+                if past.is_some() || b != 1 {
+                    candle_core::bail!("packed sequences take one row of positions and no cache");
+                }
+                let mut parts = Vec::with_capacity(packed.len());
+                for seq in packed {
+                    let keys = seq.blocks.past + seq.blocks.t;
+                    let (k, v) = (k.narrow(2, seq.keys_from, keys)?, v.narrow(2, seq.keys_from, keys)?);
+                    parts.push(grouped_causal_attention(
+                        &q.narrow(2, seq.queries_from, seq.blocks.t)?,
+                        &k,
+                        &v,
+                        &seq.blocks,
+                    )?);
+                }
+                Tensor::cat(&parts, 2)?
+            }
+        };
+        let y = y.transpose(1, 2)?.reshape((b, tq, self.heads * d))?;
         Ok((self.o.forward(&y)?, (k, v)))
     }
 }
@@ -186,6 +217,22 @@ impl QueryBlocks {
         }
         Ok(QueryBlocks { past, t, blocks })
     }
+}
+
+/// How the positions of one forward pass split into sequences, each with its query blocks: one
+/// sequence of `t` positions per row for a right-padded batch or a cached step, or several laid
+/// end to end in one row (packed: no padding computed), each attending only within itself.
+struct Pass {
+    sequences: Vec<PassSequence>,
+}
+
+/// One sequence of a [`Pass`]: its queries are `blocks.t` rows from `queries_from` of the
+/// pass's queries, its keys `blocks.past + blocks.t` rows from `keys_from` of its keys (the
+/// queries are the last of its positions).
+struct PassSequence {
+    queries_from: usize,
+    keys_from: usize,
+    blocks: QueryBlocks,
 }
 
 /// Causal attention of q [B, H, T, D] (already scaled) over k, v [B, KV, S, D] (S = past + T:
@@ -283,10 +330,14 @@ impl Layer {
         x: &Tensor,
         rotation: Rotation<'_>,
         past: Option<&(Tensor, Tensor)>,
-        blocks: &QueryBlocks,
+        pass: &Pass,
+        queries: Option<(&Tensor, Rotation<'_>)>,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, past, blocks)?;
-        let x = (x + a)?;
+        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, past, pass, queries)?;
+        let x = match queries {
+            Some((rows, _)) => (x.index_select(rows, 1)? + a)?,
+            None => (x + a)?,
+        };
         Ok(((&x + self.mlp.forward(&self.post_norm.forward(&x)?)?)?, kv))
     }
 }
@@ -385,17 +436,90 @@ impl Decoder {
 
     fn hidden_rotated(&self, x: Tensor, rotation: Rotation<'_>) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let blocks = self.query_blocks(b, t, 0)?;
+        let pass = self.batch_pass(b, t, 0)?;
+        self.layers_then_norm(x, rotation, &pass)
+    }
+
+    fn layers_then_norm(&self, x: Tensor, rotation: Rotation<'_>, pass: &Pass) -> candle_core::Result<Tensor> {
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, rotation, None, &blocks)?.0;
+            x = layer.forward(&x, rotation, None, pass, None)?.0;
         }
         self.norm.forward(&x)
     }
 
-    /// The attention blocks of a pass of `b` sequences of `t` positions after `past` cached ones.
-    fn query_blocks(&self, b: usize, t: usize, past: usize) -> candle_core::Result<QueryBlocks> {
-        QueryBlocks::new(b * self.heads, t, past, self.score_block, &self.device)
+    /// Final hidden states of sequences packed end to end, at each one's last `keep[i]`
+    /// positions: [Σ keep, H], sequence by sequence. The input embeddings are [N, H], the
+    /// sequences' lengths `lens` summing to N. Nothing is padded, so a batch of unequal lengths
+    /// costs what its tokens cost; each sequence attends only within itself, as if it were
+    /// alone. The last layer computes queries, attention output and MLP only at the kept
+    /// positions (a scorer keeps the caption's: with an image before it, most of the sequence).
+    /// Rotary angles come from each sequence's positions 0.., or are given per position
+    /// (`rotary`: cos and sin [N, head_dim/2] in the model's dtype, Qwen2-VL's M-RoPE).
+    pub fn hidden_packed(
+        &self,
+        x: Tensor,
+        lens: &[usize],
+        keep: &[usize],
+        rotary: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        if lens.iter().sum::<usize>() != n || keep.len() != lens.len() || keep.iter().zip(lens).any(|(k, l)| k > l) {
+            candle_core::bail!(
+                "packed sequences of {} positions (keeping {}) for {n} embeddings",
+                lens.iter().sum::<usize>(),
+                keep.iter().sum::<usize>()
+            );
+        }
+        let (cos, sin) = match rotary {
+            Some((cos, sin)) => (cos.clone(), sin.clone()),
+            None => {
+                let table = self.rope.cos.dim(0)?;
+                if let Some(long) = lens.iter().find(|&&l| l > table) {
+                    candle_core::bail!("a sequence of {long} positions passes the model's {table}");
+                }
+                let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+                let positions = Tensor::from_vec(positions, n, &self.device)?;
+                (self.rope.cos.index_select(&positions, 0)?, self.rope.sin.index_select(&positions, 0)?)
+            }
+        };
+        let (mut every, mut last, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut start, mut kept) = (0, 0);
+        for (&len, &keep) in lens.iter().zip(keep) {
+            let blocks = QueryBlocks::new(self.heads, len, 0, self.score_block, &self.device)?;
+            every.push(PassSequence { queries_from: start, keys_from: start, blocks });
+            if keep > 0 {
+                let blocks = QueryBlocks::new(self.heads, keep, len - keep, self.score_block, &self.device)?;
+                last.push(PassSequence { queries_from: kept, keys_from: start, blocks });
+                rows.extend((start + len - keep..start + len).map(|r| r as u32));
+            }
+            start += len;
+            kept += keep;
+        }
+        if rows.is_empty() {
+            return Tensor::zeros((0, x.dim(1)?), x.dtype(), &self.device);
+        }
+        let rows = Tensor::from_vec(rows, kept, &self.device)?;
+        let Some((final_layer, layers)) = self.layers.split_last() else {
+            return self.norm.forward(&x.index_select(&rows, 0)?);
+        };
+        let (cos_kept, sin_kept) =
+            (cos.index_select(&rows, 0)?.unsqueeze(0)?, sin.index_select(&rows, 0)?.unsqueeze(0)?);
+        let (cos, sin) = (cos.unsqueeze(0)?, sin.unsqueeze(0)?);
+        let rotation = Rotation::Given(&cos, &sin);
+        let (every, last) = (Pass { sequences: every }, Pass { sequences: last });
+        let mut x = x.unsqueeze(0)?;
+        for layer in layers {
+            x = layer.forward(&x, rotation, None, &every, None)?.0;
+        }
+        let x = final_layer.forward(&x, rotation, None, &last, Some((&rows, Rotation::Given(&cos_kept, &sin_kept))))?.0;
+        self.norm.forward(&x)?.squeeze(0)
+    }
+
+    /// The pass of `b` sequences of `t` positions after `past` cached ones, one per row.
+    fn batch_pass(&self, b: usize, t: usize, past: usize) -> candle_core::Result<Pass> {
+        let blocks = QueryBlocks::new(b * self.heads, t, past, self.score_block, &self.device)?;
+        Ok(Pass { sequences: vec![PassSequence { queries_from: 0, keys_from: 0, blocks }] })
     }
 
     /// An empty key/value cache for [`Decoder::step`].
@@ -429,10 +553,10 @@ impl Decoder {
                 Rotation::From(&self.rope, start as usize)
             }
         };
-        let blocks = self.query_blocks(b, t, cache.len)?;
+        let pass = self.batch_pass(b, t, cache.len)?;
         let mut x = x;
         for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, kv) = layer.forward(&x, rotation, past.as_ref(), &blocks)?;
+            let (y, kv) = layer.forward(&x, rotation, past.as_ref(), &pass, None)?;
             *past = Some(kv);
             x = y;
         }
@@ -602,5 +726,56 @@ mod tests {
             let worst = got.iter().zip(&whole).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
             assert!(worst <= 2e-5, "{block} scores a block: hidden states differ by {worst}");
         }
+    }
+
+    /// Sequences packed end to end come out as each does alone (its positions from 0, its
+    /// attention within itself), in one block or many, whole or only at their last positions.
+    #[test]
+    fn packed_sequences_equal_each_alone() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny/tiny-qwen2");
+        let cfg = LlmConfig::load(&dir).unwrap();
+        let vb = crate::llm::weights::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        let mut decoder = Decoder::new(&cfg, vb, "model").unwrap();
+        let lens = [37, 5, 120, 1];
+        let seqs: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &l)| (0..l).map(|i| ((i * 7919 + s * 104_729 + 13) % cfg.vocab_size) as u32).collect())
+            .collect();
+        let alone: Vec<f32> = seqs
+            .iter()
+            .flat_map(|ids| {
+                let ids = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
+                decoder.hidden(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        let all: Vec<u32> = seqs.concat();
+        let x = decoder.embed(&Tensor::from_slice(&all, all.len(), &Device::Cpu).unwrap()).unwrap();
+        let width = cfg.hidden_size;
+        for block in [SCORE_BLOCK_ELEMENTS, 700] {
+            decoder.set_score_block(block);
+            // Every position kept, then only some last ones (none of the third sequence).
+            for keep in [lens, [3, 5, 0, 1]] {
+                let packed = decoder.hidden_packed(x.clone(), &lens, &keep, None).unwrap();
+                assert_eq!(packed.dims(), &[keep.iter().sum::<usize>(), width]);
+                let packed = packed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (mut start, mut row) = (0, 0);
+                for (&len, &k) in lens.iter().zip(&keep) {
+                    let want = &alone[(start + len - k) * width..(start + len) * width];
+                    let got = &packed[row * width..(row + k) * width];
+                    let worst = got.iter().zip(want).map(|(p, a)| (p - a).abs()).fold(0f32, f32::max);
+                    assert!(
+                        worst <= 1e-5,
+                        "{block} scores a block, keeping {keep:?}: packed and alone differ by {worst}"
+                    );
+                    start += len;
+                    row += k;
+                }
+            }
+        }
+        // Lengths that do not add up to the embeddings, or keep more than a sequence has, are an
+        // error, not a misread.
+        assert!(decoder.hidden_packed(x.clone(), &[37, 5, 120], &[1, 1, 1], None).is_err());
+        assert!(decoder.hidden_packed(x, &lens, &[38, 1, 1, 1], None).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Perplexity scoring: the negative log-likelihood of chosen positions of token sequences.
 //!
-//! Sequences are batched right-padded; only the positions that are scored go through `lm_head`,
+//! Sequences are batched right-padded (text) or packed end to end (a VLM's, whose image sizes
+//! make lengths unequal: [`score_packed`]); only the positions that are scored go through `lm_head`,
 //! and their log-softmax is computed in row chunks. A sequence's score does not depend on what it
 //! is batched with (causal attention keeps real tokens from seeing pads); the tests hold it to
 //! 1e-5. [`plan_batches`] groups sequences of similar length under a token budget.
@@ -81,22 +82,67 @@ pub fn score_hidden_batch(decoder: &Decoder, hidden: &Tensor, seqs: &[&Sequence]
     if seqs.len() != b || seqs.iter().any(|s| s.ids.len() > t) {
         return Err(ModelError::Compute(format!("{} sequences for hidden states of {b} × {t}", seqs.len())));
     }
+    let starts: Vec<isize> = (0..b).map(|r| (r * t) as isize).collect();
+    score_rows(decoder, &hidden.reshape((b * t, h))?, seqs, &starts)
+}
+
+/// The scores of sequences from their input embeddings packed end to end ([N, H], N their
+/// total length; a VLM's, image features spliced in), through [`Decoder::hidden_packed`] keeping
+/// only the positions that predict a scored token (and the last), then as
+/// [`score_hidden_batch`]. `rotary`: per-position cos and sin [N, head_dim/2], if not each
+/// sequence's positions 0.. in the model's table.
+pub fn score_packed(
+    decoder: &Decoder,
+    x: Tensor,
+    seqs: &[&Sequence],
+    rotary: Option<(&Tensor, &Tensor)>,
+) -> Result<Vec<Score>, ModelError> {
+    let lens: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+    // Position p - 1 predicts scored token p, p from score_from (at least 1) to the end.
+    let keep: Vec<usize> = seqs
+        .iter()
+        .map(|s| {
+            let first = s.score_from.max(1);
+            if s.ids.len() > first { s.ids.len() - first + 1 } else { 0 }
+        })
+        .collect();
+    if keep.iter().all(|&k| k == 0) {
+        return Ok(vec![Score { nll_sum: 0.0, tokens: 0 }; seqs.len()]);
+    }
+    let hidden = decoder.hidden_packed(x, &lens, &keep, rotary)?;
+    // Sequence i's position q is kept row (its first kept row) + q - (its length - keep).
+    let mut starts = Vec::with_capacity(seqs.len());
+    let mut kept = 0usize;
+    for (&len, &k) in lens.iter().zip(&keep) {
+        starts.push(kept as isize - (len - k) as isize);
+        kept += k;
+    }
+    score_rows(decoder, &hidden, seqs, &starts)
+}
+
+/// Scores from hidden states [rows, H] where sequence `i`'s position `p` is row `starts[i] + p`
+/// (for every `p` that predicts a scored token).
+fn score_rows(
+    decoder: &Decoder,
+    hidden: &Tensor,
+    seqs: &[&Sequence],
+    starts: &[isize],
+) -> Result<Vec<Score>, ModelError> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut owner = Vec::new();
-    for (r, s) in seqs.iter().enumerate() {
+    for (r, (s, &start)) in seqs.iter().zip(starts).enumerate() {
         for p in s.score_from.max(1)..s.ids.len() {
-            rows.push((r * t + p - 1) as u32);
+            rows.push((start + p as isize - 1) as u32);
             targets.push(s.ids[p]);
             owner.push(r);
         }
     }
-    let mut scores = vec![Score { nll_sum: 0.0, tokens: 0 }; b];
+    let mut scores = vec![Score { nll_sum: 0.0, tokens: 0 }; seqs.len()];
     if rows.is_empty() {
         return Ok(scores);
     }
-    let picked =
-        hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(rows, owner.len(), decoder.device())?, 0)?;
+    let picked = hidden.index_select(&Tensor::from_vec(rows, owner.len(), decoder.device())?, 0)?;
     for (lp, r) in decoder.target_log_probs(&picked, &targets)?.into_iter().zip(owner) {
         scores[r].nll_sum -= lp as f64;
         scores[r].tokens += 1;

@@ -13,7 +13,7 @@ use super::rope::{MropePositions, mrope_positions, mrope_tables};
 use super::vision::VisionTower;
 use crate::llm::config::{MODEL_FILES, read_json};
 use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
-use crate::llm::scorer::{plan_batches, score_hidden_batch};
+use crate::llm::scorer::{plan_batches, score_packed};
 use crate::llm::{LanguageModel, ModelError, Score, Sequence, StepRotary, weights};
 
 /// The system turn Qwen2-VL's chat template adds when the messages have none.
@@ -155,52 +155,54 @@ impl Qwen2Vl {
         })
     }
 
-    /// The decoder's inputs for records: embeddings [B, T, H] (each image's merged tokens in
-    /// place of its pads, all images through the tower in one pass; right-padded with zeros to
-    /// the longest) and M-RoPE's tables [B, T, head_dim/2].
-    fn inputs(&self, items: &[&PreparedImageRecord]) -> Result<(Tensor, Tensor, Tensor), ModelError> {
-        let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
-        self.inputs_with(items, self.tower.forward_many(&patches)?)
+    /// One record's input embeddings [t, H]: its tokens', with the image's merged tokens
+    /// (`image`, [n, H] from the tower) in place of its pads.
+    fn spliced(&self, item: &PreparedImageRecord, image: Tensor) -> Result<Tensor, ModelError> {
+        let decoder = &self.lm.decoder;
+        let t = item.seq.ids.len();
+        let (at, n) = (item.image_at, item.image_tokens);
+        if image.dim(0)? != n || at + n > t {
+            return Err(ModelError::Compute(format!(
+                "the image gives {} tokens for {n} places at {at} in a sequence of {t}",
+                image.dim(0)?
+            )));
+        }
+        let emb = decoder.embed(&Tensor::from_vec(item.seq.ids.clone(), t, decoder.device())?)?;
+        let parts = [emb.narrow(0, 0, at)?, image.to_dtype(decoder.dtype())?, emb.narrow(0, at + n, t - at - n)?];
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
-    /// [`Qwen2Vl::inputs`] with the images' merged tokens already made.
-    fn inputs_with(
-        &self,
-        items: &[&PreparedImageRecord],
-        embeds: Vec<Tensor>,
-    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
-        let decoder = &self.lm.decoder;
-        let longest = items.iter().map(|r| r.seq.ids.len()).max().unwrap_or(0);
-        let mut rows = Vec::with_capacity(items.len());
-        for (item, image) in items.iter().zip(embeds) {
-            let t = item.seq.ids.len();
-            let (at, n) = (item.image_at, item.image_tokens);
-            if image.dim(0)? != n || at + n > t {
-                return Err(ModelError::Compute(format!(
-                    "the image gives {} tokens for {n} places at {at} in a sequence of {t}",
-                    image.dim(0)?
-                )));
-            }
-            let emb = decoder.embed(&Tensor::from_vec(item.seq.ids.clone(), (1, t), decoder.device())?)?.squeeze(0)?;
-            let mut parts =
-                vec![emb.narrow(0, 0, at)?, image.to_dtype(decoder.dtype())?, emb.narrow(0, at + n, t - at - n)?];
-            if t < longest {
-                parts.push(Tensor::zeros((longest - t, emb.dim(1)?), emb.dtype(), emb.device())?);
-            }
-            rows.push(Tensor::cat(&parts, 0)?);
-        }
-        let c = &self.config;
-        let positions: Vec<&MropePositions> = items.iter().map(|r| &r.positions).collect();
-        let (cos, sin) = mrope_tables(
-            &positions,
-            longest,
+    /// M-RoPE's tables [1, t, head_dim/2] of one record's positions.
+    fn rotary(&self, item: &PreparedImageRecord) -> Result<(Tensor, Tensor), ModelError> {
+        let (c, decoder) = (&self.config, &self.lm.decoder);
+        Ok(mrope_tables(
+            &[&item.positions],
+            item.seq.ids.len(),
             c.mrope_section,
             c.text.head_dim,
             c.text.rope_theta,
             decoder.device(),
             decoder.dtype(),
-        )?;
-        Ok((Tensor::stack(&rows, 0)?, cos, sin))
+        )?)
+    }
+
+    /// The decoder's inputs for records packed end to end ([`crate::llm::Decoder::hidden_packed`]):
+    /// embeddings [N, H] (N their total length) and M-RoPE's tables [N, head_dim/2], from the
+    /// images' merged tokens `embeds` (one [n, H] per record).
+    fn packed_inputs(
+        &self,
+        items: &[&PreparedImageRecord],
+        embeds: Vec<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+        let mut xs = Vec::with_capacity(items.len());
+        let (mut coss, mut sins) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
+        for (item, image) in items.iter().zip(embeds) {
+            xs.push(self.spliced(item, image)?);
+            let (cos, sin) = self.rotary(item)?;
+            coss.push(cos.squeeze(0)?);
+            sins.push(sin.squeeze(0)?);
+        }
+        Ok((Tensor::cat(&xs, 0)?, Tensor::cat(&coss, 0)?, Tensor::cat(&sins, 0)?))
     }
 
     /// Scores prepared records in batches of similar length under `batch_tokens` (image tokens
@@ -218,13 +220,14 @@ impl Qwen2Vl {
     }
 
     /// Scores prepared records together: one tower pass over their images (attention within
-    /// each image), one decoder pass over their sequences right-padded to the longest, so a
-    /// record's score does not depend on its batch.
+    /// each image), one decoder pass over their sequences packed end to end (attention within
+    /// each, no padding computed), so a record's score does not depend on its batch.
     pub fn score_prepared(&self, items: &[&PreparedImageRecord]) -> Result<Vec<Score>, ModelError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let (x, cos, sin) = self.inputs(items)?;
+        let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
+        let (x, cos, sin) = self.packed_inputs(items, self.tower.forward_many(&patches)?)?;
         self.score_inputs(items, x, &cos, &sin)
     }
 
@@ -237,13 +240,13 @@ impl Qwen2Vl {
         let embeds = self.tower.forward_many(&patches)?;
         self.lm.decoder.device().synchronize()?;
         let vision_s = start.elapsed().as_secs_f64();
-        let (x, cos, sin) = self.inputs_with(items, embeds)?;
+        let (x, cos, sin) = self.packed_inputs(items, embeds)?;
         let scores = self.score_inputs(items, x, &cos, &sin)?;
         let language_s = start.elapsed().as_secs_f64() - vision_s;
         Ok((scores, ScoreTimes { vision_s, language_s }))
     }
 
-    /// The scores of records from their decoder inputs ([`Qwen2Vl::inputs`]).
+    /// The scores of records from their packed decoder inputs ([`Qwen2Vl::packed_inputs`]).
     fn score_inputs(
         &self,
         items: &[&PreparedImageRecord],
@@ -252,9 +255,8 @@ impl Qwen2Vl {
         sin: &Tensor,
     ) -> Result<Vec<Score>, ModelError> {
         let decoder = &self.lm.decoder;
-        let hidden = decoder.hidden_from_embeddings_with_rotary(x, cos, sin)?;
         let seqs: Vec<&Sequence> = items.iter().map(|r| &r.seq).collect();
-        score_hidden_batch(decoder, &hidden, &seqs)
+        score_packed(decoder, x, &seqs, Some((cos, sin)))
     }
 
     /// New tokens written after a prompt prepared with [`Qwen2Vl::prepare_prompt`]: the prompt in
@@ -268,7 +270,9 @@ impl Qwen2Vl {
         sampling: &Sampling,
         rng: &mut Rng,
     ) -> Result<Vec<u32>, ModelError> {
-        let (x, cos, sin) = self.inputs(&[item])?;
+        let image = self.tower.forward(&item.patches)?;
+        let x = self.spliced(item, image)?.unsqueeze(0)?;
+        let (cos, sin) = self.rotary(item)?;
         let decoder = &self.lm.decoder;
         let shift = item.positions.rope_delta;
         generate_from_embeddings(decoder, x, StepRotary::Given(&cos, &sin), shift, max_new, stop, sampling, rng)

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::preprocess::ClipPreprocessor;
 use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
-use crate::llm::scorer::{plan_batches, score_hidden_batch};
+use crate::llm::scorer::{plan_batches, score_packed};
 use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, StepRotary, weights};
 
 /// A record ready to score: see [`Llava::prepare`].
@@ -216,14 +216,13 @@ impl Llava {
         sampling: &Sampling,
         rng: &mut Rng,
     ) -> Result<Vec<u32>, ModelError> {
-        let x = self.inputs(&[item])?;
+        let x = self.inputs(&[item])?.remove(0).unsqueeze(0)?;
         generate_from_embeddings(&self.lm.decoder, x, StepRotary::Shifted(0), 0, max_new, stop, sampling, rng)
     }
 
-    /// The decoder's input embeddings [B, T, H] of prepared records: one tower pass over their
-    /// images, each image's projected features in its slots, right-padded with zeros to the
-    /// longest.
-    fn inputs(&self, items: &[&PreparedRecord]) -> Result<Tensor, ModelError> {
+    /// The decoder's input embeddings of prepared records, each [t, H]: one tower pass over
+    /// their images, each image's projected features in its slots.
+    fn inputs(&self, items: &[&PreparedRecord]) -> Result<Vec<Tensor>, ModelError> {
         let pixels: Vec<&[f32]> = items.iter().map(|r| r.pixels.as_slice()).collect();
         let features = self.image_features(&pixels)?;
         let slots = features.dim(1)?;
@@ -234,31 +233,25 @@ impl Llava {
             )));
         }
         let decoder = &self.lm.decoder;
-        let longest = items.iter().map(|r| r.seq.ids.len()).max().unwrap_or(0);
         let mut rows = Vec::with_capacity(items.len());
         for (b, r) in items.iter().enumerate() {
             let t = r.seq.ids.len();
-            let emb = decoder.embed(&Tensor::from_vec(r.seq.ids.clone(), (1, t), decoder.device())?)?.squeeze(0)?;
-            let mut parts =
-                vec![emb.narrow(0, 0, r.at)?, features.get(b)?, emb.narrow(0, r.at + slots, t - r.at - slots)?];
-            if t < longest {
-                parts.push(Tensor::zeros((longest - t, emb.dim(1)?), emb.dtype(), emb.device())?);
-            }
+            let emb = decoder.embed(&Tensor::from_vec(r.seq.ids.clone(), t, decoder.device())?)?;
+            let parts = [emb.narrow(0, 0, r.at)?, features.get(b)?, emb.narrow(0, r.at + slots, t - r.at - slots)?];
             rows.push(Tensor::cat(&parts, 0)?);
         }
-        Ok(Tensor::stack(&rows, 0)?)
+        Ok(rows)
     }
 
     /// Scores prepared records together: one tower pass over their images, one decoder pass
-    /// over their sequences right-padded to the longest (causal attention keeps real tokens
-    /// from seeing the pads, so a record's score does not depend on its batch).
+    /// over their sequences packed end to end (each attends only within itself, and no padding
+    /// is computed), so a record's score does not depend on its batch.
     pub fn score_prepared(&self, items: &[&PreparedRecord]) -> Result<Vec<Score>, ModelError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
         let decoder = &self.lm.decoder;
-        let hidden = decoder.hidden_from_embeddings(self.inputs(items)?)?;
         let seqs: Vec<&Sequence> = items.iter().map(|r| &r.seq).collect();
-        score_hidden_batch(decoder, &hidden, &seqs)
+        score_packed(decoder, Tensor::cat(&self.inputs(items)?, 0)?, &seqs, None)
     }
 }

@@ -57,17 +57,7 @@ pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     let mut probs: Vec<(f64, usize)> =
         logits.iter().enumerate().map(|(i, &l)| (((l as f64 - max) / sampling.temperature).exp(), i)).collect();
     let total: f64 = probs.iter().map(|p| p.0).sum();
-    probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        kept += 1;
-        mass += p.0 / total;
-        if mass >= sampling.top_p {
-            break;
-        }
-    }
-    let nucleus = &probs[..kept];
+    let nucleus = nucleus(&mut probs, total, sampling.top_p);
     let sum: f64 = nucleus.iter().map(|p| p.0).sum();
     let mut x = rng.next_f64() * sum;
     for p in nucleus {
@@ -76,7 +66,35 @@ pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
             return p.1 as u32;
         }
     }
-    nucleus[kept - 1].1 as u32
+    nucleus[nucleus.len() - 1].1 as u32
+}
+
+/// The smallest prefix, most probable first (ties by token id), of (weight, token) pairs whose
+/// share of `total` reaches `top_p`. A nucleus is usually a few hundred tokens of a 152k
+/// vocabulary, so the largest `k` are selected (linear time) and only they are sorted, `k`
+/// growing until their mass reaches `top_p`: the same prefix as sorting everything, summed in
+/// the same order, without sorting the vocabulary for every token.
+fn nucleus(probs: &mut [(f64, usize)], total: f64, top_p: f64) -> &[(f64, usize)] {
+    let order = |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let n = probs.len();
+    let mut k = n.min(256);
+    loop {
+        if k < n {
+            probs.select_nth_unstable_by(k - 1, order);
+        }
+        probs[..k].sort_by(order);
+        let mut mass = 0.0;
+        for (kept, p) in probs[..k].iter().enumerate() {
+            mass += p.0 / total;
+            if mass >= top_p {
+                return &probs[..=kept];
+            }
+        }
+        if k == n {
+            return probs;
+        }
+        k = (k * 8).min(n);
+    }
 }
 
 /// New tokens after `prompt` (the stop token included when one ends the generation).
@@ -151,5 +169,52 @@ mod tests {
         // The same seed draws the same sequence.
         let (mut a, mut b) = (Rng::new(42), Rng::new(42));
         assert!((0..10).all(|_| a.next_u64() == b.next_u64()));
+    }
+
+    /// The nucleus by selection is the nucleus by sorting the whole vocabulary: the same tokens
+    /// drawn from the same seeds, over peaked and flat distributions, ties included, at every
+    /// top_p (the flat ones grow the selection past its first 256 and to the whole vocabulary).
+    #[test]
+    fn selecting_the_nucleus_draws_what_sorting_everything_draws() {
+        fn by_full_sort(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let mut probs: Vec<(f64, usize)> =
+                logits.iter().enumerate().map(|(i, &l)| (((l as f64 - max) / sampling.temperature).exp(), i)).collect();
+            let total: f64 = probs.iter().map(|p| p.0).sum();
+            probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let mut kept = 0;
+            let mut mass = 0.0;
+            for p in &probs {
+                kept += 1;
+                mass += p.0 / total;
+                if mass >= sampling.top_p {
+                    break;
+                }
+            }
+            let nucleus = &probs[..kept];
+            let mut x = rng.next_f64() * nucleus.iter().map(|p| p.0).sum::<f64>();
+            for p in nucleus {
+                x -= p.0;
+                if x < 0.0 {
+                    return p.1 as u32;
+                }
+            }
+            nucleus[kept - 1].1 as u32
+        }
+        let mut source = Rng::new(7);
+        let vocab = 20_000;
+        for (case, spread) in [8.0, 2.0, 0.05, 0.0].into_iter().enumerate() {
+            // Logits rounded to a coarse grid, so many tie.
+            let logits: Vec<f32> =
+                (0..vocab).map(|_| ((source.next_f64() * spread * 4.0).round() / 4.0) as f32).collect();
+            for (temperature, top_p) in [(1.0, 0.9), (0.7, 0.5), (1.3, 0.99), (1.0, 1.0), (0.5, 0.0)] {
+                let s = Sampling { temperature, top_p };
+                let (mut a, mut b) = (Rng::new(case as u64), Rng::new(case as u64));
+                for draw in 0..20 {
+                    let (got, want) = (pick(&logits, &s, &mut a), by_full_sort(&logits, &s, &mut b));
+                    assert_eq!(got, want, "spread {spread}, T {temperature}, top_p {top_p}, draw {draw}");
+                }
+            }
+        }
     }
 }

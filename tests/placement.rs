@@ -139,3 +139,38 @@ fn ladle_bench_measures_on_the_cpu_and_refuses_a_gpu_it_lacks() {
         assert!(!out.status.success() && err.contains("`cuda` feature") && err.contains("--device"), "{err}");
     }
 }
+
+#[test]
+fn cpu_replicas_score_what_one_model_scores_and_stay_out_of_the_key() {
+    let p = Project::new();
+    run(&p, "");
+    let one = p.read("scored.jsonl");
+    // Replicas are where the model computes, not what: cached.
+    for same in ["replicas = 2", "devices = [\"cpu\", \"cpu\"]"] {
+        let r = run(&p, same);
+        assert_eq!(r.status("ppl"), "cached", "{same}: {}", r.summary());
+    }
+    // Computed afresh by three replicas (42 records in shards of 16, -j 2): the same bytes.
+    let q = Project::new();
+    let r = run(&q, "replicas = 3");
+    assert_eq!(r.status("ppl"), "ran");
+    assert_eq!(q.read("scored.jsonl"), one);
+}
+
+#[test]
+fn bad_replicas_are_clear_errors_before_anything_runs() {
+    let p = Project::new();
+    for (extra, says) in [
+        ("device = \"cpu\"\ndevices = [\"cpu\"]", "give `device` or `devices`, not both"),
+        ("devices = []", "`devices` is empty"),
+        ("devices = [\"cpu\", \"cpu\"]\nreplicas = 2", "each is a replica already"),
+        ("devices = [\"cpu\", \"tpu\"]", "expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""),
+    ] {
+        let err = error_of(&p, extra);
+        assert!(err.contains(says) && err.contains("stage `ppl`"), "{extra}: {err}");
+    }
+    if !cfg!(feature = "cuda") {
+        let err = error_of(&p, "device = \"cuda:all\"");
+        assert!(err.contains("cuda:all") && err.contains("`cuda` feature"), "{err}");
+    }
+}

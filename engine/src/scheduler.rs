@@ -6,7 +6,9 @@
 //! on a blocking thread holding one of the run's `-j` work slots, then committed on its own (object
 //! fsynced, index entry flushed) — a crash loses only the shards in flight. A failed stage does not
 //! stop independent branches; its dependants are skipped. A stage that names a device (a GPU)
-//! holds that device's slot while it computes, so two stages never share one GPU's memory.
+//! holds that device's slot while it computes, so two stages never share one GPU's memory. A map
+//! stage with several model replicas (one per GPU) holds all their devices and gives each shard
+//! to the least busy replica.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -484,20 +486,24 @@ async fn run_map(
         first_record.push(acc);
         acc += s.records;
     }
-    let mapper: Arc<OnceLock<std::result::Result<Arc<dyn ShardMapper>, StageError>>> = Arc::new(OnceLock::new());
+    let stage = &env.pipeline.stages[env.idx].stage;
+    let replicas = stage.replicas().max(1);
+    let mappers: Arc<Vec<Mapper>> = Arc::new((0..replicas).map(|_| OnceLock::new()).collect());
+    // Shards in flight per replica: each shard goes to the least busy.
+    let busy = Arc::new(std::sync::Mutex::new(vec![0usize; replicas]));
     let failed = Arc::new(AtomicBool::new(false));
     let mut results: Vec<Option<ShardEntry>> = vec![None; shards.len()];
     let mut errors: Vec<(usize, String)> = Vec::new();
     let mut done = 0u64;
     let mut computed = 0u64;
     let mut set: JoinSet<(usize, std::result::Result<ShardEntry, String>)> = JoinSet::new();
-    // The stage's device, held from its first computed shard to its end (cached shards need none).
-    let device_slot = env.pipeline.stages[env.idx].stage.device_slot();
-    let mut device = None;
-    // Of the computed shards, those on the device at once (see `Stage::device_shards`).
-    let on_device = device_slot
-        .as_ref()
-        .map(|_| Arc::new(Semaphore::new(env.pipeline.stages[env.idx].stage.device_shards().max(1))));
+    // The replicas' devices, held from the first computed shard to the stage's end (cached
+    // shards need none), in name order (as every stage takes them: no two wait on each other).
+    let device_slots: BTreeSet<String> = (0..replicas).filter_map(|r| stage.replica_slot(r)).collect();
+    let mut devices = None;
+    // Of the computed shards, those on the devices at once (see `Stage::device_shards`), per replica.
+    let on_device =
+        (!device_slots.is_empty()).then(|| Arc::new(Semaphore::new(stage.device_shards().max(1) * replicas)));
 
     let handle =
         |joined: std::result::Result<(usize, std::result::Result<ShardEntry, String>), tokio::task::JoinError>,
@@ -534,8 +540,12 @@ async fn run_map(
                 }
             }
         }
-        if let (Some(d), None) = (&device_slot, &device) {
-            device = Some(env.devices.hold(d).await);
+        if devices.is_none() && !device_slots.is_empty() {
+            let mut held = Vec::with_capacity(device_slots.len());
+            for d in &device_slots {
+                held.push(env.devices.hold(d).await);
+            }
+            devices = Some(held);
         }
         // The device's turn before a work slot, as for whole stages: no work slot waits idle.
         let device_turn = match &on_device {
@@ -549,11 +559,18 @@ async fn run_map(
         if failed.load(Ordering::Relaxed) || !errors.is_empty() {
             break;
         }
-        let (env2, inputs2, mapper2, failed2, shard, first) =
-            (env.clone(), inputs.clone(), mapper.clone(), failed.clone(), *shard, first_record[i]);
+        let replica = {
+            let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
+            let r = (0..replicas).min_by_key(|&r| (busy[r], r)).expect("at least one replica");
+            busy[r] += 1;
+            r
+        };
+        let (env2, inputs2, mappers2, busy2, failed2, shard, first) =
+            (env.clone(), inputs.clone(), mappers.clone(), busy.clone(), failed.clone(), *shard, first_record[i]);
         set.spawn_blocking(move || {
             let _permit = (permit, device_turn);
-            let r = compute_shard(&env2, &inputs2, &mapper2, i, first, &shard, &sk);
+            let r = compute_shard(&env2, &inputs2, &mappers2[replica], replica, i, first, &shard, &sk);
+            busy2.lock().unwrap_or_else(|p| p.into_inner())[replica] -= 1;
             if r.is_err() {
                 failed2.store(true, Ordering::Relaxed);
             }
@@ -576,10 +593,15 @@ async fn run_map(
     Ok((Artifact::Dataset { shards: out, root }, total, computed, dropped_on_error))
 }
 
+/// A replica's mapper, prepared when its first shard comes (or the error preparing it gave).
+type Mapper = OnceLock<std::result::Result<Arc<dyn ShardMapper>, StageError>>;
+
+#[allow(clippy::too_many_arguments)]
 fn compute_shard(
     env: &StageEnv,
     inputs: &Inputs,
-    mapper: &OnceLock<std::result::Result<Arc<dyn ShardMapper>, StageError>>,
+    mapper: &Mapper,
+    replica: usize,
     index: usize,
     first_record: u64,
     shard: &ShardRef,
@@ -589,7 +611,7 @@ fn compute_shard(
     let mapper = mapper
         .get_or_init(|| {
             let Execution::Map { stage, .. } = env.pipeline.stages[env.idx].stage.execution() else { unreachable!() };
-            stage.prepare(&ctx, inputs)
+            stage.prepare_replica(&ctx, inputs, replica)
         })
         .as_ref()
         .map_err(|e| e.to_string())?;

@@ -102,6 +102,19 @@ pub trait Stage: Send + Sync {
     fn device_shards(&self) -> usize {
         1
     }
+    /// How many copies of a map stage's model compute its shards side by side, each prepared
+    /// once ([`MapStage::prepare_replica`]) and holding its own device ([`Stage::replica_slot`]):
+    /// one per GPU of a machine (`devices = ["cuda:0", "cuda:1"]`, `device = "cuda:all"`). A
+    /// shard goes to the replica with the fewest shards in flight; every replica computes the
+    /// same outputs, so which one a shard meets changes nothing. Ignored for whole stages.
+    fn replicas(&self) -> usize {
+        1
+    }
+    /// The device replica `replica` holds alone while the stage computes ([`Stage::device_slot`]
+    /// for every replica unless a stage spreads them over devices).
+    fn replica_slot(&self, _replica: usize) -> Option<String> {
+        self.device_slot()
+    }
 }
 
 pub enum Execution<'a> {
@@ -117,6 +130,17 @@ pub enum Execution<'a> {
 /// cached (load a model here, not per shard).
 pub trait MapStage: Send + Sync {
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError>;
+
+    /// Prepares replica `replica` of [`Stage::replicas`] (its model on that replica's device),
+    /// when the first shard goes to it. Stages without replicas need not implement it.
+    fn prepare_replica(
+        &self,
+        ctx: &StageContext<'_>,
+        inputs: &Inputs,
+        _replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
+        self.prepare(ctx, inputs)
+    }
 
     /// Whether the records name files outside the store whose contents the output depends on
     /// (the images a scorer reads). Such a stage's shard keys, and its stage key, include the

@@ -12,6 +12,8 @@
 //! tiling = { method = "catty", max_splits = 8 }   # optional: POINTS' CATTY views of each image
 //! on_bad_image = "fail"       # or "drop": a record whose image cannot be used is dropped, counted
 //! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
+//!                             # devices = ["cuda:0", "cuda:1"] or device = "cuda:all": a
+//!                             # model replica per GPU; replicas = N: N on the CPU (crate::placement)
 //! ```                         # (see ladle_models::device: default f32 on the CPU, bf16 on a GPU)
 //!
 //! The output is a *tensors* artifact, not records: one safetensors shard per input shard (see
@@ -96,7 +98,8 @@ impl StageKind for EncodeKind {
         let batch_images = params.positive("batch_images")?.unwrap_or(16) as usize;
         params.exclude_from_key("batch_images");
         let pixels = PixelBounds::configure(params)?;
-        let placement = crate::placement::configure(params)?;
+        let replicas = crate::placement::configure_replicas(params)?;
+        let placement = replicas.first();
         Ok(Arc::new(Encode {
             image,
             layer,
@@ -107,6 +110,7 @@ impl StageKind for EncodeKind {
             batch_images,
             pixels,
             placement,
+            replicas,
         }))
     }
 }
@@ -141,6 +145,8 @@ struct Encode {
     batch_images: usize,
     pixels: PixelBounds,
     placement: Placement,
+    /// The model's copies (the first is `placement`).
+    replicas: crate::placement::Replicas,
 }
 
 impl Stage for Encode {
@@ -152,6 +158,12 @@ impl Stage for Encode {
     }
     fn device_slot(&self) -> Option<String> {
         self.placement.slot()
+    }
+    fn replicas(&self) -> usize {
+        self.replicas.len()
+    }
+    fn replica_slot(&self, replica: usize) -> Option<String> {
+        self.replicas.slot(replica)
     }
 }
 
@@ -165,8 +177,18 @@ impl MapStage for Encode {
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        self.prepare_replica(ctx, inputs, 0)
+    }
+
+    /// Loads the model onto replica `replica`'s device.
+    fn prepare_replica(
+        &self,
+        ctx: &StageContext<'_>,
+        inputs: &Inputs,
+        replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
-        let device = self.placement.device().map_err(model_error)?;
+        let device = self.replicas.get(replica).device().map_err(model_error)?;
         if Qwen2Vl::is_one(&dir) {
             return self.qwen2_vl_encoder(&dir, &device, inputs);
         }

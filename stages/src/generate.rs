@@ -83,7 +83,8 @@ impl StageKind for GenerateKind {
         let seed = params.integer("seed")?.unwrap_or(0);
         params.record("sampling", serde_json::json!({"temperature": temperature, "top_p": top_p, "seed": seed}));
         let image = ImageParams::configure(params)?;
-        let placement = crate::placement::configure(params)?;
+        let replicas = crate::placement::configure_replicas(params)?;
+        let placement = replicas.first();
         Ok(Arc::new(Generate {
             prompt,
             column,
@@ -92,6 +93,7 @@ impl StageKind for GenerateKind {
             seed: seed as u64,
             image,
             placement,
+            replicas,
         }))
     }
 }
@@ -105,6 +107,8 @@ struct Generate {
     seed: u64,
     image: Option<ImageParams>,
     placement: Placement,
+    /// The model's copies (the first is `placement`).
+    replicas: crate::placement::Replicas,
 }
 
 impl Stage for Generate {
@@ -116,6 +120,12 @@ impl Stage for Generate {
     }
     fn device_slot(&self) -> Option<String> {
         self.placement.slot()
+    }
+    fn replicas(&self) -> usize {
+        self.replicas.len()
+    }
+    fn replica_slot(&self, replica: usize) -> Option<String> {
+        self.replicas.slot(replica)
     }
 }
 
@@ -130,8 +140,18 @@ impl MapStage for Generate {
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        self.prepare_replica(ctx, inputs, 0)
+    }
+
+    /// Loads the model onto replica `replica`'s device.
+    fn prepare_replica(
+        &self,
+        ctx: &StageContext<'_>,
+        inputs: &Inputs,
+        replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = crate::model::model_dir(ctx, inputs)?;
-        let device = self.placement.device().map_err(model_error)?;
+        let device = self.replicas.get(replica).device().map_err(model_error)?;
         let dtype = self.placement.dtype;
         let root = inputs.dataset_root("data");
         let Some(image) = &self.image else {

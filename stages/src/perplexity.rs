@@ -14,6 +14,8 @@
 //! min_pixels = 3136           # Qwen2-VL/Qwen2.5-VL: the image processor's bounds (default: the
 //! max_pixels = 1003520        # checkpoint's preprocessor_config.json; see crate::vlm)
 //! device = "auto"             # or "cpu", "cuda", "cuda:N"; dtype = "f32" | "bf16" | "f16"
+//!                             # devices = ["cuda:0", "cuda:1"] or device = "cuda:all": a
+//!                             # model replica per GPU; replicas = N: N on the CPU (crate::placement)
 //! ```                         # (see ladle_models::device: default f32 on the CPU, bf16 on a GPU)
 //!
 //! Semantics (those of the transformers fixtures):
@@ -94,9 +96,10 @@ impl StageKind for PerplexityKind {
         let batch_tokens = params.positive("batch_tokens")?;
         params.exclude_from_key("batch_tokens");
         let image = ImageParams::configure(params)?;
-        let placement = crate::placement::configure(params)?;
+        let replicas = crate::placement::configure_replicas(params)?;
+        let placement = replicas.first();
         let batch_tokens = batch_tokens.map_or(placement.default_batch_tokens(), |n| n as usize);
-        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, placement }))
+        Ok(Arc::new(Perplexity { text, prompt, column, max_tokens, batch_tokens, image, placement, replicas }))
     }
 }
 
@@ -108,6 +111,8 @@ struct Perplexity {
     batch_tokens: usize,
     image: Option<ImageParams>,
     placement: Placement,
+    /// The model's copies (the first is `placement`).
+    replicas: crate::placement::Replicas,
 }
 
 impl Stage for Perplexity {
@@ -119,6 +124,12 @@ impl Stage for Perplexity {
     }
     fn device_slot(&self) -> Option<String> {
         self.placement.slot()
+    }
+    fn replicas(&self) -> usize {
+        self.replicas.len()
+    }
+    fn replica_slot(&self, replica: usize) -> Option<String> {
+        self.replicas.slot(replica)
     }
 }
 
@@ -133,8 +144,18 @@ impl MapStage for Perplexity {
     }
 
     fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+        self.prepare_replica(ctx, inputs, 0)
+    }
+
+    /// Loads the model onto replica `replica`'s device.
+    fn prepare_replica(
+        &self,
+        ctx: &StageContext<'_>,
+        inputs: &Inputs,
+        replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         let dir = model_dir(ctx, inputs)?;
-        let device = self.placement.device().map_err(model_error)?;
+        let device = self.replicas.get(replica).device().map_err(model_error)?;
         if let Some(image) = &self.image {
             let root = inputs.dataset_root("data");
             return Ok(

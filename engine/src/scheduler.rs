@@ -611,7 +611,7 @@ fn compute_shard(
     let mapper = mapper
         .get_or_init(|| {
             let Execution::Map { stage, .. } = env.pipeline.stages[env.idx].stage.execution() else { unreachable!() };
-            stage.prepare_replica(&ctx, inputs, replica)
+            stage.prepare(&ctx, inputs, replica)
         })
         .as_ref()
         .map_err(|e| e.to_string())?;

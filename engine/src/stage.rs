@@ -103,7 +103,7 @@ pub trait Stage: Send + Sync {
         1
     }
     /// How many copies of a map stage's model compute its shards side by side, each prepared
-    /// once ([`MapStage::prepare_replica`]) and holding its own device ([`Stage::replica_slot`]):
+    /// once ([`MapStage::prepare`]) and holding its own device ([`Stage::replica_slot`]):
     /// one per GPU of a machine (`devices = ["cuda:0", "cuda:1"]`, `device = "cuda:all"`). A
     /// shard goes to the replica with the fewest shards in flight; every replica computes the
     /// same outputs, so which one a shard meets changes nothing. Ignored for whole stages.
@@ -126,21 +126,18 @@ pub enum Execution<'a> {
     Whole(&'a dyn WholeStage),
 }
 
-/// A stage that maps shards. `prepare` runs once per stage run, and only when some shard is not
-/// cached (load a model here, not per shard).
+/// A stage that maps shards. `prepare` runs once per replica (see [`Stage::replicas`]; one for
+/// most stages) per stage run, and only when some shard is not cached (load a model here, not
+/// per shard).
 pub trait MapStage: Send + Sync {
-    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError>;
-
-    /// Prepares replica `replica` of [`Stage::replicas`] (its model on that replica's device),
-    /// when the first shard goes to it. Stages without replicas need not implement it.
-    fn prepare_replica(
+    /// Prepares replica `replica` (its model on that replica's device), when the first shard
+    /// goes to it. Stages without replicas are only asked for replica 0.
+    fn prepare(
         &self,
         ctx: &StageContext<'_>,
         inputs: &Inputs,
-        _replica: usize,
-    ) -> Result<Arc<dyn ShardMapper>, StageError> {
-        self.prepare(ctx, inputs)
-    }
+        replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError>;
 
     /// Whether the records name files outside the store whose contents the output depends on
     /// (the images a scorer reads). Such a stage's shard keys, and its stage key, include the

@@ -1,9 +1,12 @@
 //! Stages that name the same device never compute at once; others still run side by side.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
+use common::ShardsKind;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::events::NoEvents;
 use ladle_engine::pipeline::params::Params;
@@ -87,43 +90,6 @@ impl WholeStage for Hold {
     }
 }
 
-/// `shards`: a dataset of four one-record shards.
-struct ShardsKind;
-
-struct Shards;
-
-impl StageKind for ShardsKind {
-    fn name(&self) -> &'static str {
-        "shards"
-    }
-    fn about(&self) -> &'static str {
-        "four one-record shards"
-    }
-    fn ports(&self) -> &'static [PortSpec] {
-        &[]
-    }
-    fn configure(&self, _params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
-        Ok(Arc::new(Shards))
-    }
-}
-
-impl Stage for Shards {
-    fn produces(&self) -> Produces {
-        Produces::Dataset
-    }
-    fn execution(&self) -> Execution<'_> {
-        Execution::Whole(self)
-    }
-}
-
-impl WholeStage for Shards {
-    fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
-        let shards =
-            (0..4).map(|i| ctx.write_shard(format!("{{\"i\":{i}}}\n").as_bytes(), 1)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Artifact::Dataset { shards, root: None })
-    }
-}
-
 /// `hold_shards`: maps each shard after holding it a while, on a device if given.
 struct HoldShardsKind {
     overlap: Arc<Overlap>,
@@ -171,7 +137,12 @@ impl Stage for HoldShards {
 }
 
 impl MapStage for HoldShards {
-    fn prepare(&self, _ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+    fn prepare(
+        &self,
+        _ctx: &StageContext<'_>,
+        _inputs: &Inputs,
+        _replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         Ok(Arc::new(self.clone()))
     }
 }
@@ -198,7 +169,7 @@ fn run_map(device: Option<&str>) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let overlap = Arc::new(Overlap::default());
     let mut registry = Registry::new();
-    registry.register(Arc::new(ShardsKind));
+    registry.register(Arc::new(ShardsKind { count: 4 }));
     registry.register(Arc::new(HoldShardsKind { overlap: overlap.clone(), meeting: Arc::new(Barrier::new(2)) }));
     let device = device.map(|d| format!("device = \"{d}\"")).unwrap_or_default();
     let toml = format!(

@@ -1,60 +1,25 @@
 //! A map stage with several model replicas spreads its shards over all of them, prepares each
 //! once, holds each replica's device, and gives the outputs one replica gives.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::ShardsKind;
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::events::NoEvents;
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::stage::{
     Accepts, Arity, Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage,
-    StageKind, WholeStage,
+    StageKind,
 };
 use ladle_engine::store::ObjectWriter;
-use ladle_engine::{Artifact, Pipeline, Registry, RunOptions, StageContext, Store};
+use ladle_engine::{Pipeline, Registry, RunOptions, StageContext, Store};
 
 const SHARDS: usize = 12;
-
-/// `shards`: a dataset of one-record shards.
-struct ShardsKind;
-
-struct Shards;
-
-impl StageKind for ShardsKind {
-    fn name(&self) -> &'static str {
-        "shards"
-    }
-    fn about(&self) -> &'static str {
-        "one-record shards"
-    }
-    fn ports(&self) -> &'static [PortSpec] {
-        &[]
-    }
-    fn configure(&self, _params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
-        Ok(Arc::new(Shards))
-    }
-}
-
-impl Stage for Shards {
-    fn produces(&self) -> Produces {
-        Produces::Dataset
-    }
-    fn execution(&self) -> Execution<'_> {
-        Execution::Whole(self)
-    }
-}
-
-impl WholeStage for Shards {
-    fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
-        let shards = (0..SHARDS)
-            .map(|i| ctx.write_shard(format!("{{\"i\":{i}}}\n").as_bytes(), 1))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Artifact::Dataset { shards, root: None })
-    }
-}
 
 /// What the replicas did, seen from outside.
 #[derive(Default)]
@@ -124,10 +89,7 @@ impl Stage for Square {
 }
 
 impl MapStage for Square {
-    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
-        self.prepare_replica(ctx, inputs, 0)
-    }
-    fn prepare_replica(
+    fn prepare(
         &self,
         _ctx: &StageContext<'_>,
         _inputs: &Inputs,
@@ -176,7 +138,7 @@ fn run_square(params: &str) -> (String, Arc<Seen>) {
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Seen::default());
     let mut registry = Registry::new();
-    registry.register(Arc::new(ShardsKind));
+    registry.register(Arc::new(ShardsKind { count: SHARDS }));
     registry.register(Arc::new(SquareKind { seen: seen.clone() }));
     let toml = format!(
         "[pipeline]\nname = \"replicas\"\n[stages.src]\nkind = \"shards\"\n[stages.sq]\nkind = \"square\"\ndata = \"src\"\n{params}\n"

@@ -149,7 +149,12 @@ impl Stage for PluginStage {
 }
 
 impl MapStage for PluginStage {
-    fn prepare(&self, _ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+    fn prepare(
+        &self,
+        _ctx: &StageContext<'_>,
+        _inputs: &Inputs,
+        _replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         let plugin = Plugin::load(&self.wasm, self.limits).map_err(|e| StageError::input(e.to_string()))?;
         let mapper = PluginMapper {
             label: format!("plugin `{}` ({})", plugin.name, self.wasm.display()),

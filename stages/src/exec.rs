@@ -264,7 +264,12 @@ impl WholeStage for Exec {
 }
 
 impl MapStage for Exec {
-    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+    fn prepare(
+        &self,
+        ctx: &StageContext<'_>,
+        inputs: &Inputs,
+        _replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         let work = ctx.temp_path("exec-inputs");
         let mut values = BTreeMap::new();
         let mut env = BTreeMap::new();

@@ -143,12 +143,8 @@ impl MapStage for Perplexity {
         image.field.files_of_shard(inputs.dataset_root("data").as_deref(), shard)
     }
 
-    fn prepare(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
-        self.prepare_replica(ctx, inputs, 0)
-    }
-
     /// Loads the model onto replica `replica`'s device.
-    fn prepare_replica(
+    fn prepare(
         &self,
         ctx: &StageContext<'_>,
         inputs: &Inputs,

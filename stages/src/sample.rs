@@ -62,7 +62,12 @@ impl Stage for Sample {
 }
 
 impl MapStage for Sample {
-    fn prepare(&self, _ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Arc<dyn ShardMapper>, StageError> {
+    fn prepare(
+        &self,
+        _ctx: &StageContext<'_>,
+        _inputs: &Inputs,
+        _replica: usize,
+    ) -> Result<Arc<dyn ShardMapper>, StageError> {
         Ok(Arc::new(Sample { fraction: self.fraction, seed: self.seed }))
     }
 }

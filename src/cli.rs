@@ -11,6 +11,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ladle_engine::events::EventSink;
+use ladle_engine::executor::Executor;
+use ladle_engine::executor::slurm::{Profile, SlurmOptions};
 use ladle_engine::plan::PlanStatus;
 use ladle_engine::runs::RunStatus;
 use ladle_engine::{Pipeline, RunOptions, Store};
@@ -52,6 +54,20 @@ enum Cmd {
         /// Run only this stage and what it needs
         #[arg(long, value_name = "STAGE")]
         stage: Option<String>,
+        /// Where map stages' uncached shards compute: threads here, or a Slurm cluster's job arrays
+        #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
+        executor: ExecutorArg,
+        /// The cluster profile for --executor slurm [default: env LADLE_SLURM_PROFILE, else Slurm's defaults]
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
+        /// With --executor slurm: leave submitted jobs running when interrupted (a rerun adopts them)
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Compute the shards of one task of a Slurm job array (run by the job, not by hand)
+    Worker {
+        /// The task file the driver wrote
+        task: PathBuf,
     },
     /// Say what a run would do, and why
     Plan {
@@ -119,6 +135,12 @@ enum Cmd {
     /// Measure the native model code on random-weight models of real shapes (JSON lines)
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 #[derive(Subcommand, Debug)]
@@ -277,18 +299,42 @@ fn open_existing_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store>
 pub fn dispatch(args: Args) -> Result<Outcome> {
     let mut out = std::io::stdout();
     match args.command {
-        Cmd::Run { pipeline, store, jobs, json, force, stage } => {
+        Cmd::Run { pipeline, store, jobs, json, force, stage, executor, profile, detach } => {
             let p = Arc::new(load(&pipeline)?);
+            let executor = match executor {
+                ExecutorArg::Local => {
+                    if profile.is_some() || detach {
+                        bail!("--profile and --detach are for --executor slurm");
+                    }
+                    Executor::Local
+                }
+                ExecutorArg::Slurm => {
+                    let path = profile.or_else(|| {
+                        std::env::var_os("LADLE_SLURM_PROFILE").filter(|s| !s.is_empty()).map(PathBuf::from)
+                    });
+                    let profile = match path {
+                        Some(path) => Profile::load(&path)?,
+                        None => Profile::default(),
+                    };
+                    Executor::Slurm(Arc::new(SlurmOptions { profile, detach }))
+                }
+            };
             let store = open_store(&store, Some(&pipeline))?;
             let options = RunOptions {
                 jobs: jobs.unwrap_or(RunOptions::default().jobs).max(1),
                 force: force.into_iter().collect(),
                 only: stage,
+                executor,
             };
             let sink: Arc<dyn EventSink> = render::sink(json);
             let record = ladle_engine::run(p, &store, &options, sink.clone())?;
             drop(sink);
             Ok(if record.status == RunStatus::Ok { Outcome::Success } else { Outcome::StageFailed })
+        }
+        Cmd::Worker { task } => {
+            let mut log = std::io::stderr();
+            ladle_engine::executor::worker::run_task(&task, &registry(), &mut log)?;
+            Ok(Outcome::Success)
         }
         Cmd::Plan { pipeline, store, json } => {
             let p = load(&pipeline)?;
@@ -356,6 +402,9 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
                     count(S::Failed),
                     r.seconds.map(|s| format!("{s:.2} s")).unwrap_or_default()
                 )?;
+                for s in r.stages.iter().filter(|s| !s.jobs.is_empty()) {
+                    writeln!(out, "          {}: Slurm job(s) {}", s.stage, s.jobs.join(", "))?;
+                }
             }
             if runs.is_empty() && !json {
                 writeln!(out, "no runs yet")?;

@@ -27,6 +27,19 @@ pub enum Event {
         done: u64,
         total: u64,
     },
+    /// A job array submitted to Slurm for a stage's missing shards.
+    JobSubmitted {
+        stage: String,
+        job: String,
+        tasks: usize,
+        shards: usize,
+    },
+    /// Array tasks an earlier driver submitted, still queued or running, waited for again.
+    JobAdopted {
+        stage: String,
+        jobs: Vec<String>,
+        tasks: usize,
+    },
     Progress {
         stage: String,
         done: u64,

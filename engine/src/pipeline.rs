@@ -18,6 +18,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::error::{Error, Location, PipelineError};
 use crate::registry::Registry;
+use crate::resources::Resources;
 use crate::stage::{Accepts, Arity, Produces, Stage, StageKind};
 use params::{FileDep, Params, closest};
 use value::{LineIndex, Value, convert_table};
@@ -32,12 +33,16 @@ pub struct StageDecl {
     pub stage: Arc<dyn Stage>,
     pub key_params: serde_json::Value,
     pub files: Vec<FileDep>,
+    /// What a task of the stage needs on a cluster (never part of a key).
+    pub resources: Resources,
 }
 
 pub struct Pipeline {
     pub name: String,
     /// The pipeline file, absolute.
     pub path: PathBuf,
+    /// The digest of the file's bytes as parsed (a cluster worker checks that it reads the same).
+    pub source_digest: crate::digest::Digest,
     /// The folder relative paths resolve against.
     pub dir: PathBuf,
     pub stages: Vec<StageDecl>,
@@ -190,6 +195,7 @@ impl Pipeline {
             inputs: BTreeMap<String, Vec<usize>>,
             input_at: BTreeMap<String, Location>,
             params: BTreeMap<String, value::Param>,
+            resources: Resources,
         }
         let mut pending = Vec::new();
         for (key, value) in stage_tables.iter() {
@@ -281,7 +287,11 @@ impl Pipeline {
                     input_at.insert(port.clone(), p.at.clone());
                 }
             }
-            pending.push(Pending { name: stage, at, kind: kind.clone(), inputs, input_at, params: entries });
+            let resources = match entries.remove("resources") {
+                Some(p) => Resources::parse(&stage, &p)?,
+                None => Resources::default(),
+            };
+            pending.push(Pending { name: stage, at, kind: kind.clone(), inputs, input_at, params: entries, resources });
         }
 
         // Graph and cycles, before configuring (configuring may touch the filesystem).
@@ -318,7 +328,16 @@ impl Pipeline {
             let stage = p.kind.configure(&mut params)?;
             let (key_params, files) = params.finish(p.kind.name())?;
             input_at.push(p.input_at);
-            stages.push(StageDecl { name: p.name, kind: p.kind, at: p.at, inputs: p.inputs, stage, key_params, files });
+            stages.push(StageDecl {
+                name: p.name,
+                kind: p.kind,
+                at: p.at,
+                inputs: p.inputs,
+                stage,
+                key_params,
+                files,
+                resources: p.resources,
+            });
         }
 
         // Ports fed the wrong kind of artifact.
@@ -354,7 +373,15 @@ impl Pipeline {
                 }
             }
         }
-        Ok(Pipeline { name, path: path.to_path_buf(), dir, stages, graph, order })
+        Ok(Pipeline {
+            name,
+            path: path.to_path_buf(),
+            source_digest: crate::digest::Digest::of(bytes),
+            dir,
+            stages,
+            graph,
+            order,
+        })
     }
 
     pub fn index_of(&self, stage: &str) -> Option<usize> {

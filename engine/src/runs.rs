@@ -36,6 +36,9 @@ pub struct StageRecord {
     pub seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// The Slurm jobs that computed its shards in this run.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub jobs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,13 +69,15 @@ pub struct RunRecord {
 /// record is saved after each stage ends, so a run killed half-way still says what it finished.
 pub struct RunRecorder {
     pub record: Mutex<RunRecord>,
+    /// Slurm jobs per stage, until the stage's record is made.
+    jobs: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     next: Arc<dyn EventSink>,
     store: Option<Store>,
 }
 
 impl RunRecorder {
     pub fn new(record: RunRecord, next: Arc<dyn EventSink>, store: Option<Store>) -> Self {
-        RunRecorder { record: Mutex::new(record), next, store }
+        RunRecorder { record: Mutex::new(record), jobs: Default::default(), next, store }
     }
 
     pub fn into_record(self) -> RunRecord {
@@ -82,6 +87,18 @@ impl RunRecorder {
 
 impl EventSink for RunRecorder {
     fn emit(&self, event: &Event) {
+        match event {
+            Event::JobSubmitted { stage, job, .. } => {
+                self.jobs.lock().unwrap_or_else(|p| p.into_inner()).entry(stage.clone()).or_default().push(job.clone())
+            }
+            Event::JobAdopted { stage, jobs, .. } => {
+                let mut all = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                all.entry(stage.clone()).or_default().extend(jobs.iter().cloned())
+            }
+            _ => {}
+        }
+        let jobs_of =
+            |stage: &str| self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(stage).unwrap_or_default();
         let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
         let entry = |stage: &str, kind: &str, status| StageRecord {
             stage: stage.to_string(),
@@ -95,6 +112,7 @@ impl EventSink for RunRecorder {
             artifact: None,
             seconds: None,
             error: None,
+            jobs: jobs_of(stage),
         };
         match event {
             Event::StageCached { stage, kind, artifact, records, shards_total } => rec.stages.push(StageRecord {

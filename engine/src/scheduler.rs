@@ -23,6 +23,8 @@ use crate::context::StageContext;
 use crate::digest::{ArtifactDigest, StageKey};
 use crate::error::{Error, Result, StageError};
 use crate::events::{Event, EventSink};
+use crate::executor::Executor;
+use crate::executor::slurm::{self, Missing, StageWork};
 use crate::key::{KeyParts, salted_shard_key};
 use crate::pipeline::Pipeline;
 use crate::record_files;
@@ -39,6 +41,8 @@ pub struct RunOptions {
     pub force: BTreeSet<String>,
     /// Run only this stage and what it needs.
     pub only: Option<String>,
+    /// Where map stages' uncached shards compute.
+    pub executor: Executor,
 }
 
 impl Default for RunOptions {
@@ -47,6 +51,7 @@ impl Default for RunOptions {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             force: BTreeSet::new(),
             only: None,
+            executor: Executor::Local,
         }
     }
 }
@@ -77,6 +82,7 @@ struct StageEnv {
     devices: Arc<DeviceSlots>,
     key: StageKey,
     run: u64,
+    executor: Executor,
 }
 
 impl StageEnv {
@@ -139,7 +145,7 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(jobs * 2 + 4)
-        .enable_time()
+        .enable_all()
         .build()
         .map_err(|e| Error::io("cannot start the scheduler's runtime", e))?;
     let sink_for_stages: Arc<dyn EventSink> = recorder.clone();
@@ -206,6 +212,7 @@ async fn schedule(
             devices: devices.clone(),
             forced: options.force.contains(&decl.name),
             run: run_id,
+            executor: options.executor.clone(),
         };
         set.spawn(async move { (i, task.execute(inputs, digests).await) });
     };
@@ -272,6 +279,7 @@ struct StageTask {
     devices: Arc<DeviceSlots>,
     forced: bool,
     run: u64,
+    executor: Executor,
 }
 
 impl StageTask {
@@ -343,6 +351,7 @@ impl StageTask {
             devices: self.devices.clone(),
             key,
             run: self.run,
+            executor: self.executor.clone(),
         });
         let previous = self.store.get_last(&self.pipeline.path, &name).ok().flatten();
 
@@ -473,6 +482,9 @@ async fn run_map(
     port: &'static str,
     forced: bool,
 ) -> MapResult {
+    if let Executor::Slurm(options) = env.executor.clone() {
+        return run_map_on_slurm(env, inputs, parts, salts, port, forced, &options).await;
+    }
     let shards: Vec<ShardRef> = match inputs.dataset(port) {
         Ok(s) => s.to_vec(),
         Err(e) => return Err((e.to_string(), (0, 0))),
@@ -583,14 +595,87 @@ async fn run_map(
     if let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i) {
         return Err((e, (total, computed)));
     }
+    Ok(map_output(&env, &inputs, port, results, total, computed))
+}
+
+/// A map stage's output artifact from its output shards, in input order.
+fn map_output(
+    env: &StageEnv,
+    inputs: &Inputs,
+    port: &str,
+    results: Vec<Option<ShardEntry>>,
+    total: u64,
+    computed: u64,
+) -> (Artifact, u64, u64, u64) {
     let dropped_on_error = results.iter().flatten().map(|e| e.dropped_on_error).sum();
     let out: Vec<ShardRef> = results.into_iter().flatten().map(|e| e.shard).filter(|s| s.records > 0).collect();
     if env.pipeline.stages[env.idx].stage.produces() == Produces::Tensors {
-        return Ok((Artifact::Tensors { shards: out }, total, computed, dropped_on_error));
+        return (Artifact::Tensors { shards: out }, total, computed, dropped_on_error);
     }
     // Records pass through a map stage, and so does the folder their relative paths resolve against.
     let root = inputs.one(port).ok().and_then(Artifact::root);
-    Ok((Artifact::Dataset { shards: out, root }, total, computed, dropped_on_error))
+    (Artifact::Dataset { shards: out, root }, total, computed, dropped_on_error)
+}
+
+/// [`run_map`] with the Slurm executor: the cache is consulted here as for a local run, and the
+/// missing shards go to the cluster as job arrays (see [`crate::executor::slurm`]).
+async fn run_map_on_slurm(
+    env: Arc<StageEnv>,
+    inputs: Arc<Inputs>,
+    parts: &KeyParts,
+    salts: Option<Vec<crate::digest::Digest>>,
+    port: &'static str,
+    forced: bool,
+    options: &slurm::SlurmOptions,
+) -> MapResult {
+    let shards: Vec<ShardRef> = match inputs.dataset(port) {
+        Ok(s) => s.to_vec(),
+        Err(e) => return Err((e.to_string(), (0, 0))),
+    };
+    let total = shards.len() as u64;
+    env.sink.emit(&Event::StageStarted { stage: env.name(), kind: env.kind(), shards_total: Some(total) });
+    let map_key = parts.map_key(port);
+    let mut results: Vec<Option<ShardEntry>> = vec![None; shards.len()];
+    let mut missing = Vec::new();
+    let (mut done, mut computed) = (0u64, 0u64);
+    let mut first_record = 0u64;
+    for (i, shard) in shards.iter().enumerate() {
+        let key = salted_shard_key(&map_key, &shard.digest, salts.as_ref().map(|s| &s[i]));
+        let cached = if forced { Ok(None) } else { env.store.get_shard(&key) };
+        match cached {
+            Ok(Some(out)) => {
+                results[i] = Some(out);
+                done += 1;
+                env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: true, done, total });
+            }
+            Ok(None) => missing.push(Missing { index: i, first_record, input: *shard, key }),
+            Err(e) => return Err((e.to_string(), (total, 0))),
+        }
+        first_record += shard.records;
+    }
+    if !missing.is_empty() {
+        let work = StageWork {
+            pipeline: &env.pipeline,
+            idx: env.idx,
+            key: env.key,
+            store: &env.store,
+            inputs: &inputs,
+            port,
+            sink: &*env.sink,
+            forced,
+        };
+        let outcome = slurm::compute(work, missing, options, |i, entry| {
+            results[i] = Some(entry);
+            done += 1;
+            computed += 1;
+            env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: false, done, total });
+        })
+        .await;
+        if let Err(e) = outcome {
+            return Err((e, (total, computed)));
+        }
+    }
+    Ok(map_output(&env, &inputs, port, results, total, computed))
 }
 
 /// A replica's mapper, prepared when its first shard comes (or the error preparing it gave).
@@ -615,21 +700,36 @@ fn compute_shard(
         })
         .as_ref()
         .map_err(|e| e.to_string())?;
-    let bytes = env.store.get(&shard.digest).map_err(|e| e.to_string())?;
-    let mut out = env.store.writer();
+    let out = map_one_shard(&env.store, &**mapper, index, first_record, shard)?;
+    let commit = || -> Result<ShardEntry> {
+        env.store.put_shard(key, &out)?;
+        env.store.flush()?;
+        Ok(out)
+    };
+    commit().map_err(|e| e.to_string())
+}
+
+/// Maps one shard and stores its output object (not indexed: the caller records it, in the
+/// index or, in a worker, as a receipt). The error names the record, by its position in the
+/// dataset and in the shard, where the stage said which one failed.
+pub(crate) fn map_one_shard(
+    store: &Store,
+    mapper: &dyn ShardMapper,
+    index: usize,
+    first_record: u64,
+    shard: &ShardRef,
+) -> std::result::Result<ShardEntry, String> {
+    let bytes = store.get(&shard.digest).map_err(|e| e.to_string())?;
+    let mut out = store.writer();
     let input = ShardInput { index, first_record, digest: shard.digest, jsonl: &bytes };
     let mapped = mapper.map_shard(&input, &mut out).map_err(|e| match e.record {
         Some(r) => format!("record {} (shard {index}, line {} of the shard): {e}", first_record + r, r + 1),
         None => format!("shard {index}: {e}"),
     })?;
     drop(bytes);
-    let commit = || -> Result<ShardEntry> {
-        let (digest, size) = out.commit()?;
-        let shard = ShardRef { digest, records: mapped.records, bytes: size };
-        let out = ShardEntry { shard, dropped_on_error: mapped.dropped_on_error };
-        env.store.put_shard(key, &out)?;
-        env.store.flush()?;
-        Ok(out)
-    };
-    commit().map_err(|e| e.to_string())
+    let (digest, size) = out.commit().map_err(|e| e.to_string())?;
+    Ok(ShardEntry {
+        shard: ShardRef { digest, records: mapped.records, bytes: size },
+        dropped_on_error: mapped.dropped_on_error,
+    })
 }

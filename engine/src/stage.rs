@@ -187,7 +187,7 @@ pub trait WholeStage: Send + Sync {
 }
 
 /// The artifacts connected to a stage's ports.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Inputs {
     pub ports: BTreeMap<String, Vec<Artifact>>,
     /// The pipeline file's folder, which relative dataset roots are relative to.

@@ -54,6 +54,24 @@ pub struct Store {
 
 struct Inner {
     root: PathBuf,
+    /// The sled index: `None` in a worker's view of the store (see [`Store::open_objects`]).
+    index: Option<Index>,
+    /// Where temporary files go: `tmp/`, or a worker's own folder under `workers/`.
+    tmp: PathBuf,
+    tmp_counter: AtomicU64,
+    _lock: Option<File>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A worker's temporary folder is its own; the driver's `tmp/` is cleared when it opens.
+        if self.index.is_none() {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+struct Index {
     db: sled::Db,
     objects: sled::Tree,
     actions: sled::Tree,
@@ -63,8 +81,6 @@ struct Inner {
     runs: sled::Tree,
     last: sled::Tree,
     logs: sled::Tree,
-    tmp_counter: AtomicU64,
-    _lock: File,
 }
 
 /// A map stage's cached output shard, and what was dropped on error while computing it.
@@ -125,8 +141,7 @@ impl Store {
             .open()
             .map_err(|source| Error::Index { path: index_path.clone(), source })?;
         let tree = |name: &str| db.open_tree(name).map_err(|source| Error::Index { path: index_path.clone(), source });
-        let inner = Inner {
-            root: root.to_path_buf(),
+        let index = Index {
             objects: tree("objects")?,
             actions: tree("actions")?,
             artifacts: tree("artifacts")?,
@@ -136,8 +151,13 @@ impl Store {
             last: tree("last")?,
             logs: tree("logs")?,
             db,
+        };
+        let inner = Inner {
+            root: root.to_path_buf(),
+            index: Some(index),
+            tmp: root.join("tmp"),
             tmp_counter: AtomicU64::new(0),
-            _lock: lock,
+            _lock: Some(lock),
         };
         // Leftovers of a crashed run are never referenced: clear them.
         let _ = fs::remove_dir_all(root.join("tmp"));
@@ -153,15 +173,52 @@ impl Store {
         Error::Index { path: self.inner.root.join("index"), source }
     }
 
-    /// Makes everything indexed so far durable.
+    /// The index, or an error for a worker's view of the store, which has none.
+    fn ix(&self) -> Result<&Index> {
+        self.inner.index.as_ref().ok_or_else(|| {
+            Error::Internal(format!(
+                "the store at {} was opened without its index (a worker's view): only objects can be read and written",
+                self.inner.root.display()
+            ))
+        })
+    }
+
+    /// Opens the objects of the store at `root` without its index or its lock: the view a
+    /// `ladle worker` has on a cluster node, many at once beside the driver that holds the index.
+    /// Every object it writes is a file (temporary file, fsync, rename; digest-named, so two
+    /// writers of one object are harmless); temporary files go to a folder of its own under
+    /// `workers/`, which it removes when dropped. Nothing here is indexed: the driver indexes
+    /// what a worker reports, after checking it (see [`Store::index_object_file`]).
+    pub fn open_objects(root: &Path, worker: &str) -> Result<Store> {
+        if !root.join("objects").is_dir() {
+            return Err(Error::io(
+                format!("there is no store at {} (no objects/ folder)", root.display()),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        let tmp = root.join("workers").join(format!("{worker}-{}", std::process::id()));
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+        let inner = Inner { root: root.to_path_buf(), index: None, tmp, tmp_counter: AtomicU64::new(0), _lock: None };
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    /// Whether this is a worker's view of the store, without the index.
+    pub fn is_objects_only(&self) -> bool {
+        self.inner.index.is_none()
+    }
+
+    /// Makes everything indexed so far durable (objects are durable when written).
     pub fn flush(&self) -> Result<()> {
-        self.inner.db.flush().map(|_| ()).map_err(|e| self.index_err(e))
+        match &self.inner.index {
+            Some(ix) => ix.db.flush().map(|_| ()).map_err(|e| self.index_err(e)),
+            None => Ok(()),
+        }
     }
 
     /// A fresh path under `tmp/` (nothing is created).
     pub fn temp_path(&self, what: &str) -> PathBuf {
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        self.inner.root.join("tmp").join(format!("{}-{}-{what}", std::process::id(), n))
+        self.inner.tmp.join(format!("{}-{}-{what}", std::process::id(), n))
     }
 
     fn object_file(&self, d: &Digest) -> PathBuf {
@@ -181,11 +238,11 @@ impl Store {
         if self.has_object(&d)? {
             return Ok(d);
         }
-        if bytes.len() <= INLINE_MAX {
+        if bytes.len() <= INLINE_MAX && !self.is_objects_only() {
             let mut v = Vec::with_capacity(bytes.len() + 1);
             v.push(INLINE_TAG);
             v.extend_from_slice(bytes);
-            self.inner.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
+            self.ix()?.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
         } else {
             let tmp = self.temp_path("object");
             let write = || -> std::io::Result<()> {
@@ -211,7 +268,7 @@ impl Store {
         if self.has_object(&d)? {
             return Ok((d, size));
         }
-        if size as usize <= INLINE_MAX {
+        if size as usize <= INLINE_MAX && !self.is_objects_only() {
             let bytes = fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
             self.put(&bytes)?;
         } else {
@@ -228,10 +285,15 @@ impl Store {
         let parent = dest.parent().expect("object paths have a parent");
         fs::create_dir_all(parent).map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
         if fs::rename(from, &dest).is_err() {
-            // Another filesystem: copy, then sync.
-            fs::copy(from, &dest)
-                .and_then(|_| File::open(&dest)?.sync_all())
-                .map_err(|e| Error::io(format!("cannot copy {} into the store", from.display()), e))?;
+            // Another filesystem: copy beside the destination, sync, then rename (atomic there).
+            let beside = parent.join(format!(".{}-{}", std::process::id(), &d.to_hex()[2..]));
+            fs::copy(from, &beside)
+                .and_then(|_| File::open(&beside)?.sync_all())
+                .and_then(|()| fs::rename(&beside, &dest))
+                .map_err(|e| {
+                    let _ = fs::remove_file(&beside);
+                    Error::io(format!("cannot copy {} into the store", from.display()), e)
+                })?;
         }
         // The rename itself must survive a crash before the index names the object.
         File::open(parent)
@@ -240,15 +302,19 @@ impl Store {
         let mut perms = fs::metadata(&dest).map_err(|e| Error::io("cannot stat a new object", e))?.permissions();
         perms.set_readonly(true);
         let _ = fs::set_permissions(&dest, perms);
-        let mut v = vec![FILE_TAG];
-        v.extend_from_slice(&size.to_le_bytes());
-        self.inner.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
+        if let Some(ix) = &self.inner.index {
+            let mut v = vec![FILE_TAG];
+            v.extend_from_slice(&size.to_le_bytes());
+            ix.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
+        }
         Ok(())
     }
 
-    /// Whether the object is indexed and, for a file object, its file exists.
+    /// Whether the object is indexed and, for a file object, its file exists (in a worker's
+    /// view: whether its file exists).
     pub fn has_object(&self, d: &Digest) -> Result<bool> {
-        match self.inner.objects.get(d.0).map_err(|e| self.index_err(e))? {
+        let Some(ix) = &self.inner.index else { return Ok(self.object_file(d).exists()) };
+        match ix.objects.get(d.0).map_err(|e| self.index_err(e))? {
             None => Ok(false),
             Some(v) if v.first() == Some(&FILE_TAG) => Ok(self.object_file(d).exists()),
             Some(_) => Ok(true),
@@ -257,7 +323,10 @@ impl Store {
 
     /// Reads an object, verifying its digest. A corrupt object is quarantined and reported.
     pub fn get(&self, d: &Digest) -> Result<Vec<u8>> {
-        let entry = self.inner.objects.get(d.0).map_err(|e| self.index_err(e))?;
+        let entry = match &self.inner.index {
+            Some(ix) => ix.objects.get(d.0).map_err(|e| self.index_err(e))?,
+            None => Some(sled::IVec::from(&[FILE_TAG][..])),
+        };
         let bytes = match entry {
             None => return Err(Error::MissingObject { digest: d.to_hex() }),
             Some(v) if v.first() == Some(&INLINE_TAG) => v[1..].to_vec(),
@@ -266,7 +335,9 @@ impl Store {
                 match fs::read(&path) {
                     Ok(b) => b,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        let _ = self.inner.objects.remove(d.0);
+                        if let Some(ix) = &self.inner.index {
+                            let _ = ix.objects.remove(d.0);
+                        }
                         return Err(Error::MissingObject { digest: d.to_hex() });
                     }
                     Err(e) => return Err(Error::io(format!("cannot read object {}", path.display()), e)),
@@ -274,7 +345,10 @@ impl Store {
             }
         };
         if Digest::of(&bytes) != *d {
-            self.quarantine(d)?;
+            // A worker leaves the object where it is: the driver, which owns the index, decides.
+            if !self.is_objects_only() {
+                self.quarantine(d)?;
+            }
             return Err(Error::Corrupt { digest: d.to_hex() });
         }
         Ok(bytes)
@@ -282,10 +356,63 @@ impl Store {
 
     /// The file holding a large object, for hard-linking into a materialized folder.
     pub fn object_path(&self, d: &Digest) -> Result<Option<PathBuf>> {
-        match self.inner.objects.get(d.0).map_err(|e| self.index_err(e))? {
+        let Some(ix) = &self.inner.index else {
+            let path = self.object_file(d);
+            return Ok(path.exists().then_some(path));
+        };
+        match ix.objects.get(d.0).map_err(|e| self.index_err(e))? {
             Some(v) if v.first() == Some(&FILE_TAG) => Ok(Some(self.object_file(d))),
             _ => Ok(None),
         }
+    }
+
+    /// Makes sure an indexed object also exists as a file, so that a worker, which cannot read
+    /// the index, can read it: small objects live only inside the index. The index is not
+    /// changed; `ladle gc` removes such copies once nothing needs them.
+    pub fn export_object_file(&self, d: &Digest) -> Result<()> {
+        let path = self.object_file(d);
+        if path.exists() {
+            return Ok(());
+        }
+        let bytes = self.get(d)?;
+        let tmp = self.temp_path("export");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        };
+        write().map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+        let parent = path.parent().expect("object paths have a parent");
+        fs::create_dir_all(parent)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        let _ = File::open(parent).and_then(|d| d.sync_all());
+        Ok(())
+    }
+
+    /// Indexes an object file another process (a worker) wrote into `objects/`, after checking
+    /// that its content has digest `d`; returns its size. A file whose content does not match is
+    /// quarantined and reported as corrupt, so nothing serves it.
+    pub fn index_object_file(&self, d: &Digest) -> Result<u64> {
+        let path = self.object_file(d);
+        let (actual, size) = match hash_file(&path) {
+            Ok(r) => r,
+            Err(_) if !path.exists() => return Err(Error::MissingObject { digest: d.to_hex() }),
+            Err(e) => return Err(e),
+        };
+        if actual != *d {
+            let dest = self.inner.root.join("quarantine").join(d.to_hex());
+            let _ = fs::rename(&path, &dest);
+            return Err(Error::Corrupt { digest: d.to_hex() });
+        }
+        let ix = self.ix()?;
+        let indexed = ix.objects.get(d.0).map_err(|e| self.index_err(e))?;
+        if indexed.is_none_or(|v| v.first() != Some(&INLINE_TAG)) {
+            let mut v = vec![FILE_TAG];
+            v.extend_from_slice(&size.to_le_bytes());
+            ix.objects.insert(d.0, v).map_err(|e| self.index_err(e))?;
+        }
+        Ok(size)
     }
 
     /// Moves a corrupt object aside and forgets it, so nothing serves it and a rerun recomputes it.
@@ -295,7 +422,7 @@ impl Store {
             let dest = self.inner.root.join("quarantine").join(d.to_hex());
             fs::rename(&path, &dest).map_err(|e| Error::io(format!("cannot quarantine {}", path.display()), e))?;
         }
-        self.inner.objects.remove(d.0).map_err(|e| self.index_err(e))?;
+        self.ix()?.objects.remove(d.0).map_err(|e| self.index_err(e))?;
         self.flush()
     }
 
@@ -304,12 +431,12 @@ impl Store {
     pub fn put_artifact(&self, artifact: &Artifact) -> Result<ArtifactDigest> {
         let d = artifact.digest();
         let json = serde_json::to_vec(artifact).map_err(|e| Error::Internal(e.to_string()))?;
-        self.inner.artifacts.insert(d.0, json).map_err(|e| self.index_err(e))?;
+        self.ix()?.artifacts.insert(d.0, json).map_err(|e| self.index_err(e))?;
         Ok(d)
     }
 
     pub fn get_artifact(&self, d: &ArtifactDigest) -> Result<Option<Artifact>> {
-        match self.inner.artifacts.get(d.0).map_err(|e| self.index_err(e))? {
+        match self.ix()?.artifacts.get(d.0).map_err(|e| self.index_err(e))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -329,13 +456,13 @@ impl Store {
 
     /// Records that `key` produced `artifact` (the artifact must be stored first).
     pub fn put_action(&self, key: &StageKey, artifact: &ArtifactDigest) -> Result<()> {
-        self.inner.actions.insert(key.0, &artifact.0).map_err(|e| self.index_err(e))?;
+        self.ix()?.actions.insert(key.0, &artifact.0).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     /// The artifact `key` produced, if it is indexed and all its objects are present.
     pub fn get_action(&self, key: &StageKey) -> Result<Option<(ArtifactDigest, Artifact)>> {
-        let Some(v) = self.inner.actions.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
+        let Some(v) = self.ix()?.actions.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
         let Ok(raw) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
         let d = ArtifactDigest(raw);
         match self.get_artifact(&d)? {
@@ -346,13 +473,13 @@ impl Store {
 
     pub fn put_shard(&self, key: &ShardKey, entry: &ShardEntry) -> Result<()> {
         let json = serde_json::to_vec(entry).map_err(|e| Error::Internal(e.to_string()))?;
-        self.inner.shards.insert(key.0, json).map_err(|e| self.index_err(e))?;
+        self.ix()?.shards.insert(key.0, json).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     /// A cached output shard, if its object is present.
     pub fn get_shard(&self, key: &ShardKey) -> Result<Option<ShardEntry>> {
-        let Some(v) = self.inner.shards.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
+        let Some(v) = self.ix()?.shards.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
         let Ok(entry) = serde_json::from_slice::<ShardEntry>(&v) else { return Ok(None) };
         Ok(self.has_object(&entry.shard.digest)?.then_some(entry))
     }
@@ -361,12 +488,12 @@ impl Store {
 
     pub fn put_log(&self, key: &StageKey, log: &[u8]) -> Result<()> {
         let d = self.put(log)?;
-        self.inner.logs.insert(key.0, &d.0).map_err(|e| self.index_err(e))?;
+        self.ix()?.logs.insert(key.0, &d.0).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     pub fn get_log(&self, key: &StageKey) -> Result<Option<Vec<u8>>> {
-        let Some(v) = self.inner.logs.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
+        let Some(v) = self.ix()?.logs.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
         let Ok(raw) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
         match self.get(&Digest(raw)) {
             Ok(b) => Ok(Some(b)),
@@ -384,32 +511,32 @@ impl Store {
 
     pub fn put_last(&self, pipeline: &Path, stage: &str, last: &LastRun) -> Result<()> {
         let json = serde_json::to_vec(last).map_err(|e| Error::Internal(e.to_string()))?;
-        self.inner.last.insert(Self::last_key(pipeline, stage), json).map_err(|e| self.index_err(e))?;
+        self.ix()?.last.insert(Self::last_key(pipeline, stage), json).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     pub fn get_last(&self, pipeline: &Path, stage: &str) -> Result<Option<LastRun>> {
-        let Some(v) = self.inner.last.get(Self::last_key(pipeline, stage)).map_err(|e| self.index_err(e))? else {
+        let Some(v) = self.ix()?.last.get(Self::last_key(pipeline, stage)).map_err(|e| self.index_err(e))? else {
             return Ok(None);
         };
         Ok(serde_json::from_slice(&v).ok())
     }
 
     pub fn next_run_id(&self) -> Result<u64> {
-        let last = self.inner.runs.last().map_err(|e| self.index_err(e))?;
+        let last = self.ix()?.runs.last().map_err(|e| self.index_err(e))?;
         let prev = last.and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0);
         Ok(prev + 1)
     }
 
     pub fn put_run(&self, record: &RunRecord) -> Result<()> {
         let json = serde_json::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
-        self.inner.runs.insert(record.id.to_be_bytes(), json).map_err(|e| self.index_err(e))?;
+        self.ix()?.runs.insert(record.id.to_be_bytes(), json).map_err(|e| self.index_err(e))?;
         self.flush()
     }
 
     pub fn runs(&self) -> Result<Vec<RunRecord>> {
         let mut out = Vec::new();
-        for item in self.inner.runs.iter() {
+        for item in self.ix()?.runs.iter() {
             let (_, v) = item.map_err(|e| self.index_err(e))?;
             if let Ok(r) = serde_json::from_slice(&v) {
                 out.push(r);

@@ -74,6 +74,15 @@ fn line_for(event: &Event) -> Option<String> {
         Event::StageFailed { stage, error, .. } => format!("{stage}: FAILED: {error}"),
         Event::StageSkipped { stage, reason, .. } => format!("{stage}: skipped, {reason}"),
         Event::Summary(r) => summary_line(r),
+        Event::JobSubmitted { stage, job, tasks, shards } => {
+            format!("{stage}: submitted Slurm job {job}: {tasks} task(s), {shards} shard(s)")
+        }
+        Event::JobAdopted { stage, jobs, tasks } => {
+            format!(
+                "{stage}: waiting again for {tasks} task(s) of Slurm job(s) {} still queued or running",
+                jobs.join(", ")
+            )
+        }
         Event::ShardDone { .. } | Event::Progress { .. } => return None,
     })
 }
@@ -148,7 +157,7 @@ impl EventSink for Bars {
                     let _ = self.multi.println(line);
                 }
             }
-            Event::RunStarted { .. } | Event::Summary(_) => {
+            Event::RunStarted { .. } | Event::Summary(_) | Event::JobSubmitted { .. } | Event::JobAdopted { .. } => {
                 if let Some(line) = line_for(event) {
                     let _ = self.multi.println(line);
                 }

@@ -36,7 +36,7 @@ impl Store {
     /// Re-hashes every object. Corrupt ones are quarantined and forgotten, so no run serves them.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
-        for item in self.inner.objects.iter() {
+        for item in self.ix()?.objects.iter() {
             let (k, v) = item.map_err(|e| self.index_err(e))?;
             let Some(raw) = raw32(&k) else { continue };
             let d = Digest(raw);
@@ -44,7 +44,7 @@ impl Store {
             let ok = if v.first() == Some(&FILE_TAG) {
                 let path = self.object_file(&d);
                 if !path.exists() {
-                    self.inner.objects.remove(k).map_err(|e| self.index_err(e))?;
+                    self.ix()?.objects.remove(k).map_err(|e| self.index_err(e))?;
                     report.missing.push(d.to_hex());
                     continue;
                 }
@@ -69,7 +69,7 @@ impl Store {
     pub fn gc(&self, keep_runs: usize) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut roots: HashSet<ArtifactDigest> = HashSet::new();
-        for item in self.inner.last.iter() {
+        for item in self.ix()?.last.iter() {
             let (_, v) = item.map_err(|e| self.index_err(e))?;
             if let Ok(last) = serde_json::from_slice::<super::LastRun>(&v) {
                 roots.insert(last.artifact);
@@ -85,11 +85,11 @@ impl Store {
             }
         }
         for run in runs.iter().rev().skip(keep_runs) {
-            self.inner.runs.remove(run.id.to_be_bytes()).map_err(|e| self.index_err(e))?;
+            self.ix()?.runs.remove(run.id.to_be_bytes()).map_err(|e| self.index_err(e))?;
         }
 
         let mut live: HashSet<Digest> = HashSet::new();
-        for item in self.inner.artifacts.iter() {
+        for item in self.ix()?.artifacts.iter() {
             let (k, v) = item.map_err(|e| self.index_err(e))?;
             let Some(raw) = raw32(&k) else { continue };
             if roots.contains(&ArtifactDigest(raw)) {
@@ -97,32 +97,32 @@ impl Store {
                     live.extend(a.objects());
                 }
             } else {
-                self.inner.artifacts.remove(k).map_err(|e| self.index_err(e))?;
+                self.ix()?.artifacts.remove(k).map_err(|e| self.index_err(e))?;
                 report.artifacts_removed += 1;
             }
         }
-        for item in self.inner.actions.iter() {
+        for item in self.ix()?.actions.iter() {
             let (k, v) = item.map_err(|e| self.index_err(e))?;
             match raw32(&v) {
                 Some(raw) if roots.contains(&ArtifactDigest(raw)) => {
-                    if let Some(log) = self.inner.logs.get(&k).map_err(|e| self.index_err(e))?.and_then(|l| raw32(&l)) {
+                    if let Some(log) = self.ix()?.logs.get(&k).map_err(|e| self.index_err(e))?.and_then(|l| raw32(&l)) {
                         live.insert(Digest(log));
                     }
                 }
                 _ => {
-                    self.inner.actions.remove(&k).map_err(|e| self.index_err(e))?;
-                    self.inner.logs.remove(&k).map_err(|e| self.index_err(e))?;
+                    self.ix()?.actions.remove(&k).map_err(|e| self.index_err(e))?;
+                    self.ix()?.logs.remove(&k).map_err(|e| self.index_err(e))?;
                 }
             }
         }
-        for item in self.inner.shards.iter() {
+        for item in self.ix()?.shards.iter() {
             let (k, v) = item.map_err(|e| self.index_err(e))?;
             let keep = serde_json::from_slice::<super::ShardEntry>(&v).is_ok_and(|e| live.contains(&e.shard.digest));
             if !keep {
-                self.inner.shards.remove(k).map_err(|e| self.index_err(e))?;
+                self.ix()?.shards.remove(k).map_err(|e| self.index_err(e))?;
             }
         }
-        for item in self.inner.objects.iter() {
+        for item in self.ix()?.objects.iter() {
             let (k, v) = item.map_err(|e| self.index_err(e))?;
             let Some(raw) = raw32(&k) else { continue };
             let d = Digest(raw);
@@ -136,7 +136,7 @@ impl Store {
             } else {
                 report.bytes_freed += v.len() as u64 - 1;
             }
-            self.inner.objects.remove(k).map_err(|e| self.index_err(e))?;
+            self.ix()?.objects.remove(k).map_err(|e| self.index_err(e))?;
             report.objects_removed += 1;
         }
         // Orphan files (renamed into place, never indexed), quarantine, leftovers.

@@ -45,8 +45,12 @@ impl Store {
     pub fn file_digest(&self, path: &Path) -> Result<Digest> {
         let meta = fs::metadata(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
         let stat = stat_of(&meta);
+        if self.is_objects_only() {
+            // A worker has no memo (it lives in the index): it hashes.
+            return Ok(hash_file(path)?.0);
+        }
         let key = path.to_string_lossy().as_bytes().to_vec();
-        if let Some(v) = self.inner.memo.get(&key).map_err(|e| self.index_err(e))?
+        if let Some(v) = self.ix()?.memo.get(&key).map_err(|e| self.index_err(e))?
             && let Ok(memo) = serde_json::from_slice::<Memo>(&v)
             && memo.stat == stat
         {
@@ -57,7 +61,7 @@ impl Store {
         let after = fs::metadata(path).map(|m| stat_of(&m)).ok();
         if after.as_ref() == Some(&stat) {
             let json = serde_json::to_vec(&Memo { stat, digest }).map_err(|e| Error::Internal(e.to_string()))?;
-            self.inner.memo.insert(key, json).map_err(|e| self.index_err(e))?;
+            self.ix()?.memo.insert(key, json).map_err(|e| self.index_err(e))?;
         }
         Ok(digest)
     }

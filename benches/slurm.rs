@@ -101,7 +101,10 @@ fn timed(dir: &std::path::Path, args: &str) -> (f64, f64) {
 
 fn scheduling() {
     if !Command::new("sinfo").arg("-h").output().is_ok_and(|o| o.status.success()) {
-        println!("{}", serde_json::json!({"bench": "scheduling", "skipped": "no Slurm cluster answers: start scripts/slurm/loopback-up.sh"}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "scheduling", "skipped": "no Slurm cluster answers: start scripts/slurm/loopback-up.sh"})
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -284,6 +284,9 @@ path = "out.jsonl"
     // The receipts were ingested and removed; `ladle runs` names the jobs.
     let runs = p.ladle(&["runs", "p.toml"]);
     assert!(String::from_utf8_lossy(&runs.stdout).contains("ppl: Slurm job(s)"));
+    let show = p.ladle(&["show", "p.toml", "ppl"]);
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(show.contains("slurm:    2 task log(s)") && show.contains("done: "), "{show}");
 }
 
 #[test]
@@ -368,4 +371,80 @@ path = "other.jsonl"
     assert_eq!(again.code(), 0, "{}", again.stderr());
     assert_eq!(again.computed(stage), 1);
     assert_eq!(p.read("out.jsonl"), local_output(&p, "out.jsonl"));
+}
+
+#[test]
+fn ctrl_c_cancels_the_submitted_jobs_unless_detached_and_a_rerun_adopts_detached_ones() {
+    let Some(_cluster) = cluster() else { return };
+    let interrupt = |driver: Background| {
+        let pid = driver.child.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+        driver.child.wait_with_output().unwrap().status
+    };
+
+    let stage = "interruptme";
+    let p = project(stage, 2.0, 6, "");
+    let driver = Background::start(&p, &slurm_args());
+    driver.wait_for("a submission", |e| e["event"] == "job_submitted");
+    wait_until("a running task", || tasks_of(stage).iter().any(|(_, s)| s == "RUNNING"));
+    let status = interrupt(driver);
+    assert_eq!(status.code(), Some(1), "the interrupted stage fails the run");
+    wait_until("the tasks cancelled", || tasks_of(stage).iter().all(|(_, s)| s == "CANCELLED"));
+
+    let stage = "detachme";
+    let p = project(stage, 2.0, 6, "");
+    let mut args = slurm_args();
+    args.push("--detach");
+    let driver = Background::start(&p, &args);
+    driver.wait_for("a submission", |e| e["event"] == "job_submitted");
+    // SIGINT's default action ends a detached driver at once; its jobs run on.
+    let _ = interrupt(driver);
+    assert!(tasks_of(stage).iter().all(|(_, s)| s == "RUNNING" || s == "PENDING"), "{:?}", tasks_of(stage));
+    let r = p.run("p.toml", &slurm_args());
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(events_named(&r, "job_adopted").len(), 1, "{:?}", r.events);
+    assert!(events_named(&r, "job_submitted").is_empty());
+}
+
+#[test]
+fn a_whole_stage_with_resources_runs_as_one_job_and_what_it_cached_reaches_the_index() {
+    let Some(_cluster) = cluster() else { return };
+    // POINTS' greedy soup of the four tiny fine-tunes, its built-in metric computed in a job.
+    let soup = points_tiny().join("soup");
+    let p = Project::new();
+    p.write("cluster.toml", PROFILE);
+    let mut text = String::from("[pipeline]\nname = \"soup-on-slurm\"\n\n");
+    for i in 0..4 {
+        text += &format!("[stages.m{i}]\nkind = \"model\"\npath = \"{}\"\n\n", soup.join(format!("ft{i}")).display());
+    }
+    text += &format!(
+        "[stages.heldout]\nkind = \"read\"\npath = \"{}\"\n\n[stages.soup]\nkind = \"soup\"\n\
+         models = [\"m0\", \"m1\", \"m2\", \"m3\"]\nmethod = \"greedy\"\neval = \"heldout\"\ntext = \"{{caption}}\"\n\
+         resources = {{ cpus = 1, mem = \"900M\" }}\n",
+        soup.join("heldout.jsonl").display()
+    );
+    p.write("p.toml", text);
+    let r = p.run("p.toml", &slurm_args());
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let submitted = events_named(&r, "job_submitted");
+    assert_eq!(submitted.len(), 1, "only the soup, which asked for resources, is a job: {submitted:?}");
+    assert_eq!(submitted[0]["stage"], "soup");
+    assert_eq!(r.stage("soup")["work_unit"], "candidate score(s)");
+    assert_eq!(r.stage("soup")["shards_computed"], 7, "{}", r.summary());
+    assert!(p.ladle(&["export", "p.toml", "soup", "-o", "on-slurm"]).status.success());
+
+    // The same soup as a local run makes, byte for byte.
+    let store = p.path("local-store");
+    let local = p.run("p.toml", &["--store", store.to_str().unwrap()]);
+    assert_eq!(local.code(), 0, "{}", local.stderr());
+    assert!(p.ladle(&["export", "p.toml", "soup", "-o", "local", "--store", store.to_str().unwrap()]).status.success());
+    for f in ["model.safetensors", "soup.json", "config.json"] {
+        assert_eq!(p.read(&format!("on-slurm/{f}")), p.read(&format!("local/{f}")), "{f}");
+    }
+    // The candidates' scores the job computed were indexed from its receipt: recomputing the
+    // soup here evaluates none of them again.
+    let forced = p.run("p.toml", &["--force", "soup"]);
+    assert_eq!(forced.code(), 0, "{}", forced.stderr());
+    assert_eq!(forced.stage("soup")["shards_computed"], 0, "{}", forced.summary());
+    assert_eq!(forced.stage("soup")["shards_total"], 7);
 }

@@ -283,6 +283,14 @@ struct StageTask {
 }
 
 impl StageTask {
+    /// Whether this stage runs as a cluster job: a whole stage that carries `resources` hints,
+    /// with the Slurm executor (map stages always go to the cluster there; other whole stages
+    /// are light and run in the driver).
+    fn on_cluster(&self) -> bool {
+        matches!(self.executor, Executor::Slurm(_))
+            && self.pipeline.stages[self.idx].resources != crate::resources::Resources::default()
+    }
+
     async fn execute(
         self,
         inputs: Inputs,
@@ -391,6 +399,34 @@ impl StageTask {
         let mut work_unit = None;
         let result = match self.pipeline.stages[self.idx].stage.execution() {
             Execution::Map { port, .. } => run_map(env.clone(), inputs, &parts, salts, port, self.forced).await,
+            Execution::Whole(_) if self.on_cluster() => {
+                self.sink.emit(&Event::StageStarted { stage: name.clone(), kind: kind.clone(), shards_total: None });
+                let Executor::Slurm(options) = &self.executor else { unreachable!() };
+                let work = StageWork {
+                    pipeline: &self.pipeline,
+                    idx: self.idx,
+                    key,
+                    store: &self.store,
+                    inputs: &inputs,
+                    port: "",
+                    sink: &*self.sink,
+                    forced: self.forced,
+                };
+                match slurm::run_whole(work, options).await {
+                    Ok(receipt) => {
+                        let (total, computed) = match &receipt.work {
+                            Some((unit, total, computed)) => {
+                                // Units are a handful of fixed phrases; one leaked per such stage run.
+                                work_unit = Some(&*Box::leak(unit.clone().into_boxed_str()));
+                                (*total, *computed)
+                            }
+                            None => (0, 0),
+                        };
+                        Ok((receipt.artifact, total, computed, 0))
+                    }
+                    Err(e) => Err((e, (0, 0))),
+                }
+            }
             Execution::Whole(_) => {
                 self.sink.emit(&Event::StageStarted { stage: name.clone(), kind: kind.clone(), shards_total: None });
                 // The device first, then a work slot: nothing holds a work slot while it waits for a

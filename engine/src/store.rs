@@ -60,6 +60,18 @@ struct Inner {
     tmp: PathBuf,
     tmp_counter: AtomicU64,
     _lock: Option<File>,
+    /// What a worker's stage asked to index, for the driver to index after checking it.
+    pending: std::sync::Mutex<PendingIndex>,
+}
+
+/// Index entries a stage made in a worker's view of the store (which has no index): the artifacts
+/// and actions a soup caches its candidates' metrics in, the logs `exec` keeps. The worker hands
+/// them to the driver in its receipt; the driver checks their objects and indexes them.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PendingIndex {
+    pub artifacts: Vec<Artifact>,
+    pub actions: Vec<(StageKey, ArtifactDigest)>,
+    pub logs: Vec<(StageKey, Digest)>,
 }
 
 impl Drop for Inner {
@@ -158,6 +170,7 @@ impl Store {
             tmp: root.join("tmp"),
             tmp_counter: AtomicU64::new(0),
             _lock: Some(lock),
+            pending: Default::default(),
         };
         // Leftovers of a crashed run are never referenced: clear them.
         let _ = fs::remove_dir_all(root.join("tmp"));
@@ -198,8 +211,45 @@ impl Store {
         }
         let tmp = root.join("workers").join(format!("{worker}-{}", std::process::id()));
         fs::create_dir_all(&tmp).map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
-        let inner = Inner { root: root.to_path_buf(), index: None, tmp, tmp_counter: AtomicU64::new(0), _lock: None };
+        let inner = Inner {
+            root: root.to_path_buf(),
+            index: None,
+            tmp,
+            tmp_counter: AtomicU64::new(0),
+            _lock: None,
+            pending: Default::default(),
+        };
         Ok(Store { inner: Arc::new(inner) })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingIndex> {
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a stage asked a worker's view of the store to index (see [`PendingIndex`]); emptied.
+    pub fn take_pending_index(&self) -> PendingIndex {
+        std::mem::take(&mut *self.pending())
+    }
+
+    /// Indexes what a worker's stage asked for, after checking every object it names (the
+    /// artifacts' and the logs'), in commit order: objects, artifacts, then actions and logs.
+    pub fn apply_pending_index(&self, pending: &PendingIndex) -> Result<()> {
+        let objects = pending.artifacts.iter().flat_map(Artifact::objects).chain(pending.logs.iter().map(|l| l.1));
+        for d in objects {
+            if !self.has_object(&d)? {
+                self.index_object_file(&d)?;
+            }
+        }
+        for a in &pending.artifacts {
+            self.put_artifact(a)?;
+        }
+        for (key, artifact) in &pending.actions {
+            self.put_action(key, artifact)?;
+        }
+        for (key, log) in &pending.logs {
+            self.ix()?.logs.insert(key.0, &log.0).map_err(|e| self.index_err(e))?;
+        }
+        Ok(())
     }
 
     /// Whether this is a worker's view of the store, without the index.
@@ -430,12 +480,19 @@ impl Store {
 
     pub fn put_artifact(&self, artifact: &Artifact) -> Result<ArtifactDigest> {
         let d = artifact.digest();
+        if self.is_objects_only() {
+            self.pending().artifacts.push(artifact.clone());
+            return Ok(d);
+        }
         let json = serde_json::to_vec(artifact).map_err(|e| Error::Internal(e.to_string()))?;
         self.ix()?.artifacts.insert(d.0, json).map_err(|e| self.index_err(e))?;
         Ok(d)
     }
 
     pub fn get_artifact(&self, d: &ArtifactDigest) -> Result<Option<Artifact>> {
+        if self.is_objects_only() {
+            return Ok(None);
+        }
         match self.ix()?.artifacts.get(d.0).map_err(|e| self.index_err(e))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
@@ -456,12 +513,20 @@ impl Store {
 
     /// Records that `key` produced `artifact` (the artifact must be stored first).
     pub fn put_action(&self, key: &StageKey, artifact: &ArtifactDigest) -> Result<()> {
+        if self.is_objects_only() {
+            self.pending().actions.push((*key, *artifact));
+            return Ok(());
+        }
         self.ix()?.actions.insert(key.0, &artifact.0).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     /// The artifact `key` produced, if it is indexed and all its objects are present.
+    /// (A worker's view of the store answers `None`: it cannot read the index.)
     pub fn get_action(&self, key: &StageKey) -> Result<Option<(ArtifactDigest, Artifact)>> {
+        if self.is_objects_only() {
+            return Ok(None);
+        }
         let Some(v) = self.ix()?.actions.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
         let Ok(raw) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
         let d = ArtifactDigest(raw);
@@ -488,11 +553,18 @@ impl Store {
 
     pub fn put_log(&self, key: &StageKey, log: &[u8]) -> Result<()> {
         let d = self.put(log)?;
+        if self.is_objects_only() {
+            self.pending().logs.push((*key, d));
+            return Ok(());
+        }
         self.ix()?.logs.insert(key.0, &d.0).map_err(|e| self.index_err(e))?;
         Ok(())
     }
 
     pub fn get_log(&self, key: &StageKey) -> Result<Option<Vec<u8>>> {
+        if self.is_objects_only() {
+            return Ok(None);
+        }
         let Some(v) = self.ix()?.logs.get(key.0).map_err(|e| self.index_err(e))? else { return Ok(None) };
         let Ok(raw) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
         match self.get(&Digest(raw)) {

@@ -74,6 +74,7 @@ fn line_for(event: &Event) -> Option<String> {
         Event::StageFailed { stage, error, .. } => format!("{stage}: FAILED: {error}"),
         Event::StageSkipped { stage, reason, .. } => format!("{stage}: skipped, {reason}"),
         Event::Summary(r) => summary_line(r),
+        Event::JobSubmitted { stage, job, shards: 0, .. } => format!("{stage}: submitted Slurm job {job}"),
         Event::JobSubmitted { stage, job, tasks, shards } => {
             format!("{stage}: submitted Slurm job {job}: {tasks} task(s), {shards} shard(s)")
         }

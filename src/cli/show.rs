@@ -102,6 +102,19 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
             writeln!(out, "  | {line}")?;
         }
     }
+    // The logs of the Slurm array tasks that computed its shards, kept with its key.
+    let logs = ladle_engine::executor::task::StageDir::new(store, &key).root.join("logs");
+    let mut tasks: Vec<_> = std::fs::read_dir(&logs).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    if !tasks.is_empty() {
+        tasks.sort();
+        writeln!(out, "slurm:    {} task log(s) in {}", tasks.len(), logs.display())?;
+        if let Some(last) = tasks.last() {
+            writeln!(out, "  the end of {}:", last.file_name().unwrap_or_default().to_string_lossy())?;
+            for line in ladle_engine::executor::task::log_tail(last, 5).lines() {
+                writeln!(out, "  | {line}")?;
+            }
+        }
+    }
     Ok(())
 }
 

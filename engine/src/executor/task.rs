@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::ShardRef;
+use crate::artifact::{Artifact, ShardRef};
 use crate::digest::{Digest, ShardKey, StageKey};
 use crate::stage::Inputs;
-use crate::store::Store;
+use crate::store::{PendingIndex, Store};
 
 /// The shards one array task computes, and how to find the stage that computes them.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub struct Task {
     /// The stage's inputs; the mapped port's dataset lists only this task's shards.
     pub inputs: Inputs,
     pub shards: Vec<TaskShard>,
+    /// A whole stage run as one job (it asked for resources): no shards, one [`WholeReceipt`].
+    #[serde(default)]
+    pub whole: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -58,6 +61,18 @@ pub struct Receipt {
     pub output: ShardRef,
     pub dropped_on_error: u64,
     /// The array task that computed it (`JOB_TASK`), for the curious.
+    pub task: String,
+    pub seconds: f64,
+}
+
+/// What a worker reports of a whole stage it ran.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WholeReceipt {
+    pub artifact: Artifact,
+    /// The units of work the stage reported (`candidate score(s)`, total, computed).
+    pub work: Option<(String, u64, u64)>,
+    /// What the stage asked to index (a soup's cached metrics, a log).
+    pub index: PendingIndex,
     pub task: String,
     pub seconds: f64,
 }
@@ -95,6 +110,11 @@ impl StageDir {
 
     pub fn receipt(&self, key: &ShardKey) -> PathBuf {
         self.receipts().join(format!("{}.json", key.to_hex()))
+    }
+
+    /// The receipt of a whole stage run as a job.
+    pub fn whole_receipt(&self) -> PathBuf {
+        self.root.join("whole.json")
     }
 
     pub fn task(&self, submission: u32, task: usize) -> PathBuf {

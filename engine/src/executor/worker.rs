@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
-use super::task::{Receipt, StageDir, Task, write_atomically};
+use super::task::{Receipt, StageDir, Task, WholeReceipt, write_atomically};
 use crate::context::StageContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result, StageError};
@@ -61,9 +61,6 @@ pub fn run_task(task_file: &Path, registry: &Registry, log: &mut dyn Write) -> R
     let pipeline = Pipeline::parse(&task.pipeline, &source, registry)?;
     let decl = pipeline.stage_named(&task.stage)?;
     let decl = &pipeline.stages[decl];
-    let Execution::Map { stage, .. } = decl.stage.execution() else {
-        return Err(Error::Usage(format!("stage `{}` is not a map stage: it runs in the driver", task.stage)));
-    };
     let name = task_name();
     let store = Store::open_objects(&task.store, &name)?;
     let dir = StageDir::new(&store, &task.stage_key);
@@ -78,6 +75,37 @@ pub fn run_task(task_file: &Path, registry: &Registry, log: &mut dyn Write) -> R
         work: Default::default(),
     };
     let mut report = WorkerReport::default();
+    let stage = match (decl.stage.execution(), task.whole) {
+        (Execution::Map { stage, .. }, false) => stage,
+        (Execution::Whole(stage), true) => {
+            writeln!(log, "ladle worker {name}: stage `{}`, whole", task.stage).ok();
+            let started = Instant::now();
+            let artifact =
+                stage.run(&ctx, &task.inputs).map_err(|error| Error::Stage { stage: task.stage.clone(), error })?;
+            let work = ctx.work.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let receipt = WholeReceipt {
+                artifact,
+                work: work.map(|w| (w.unit.to_string(), w.total, w.computed)),
+                index: store.take_pending_index(),
+                task: name.clone(),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            let json = serde_json::to_vec(&receipt).map_err(|e| Error::Internal(e.to_string()))?;
+            let path = dir.whole_receipt();
+            write_atomically(&path, &json)
+                .map_err(|e| Error::io(format!("cannot write the receipt {}", path.display()), e))?;
+            writeln!(log, "done in {:.2} s", receipt.seconds).ok();
+            report.computed = 1;
+            return Ok(report);
+        }
+        _ => {
+            return Err(Error::Usage(format!(
+                "stage `{}` does not run the way {} says: the pipeline file changed kinds",
+                task.stage,
+                task_file.display()
+            )));
+        }
+    };
     let mut mapper = None;
     let started = Instant::now();
     writeln!(log, "ladle worker {name}: stage `{}`, {} shard(s)", task.stage, task.shards.len()).ok();

@@ -152,6 +152,13 @@ impl Store {
                 }
             }
         }
+        // Temporary folders of cluster workers that were killed: a day old means no worker uses them.
+        for dir in fs::read_dir(self.inner.root.join("workers")).into_iter().flatten().flatten() {
+            let old = dir.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if old.is_some_and(|age| age > std::time::Duration::from_secs(24 * 3600)) {
+                let _ = fs::remove_dir_all(dir.path());
+            }
+        }
         for dir in ["quarantine", "work", "tmp"] {
             let _ = fs::remove_dir_all(self.inner.root.join(dir));
             let _ = fs::create_dir_all(self.inner.root.join(dir));

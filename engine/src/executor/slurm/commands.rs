@@ -12,6 +12,8 @@ pub struct TaskState {
     pub state: String,
     /// The node it ran on (empty while pending).
     pub node: String,
+    /// The job's name (`ladle-STAGE`).
+    pub name: String,
 }
 
 impl TaskState {
@@ -65,7 +67,7 @@ pub fn squeue(jobs: &[String]) -> Result<HashMap<String, TaskState>, String> {
     if jobs.is_empty() {
         return Ok(HashMap::new());
     }
-    let query = |ids: &str| run(Command::new("squeue").args(["-h", "-r", "-t", "all", "-o", "%i|%T|%N", "-j", ids]));
+    let query = |ids: &str| run(Command::new("squeue").args(["-h", "-r", "-t", "all", "-o", "%i|%T|%N|%j", "-j", ids]));
     let text = match query(&jobs.join(",")) {
         Ok(t) => t,
         // One forgotten job makes squeue refuse the whole list: ask job by job.
@@ -88,11 +90,12 @@ pub fn squeue(jobs: &[String]) -> Result<HashMap<String, TaskState>, String> {
 fn parse_squeue(text: &str) -> HashMap<String, TaskState> {
     text.lines()
         .filter_map(|line| {
-            let mut parts = line.trim().splitn(3, '|');
+            let mut parts = line.trim().splitn(4, '|');
             let id = parts.next()?.trim().to_string();
             let state = parts.next()?.trim().to_string();
             let node = parts.next().unwrap_or("").trim().to_string();
-            (!id.is_empty()).then_some((id, TaskState { state, node }))
+            let name = parts.next().unwrap_or("").trim().to_string();
+            (!id.is_empty()).then_some((id, TaskState { state, node, name }))
         })
         .collect()
 }
@@ -111,9 +114,12 @@ mod tests {
 
     #[test]
     fn squeue_lines_give_each_array_task_its_state_and_node() {
-        let states = parse_squeue("12_0|COMPLETED|node1\n12_1|RUNNING|node2\n12_2|PENDING|\n\n13|FAILED|node1\n");
+        let states = parse_squeue(
+            "12_0|COMPLETED|node1|ladle-ppl\n12_1|RUNNING|node2|ladle-ppl\n12_2|PENDING||ladle-ppl\n\n13|FAILED|node1|x\n",
+        );
         assert_eq!(states.len(), 4);
-        assert_eq!(states["12_1"], TaskState { state: "RUNNING".into(), node: "node2".into() });
+        let running = TaskState { state: "RUNNING".into(), node: "node2".into(), name: "ladle-ppl".into() };
+        assert_eq!(states["12_1"], running);
         assert!(states["12_0"].ended() && states["13"].ended());
         assert!(!states["12_1"].ended() && !states["12_2"].ended());
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 pub use profile::Profile;
 
-use super::task::{Receipt, StageDir, Submission, Task, TaskShard, log_tail, write_atomically};
+use super::task::{Receipt, StageDir, Submission, Task, TaskShard, WholeReceipt, log_tail, write_atomically};
 use crate::artifact::{Artifact, ShardRef};
 use crate::digest::{ShardKey, StageKey};
 use crate::events::{Event, EventSink};
@@ -97,17 +97,102 @@ pub(crate) async fn compute(
         driver.waiting.keys().filter(|k| !driver.in_flight_keys().contains(k)).copied().collect();
     driver.submit(fresh)?;
 
-    let mut signals = if options.detach { None } else { Signals::new() };
-    let poll = Duration::from_secs_f64(options.profile.poll_seconds);
-    let mut squeue_failing_since: Option<Instant> = None;
+    let mut rounds = Rounds::new(options);
     while !driver.waiting.is_empty() {
-        let interrupted = match &mut signals {
+        // States first, receipts second: a task seen ended has left every receipt it will.
+        let states = rounds.next(&driver).await?;
+        driver.ingest(&mut done)?;
+        if let Some(states) = states
+            && let Err(e) = driver.settle(&states)
+        {
+            driver.cancel_all();
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a whole stage that asked for `resources` as one job, and returns what it made (its
+/// objects and the index entries it asked for already checked and indexed). A receipt left by
+/// an earlier driver is used as is; a job of an earlier driver still queued or running is
+/// adopted.
+pub(crate) async fn run_whole(work: StageWork<'_>, options: &SlurmOptions) -> Result<WholeReceipt, String> {
+    let mut driver = Driver::new(&work, options)?;
+    driver.whole = true;
+    if work.forced {
+        let _ = fs::remove_file(driver.dir.whole_receipt());
+    } else if let Some(r) = driver.ingest_whole()? {
+        return Ok(r);
+    }
+    driver.adopt()?;
+    if driver.in_flight.is_empty() {
+        driver.export(&[])?;
+        driver.submit_array(&[Vec::new()])?;
+    }
+    let mut rounds = Rounds::new(options);
+    let mut attempts = 0;
+    loop {
+        let states = rounds.next(&driver).await?;
+        if let Some(r) = driver.ingest_whole()? {
+            return Ok(r);
+        }
+        let Some(states) = states else { continue };
+        let Some(t) = driver.in_flight.first() else { continue };
+        let state = states.get(&t.id());
+        if state.is_some_and(|s| !s.ended()) {
+            continue;
+        }
+        if let Some(s) = state.filter(|s| !s.node.is_empty()) {
+            driver.in_flight[0].node = s.node.clone();
+        }
+        // Ended: a receipt written just before is there now, or the job failed.
+        if let Some(r) = driver.ingest_whole()? {
+            return Ok(r);
+        }
+        attempts += 1;
+        let t = driver.in_flight.remove(0);
+        if attempts > options.profile.retries {
+            let how = state.map_or("no longer known to Slurm".to_string(), |s| s.state.clone());
+            let log = driver.dir.log(t.submission, t.task);
+            return Err(format!(
+                "the stage's job failed {attempts} time(s) on Slurm; its last, {} on {}, ended {how}; the end of its \
+                 log ({}):\n{}",
+                t.id(),
+                if t.node.is_empty() { "no node" } else { &t.node },
+                log.display(),
+                log_tail(&log, 20)
+            ));
+        }
+        driver.submit_array(&[Vec::new()])?;
+    }
+}
+
+/// The driver's polling rounds: a sleep (cut short by Ctrl-C or SIGTERM, which cancel the
+/// stage's jobs unless detached), then what Slurm says of the tasks waited for.
+struct Rounds {
+    signals: Option<Signals>,
+    poll: Duration,
+    failing_since: Option<Instant>,
+}
+
+impl Rounds {
+    fn new(options: &SlurmOptions) -> Rounds {
+        Rounds {
+            signals: if options.detach { None } else { Signals::new() },
+            poll: Duration::from_secs_f64(options.profile.poll_seconds),
+            failing_since: None,
+        }
+    }
+
+    /// The tasks' states, or `None` when Slurm did not answer this round (for up to 10 minutes).
+    async fn next(&mut self, driver: &Driver<'_>) -> Result<Option<HashMap<String, commands::TaskState>>, String> {
+        let interrupted = match &mut self.signals {
             Some(s) => tokio::select! {
-                _ = tokio::time::sleep(poll) => false,
+                _ = tokio::time::sleep(self.poll) => false,
                 _ = s.next() => true,
             },
             None => {
-                tokio::time::sleep(poll).await;
+                tokio::time::sleep(self.poll).await;
                 false
             }
         };
@@ -115,7 +200,7 @@ pub(crate) async fn compute(
             let jobs = driver.jobs();
             let cancelled = commands::scancel(&jobs);
             return Err(format!(
-                "interrupted: {}; the shards already finished are kept",
+                "interrupted: {}; what already finished is kept",
                 match cancelled {
                     Ok(()) if jobs.is_empty() => "nothing was left running".to_string(),
                     Ok(()) => format!("cancelled Slurm job(s) {}", jobs.join(", ")),
@@ -123,29 +208,21 @@ pub(crate) async fn compute(
                 }
             ));
         }
-        // States first, receipts second: a task seen ended has left every receipt it will.
-        let states = match commands::squeue(&driver.jobs()) {
+        match commands::squeue(&driver.jobs()) {
             Ok(s) => {
-                squeue_failing_since = None;
-                s
+                self.failing_since = None;
+                Ok(Some(s))
             }
             Err(e) => {
-                let since = *squeue_failing_since.get_or_insert_with(Instant::now);
+                let since = *self.failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_secs(600) {
                     driver.cancel_all();
                     return Err(format!("Slurm has not answered for 10 minutes: {e}"));
                 }
-                driver.ingest(&mut done)?;
-                continue;
+                Ok(None)
             }
-        };
-        driver.ingest(&mut done)?;
-        if let Err(e) = driver.settle(&states) {
-            driver.cancel_all();
-            return Err(e);
         }
     }
-    Ok(())
 }
 
 struct Driver<'a> {
@@ -157,6 +234,8 @@ struct Driver<'a> {
     attempts: HashMap<ShardKey, u32>,
     /// Objects of inputs other than the mapped dataset, exported once.
     exported: bool,
+    /// The stage is a whole stage run as one job.
+    whole: bool,
 }
 
 impl<'a> Driver<'a> {
@@ -171,6 +250,7 @@ impl<'a> Driver<'a> {
             in_flight: Vec::new(),
             attempts: HashMap::new(),
             exported: false,
+            whole: false,
         })
     }
 
@@ -202,6 +282,31 @@ impl<'a> Driver<'a> {
         Ok(n)
     }
 
+    /// The receipt of the whole stage, once its objects and index entries are checked and
+    /// indexed; a receipt that does not check out is deleted (the job is then retried).
+    fn ingest_whole(&mut self) -> Result<Option<WholeReceipt>, String> {
+        let path = self.dir.whole_receipt();
+        let Ok(bytes) = fs::read(&path) else { return Ok(None) };
+        let store = self.work.store;
+        let receipt = serde_json::from_slice::<WholeReceipt>(&bytes).ok().filter(|r| {
+            r.artifact
+                .objects()
+                .iter()
+                .all(|d| store.has_object(d).unwrap_or(false) || store.index_object_file(d).is_ok())
+                && store.apply_pending_index(&r.index).is_ok()
+        });
+        match receipt {
+            Some(r) => {
+                store.flush().map_err(|e| e.to_string())?;
+                Ok(Some(r))
+            }
+            None => {
+                let _ = fs::remove_file(&path);
+                Ok(None)
+            }
+        }
+    }
+
     /// Waits again for the tasks of earlier submissions that are still queued or running.
     fn adopt(&mut self) -> Result<(), String> {
         let submissions = self.dir.submissions();
@@ -211,14 +316,16 @@ impl<'a> Driver<'a> {
         let jobs: Vec<String> = submissions.iter().map(|s| s.job.clone()).collect();
         let states = commands::squeue(&jobs)?;
         let mut adopted = 0;
+        // Job ids restart when a cluster's state is wiped: a task must also carry our job name.
+        let name = job_name(self.stage());
         for sub in submissions {
             let mut live = false;
             for (task, keys) in sub.tasks.iter().enumerate() {
                 let id = format!("{}_{task}", sub.job);
-                let Some(state) = states.get(&id).filter(|s| !s.ended()) else { continue };
+                let Some(state) = states.get(&id).filter(|s| !s.ended() && s.name == name) else { continue };
                 live = true;
                 let keys: Vec<ShardKey> = keys.iter().filter(|k| self.waiting.contains_key(k)).copied().collect();
-                if !keys.is_empty() {
+                if !keys.is_empty() || self.whole {
                     adopted += 1;
                     let node = state.node.clone();
                     self.in_flight.push(InFlight { job: sub.job.clone(), submission: sub.number, task, keys, node });
@@ -243,7 +350,7 @@ impl<'a> Driver<'a> {
         let store = self.work.store;
         if !self.exported {
             for (port, artifacts) in &self.work.inputs.ports {
-                if port == self.work.port {
+                if port == self.work.port && !self.whole {
                     continue;
                 }
                 for a in artifacts {
@@ -302,6 +409,7 @@ impl<'a> Driver<'a> {
                 store: std::path::absolute(work.store.root()).unwrap_or_else(|_| work.store.root().to_path_buf()),
                 inputs,
                 shards,
+                whole: self.whole,
             };
             let path = self.dir.task(number, t);
             let json = serde_json::to_vec(&task).map_err(|e| e.to_string())?;
@@ -340,7 +448,7 @@ impl<'a> Driver<'a> {
             None => std::env::current_exe().map_err(|e| format!("cannot find this ladle binary: {e}"))?,
         };
         let mut s = String::from("#!/bin/bash\n");
-        s += &format!("#SBATCH --job-name=ladle-{}\n", decl.name);
+        s += &format!("#SBATCH --job-name={}\n", job_name(&decl.name));
         let limit = profile.max_concurrent.map(|n| format!("%{n}")).unwrap_or_default();
         s += &format!("#SBATCH --array=0-{}{limit}\n", tasks - 1);
         s += &format!("#SBATCH --output={}\n", self.dir.root.join("logs").join(format!("{number}-%a.log")).display());
@@ -464,6 +572,11 @@ pub fn ingest_receipts(
         }
     }
     Ok(n)
+}
+
+/// The name of a stage's jobs, as `squeue` shows it.
+fn job_name(stage: &str) -> String {
+    format!("ladle-{stage}")
 }
 
 fn shell_quote(s: &str) -> String {

@@ -360,7 +360,9 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
         }
         Cmd::Graph { pipeline, format } => {
             let p = load(&pipeline)?;
-            write!(out, "{}", graph::render(&p, format))?;
+            let graph = graph::render(&p, format);
+            // A text output ends with a newline, so a shell prompt does not follow on its last line.
+            write!(out, "{graph}{}", if graph.ends_with('\n') { "" } else { "\n" })?;
             Ok(Outcome::Success)
         }
         Cmd::Show { pipeline, stage, store, sample } => {

@@ -283,6 +283,12 @@ impl Pipeline {
                         let message = format!("input port name `{port}` may hold only letters, digits, `_` and `-`");
                         return Err(located(p.at.clone(), &stage, message, None).into());
                     }
+                    if inputs.contains_key(port) {
+                        let message =
+                            format!("input port `{port}` is given twice: as `{port} = ...` and in `{table_name}`");
+                        let hint = Some(format!("keep one of the two: `{port} = \"STAGE\"` is enough"));
+                        return Err(located(p.at.clone(), &stage, message, hint).into());
+                    }
                     inputs.insert(port.clone(), resolve(port, p, Arity::Many)?);
                     input_at.insert(port.clone(), p.at.clone());
                 }

@@ -24,7 +24,8 @@ use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{lines, parse_record, write_record};
 use ladle_engine::stage::{
-    Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage, StageKind, WholeStage,
+    Accepts, Arity, Execution, Inputs, MapStage, MappedShard, PortSpec, Produces, ShardInput, ShardMapper, Stage,
+    StageKind, WholeStage,
 };
 use ladle_engine::{Artifact, ObjectWriter, StageContext};
 use wait_timeout::ChildExt;
@@ -39,7 +40,10 @@ impl StageKind for ExecKind {
         "an external program: fills a folder ({out}), or filters shards as JSONL (per_shard)"
     }
     fn ports(&self) -> &'static [PortSpec] {
-        &[]
+        // `data = "STAGE"` as every other stage takes its dataset; the same as inputs = { data = ... }.
+        const PORTS: &[PortSpec] =
+            &[PortSpec { name: "data", arity: Arity::One, required: false, accepts: Accepts::Any }];
+        PORTS
     }
     fn port_table(&self) -> Option<&'static str> {
         Some("inputs")
@@ -80,7 +84,7 @@ impl StageKind for ExecKind {
         if per_shard && !ports.iter().any(|p| p == "data") {
             let mut e =
                 params.stage_error("per_shard = true streams the dataset on input port `data`, which is not connected");
-            e.hint = Some("add inputs = { data = \"STAGE\" }".into());
+            e.hint = Some("add data = \"STAGE\" (or inputs = { data = \"STAGE\" })".into());
             return Err(e);
         }
         // Scripts the command runs: their content enters the key.

@@ -24,6 +24,7 @@ pub mod read;
 pub mod sample;
 pub mod select;
 pub mod soup;
+pub mod sources;
 pub mod template;
 pub mod tensors;
 pub mod vlm;

@@ -1,90 +1,153 @@
-//! `read`: a data file into a dataset of canonical shards.
+//! `read`: data files into a dataset of canonical shards.
 //!
-//! Formats: JSONL (one object per line; blank lines skipped), JSON (an array of objects — LLaVA
-//! conversation files are kept record for record), Parquet. The format comes from the extension
-//! or `format`. Records are cut into shards of `shard_records` (default 4096) in file order, so
-//! appending records to a file changes only its last shard and adds new ones.
+//! `path` names one file or many (a glob, a brace range, a folder, a Hugging Face datasets
+//! folder, a list: see [`crate::sources`]); they become one dataset in a stable order. Formats:
+//! JSONL (one object per line; blank lines skipped), JSON (an array of objects — LLaVA
+//! conversation files are kept record for record), Parquet; JSONL and JSON may be gzip- or
+//! zstd-compressed (`.jsonl.gz`, `.jsonl.zst`, `.json.gz`). The format comes from each file's name
+//! or from `format`.
 //!
-//! JSONL is streamed: a few shards are in memory at a time, whatever the file's size.
+//! Each file's records are cut into shards of `shard_records` (default 4096) in file order, and
+//! no shard holds records of two files: appending records to a file changes only its last shard,
+//! and adding a file to a glob adds shards without changing any other, so downstream only the
+//! new shards compute. A file's shards are also remembered by the file's digest, so a rerun after
+//! one file of 200 changed reads that one file.
+//!
+//! JSONL is streamed (compressed or not): a few shards are in memory at a time, whatever the
+//! file's size.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ladle_engine::digest::{Digest, StageKey};
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::{json_type, parse_record, write_record};
 use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
 use ladle_engine::{Artifact, ShardRef, StageContext};
 
+pub use crate::sources::{Compression, Format};
+
 pub const DEFAULT_SHARD_RECORDS: u64 = 4096;
 
 pub struct ReadKind;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Jsonl,
-    Json,
-    Parquet,
-}
-
-impl Format {
-    pub fn from_name(s: &str) -> Option<Format> {
-        match s {
-            "jsonl" | "ndjson" => Some(Format::Jsonl),
-            "json" => Some(Format::Json),
-            "parquet" => Some(Format::Parquet),
-            _ => None,
-        }
-    }
-
-    pub fn from_path(path: &Path) -> Option<Format> {
-        Format::from_name(&path.extension()?.to_string_lossy().to_ascii_lowercase())
-    }
-}
 
 impl StageKind for ReadKind {
     fn name(&self) -> &'static str {
         "read"
     }
     fn about(&self) -> &'static str {
-        "a .jsonl, .json or .parquet file as a dataset"
+        "data files (.jsonl, .json, .parquet; .gz/.zst; globs, ranges, folders) as a dataset"
     }
     fn ports(&self) -> &'static [PortSpec] {
         &[]
     }
     fn configure(&self, params: &mut Params<'_>) -> Result<Arc<dyn Stage>, PipelineError> {
-        let path = params.path_dep("path", false)?.ok_or_else(|| params.missing("path", "the data file to read"))?;
-        let format = match params.choice("format", &["jsonl", "json", "parquet"])? {
-            Some(f) => Format::from_name(&f).expect("checked by choice"),
-            None => Format::from_path(&path).ok_or_else(|| {
-                let mut e =
-                    params.error("path", format!("cannot tell the format of `{}` from its extension", path.display()));
-                e.hint = Some(
-                    "name it .jsonl, .json or .parquet, or set format = \"jsonl\" | \"json\" | \"parquet\"".into(),
-                );
-                e
-            })?,
-        };
-        params.record("format", format!("{format:?}").to_lowercase().into());
+        let specs = params
+            .strings("path")?
+            .ok_or_else(|| params.missing("path", "the data file(s) to read: a file, glob, range, folder or list"))?;
+        let split = params.string("split")?;
+        if split.is_some() {
+            params.exclude_from_key("split"); // what it selects enters the key as files
+        }
+        let split = split.unwrap_or_else(|| "train".to_string());
+        let forced = params
+            .choice("format", &["jsonl", "json", "parquet"])?
+            .map(|f| Format::from_name(&f).expect("checked by choice"));
+        let paths = crate::sources::expand(params.base_dir(), &specs, &split).map_err(|e| {
+            let mut err = params.error("path", e);
+            err.hint = Some(format!(
+                "relative paths resolve against the pipeline file's folder, {}; `path` takes a file, a glob \
+                 (data/*.jsonl), a range (shards/{{00000..00127}}.jsonl), a folder or a list",
+                params.base_dir().display()
+            ));
+            err
+        })?;
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (format, compression) = match (forced, Format::from_path(&path)) {
+                (Some(f), Some((_, c))) => (f, c),
+                (Some(f), None) => (f, Compression::None),
+                (None, Some(fc)) => fc,
+                (None, None) => {
+                    let mut e =
+                        params.error("path", format!("cannot tell the format of `{}` from its name", path.display()));
+                    e.hint = Some(
+                        "name it .jsonl, .json or .parquet (.jsonl and .json may end in .gz or .zst), or set format = \"jsonl\" | \"json\" | \"parquet\"".into(),
+                    );
+                    return Err(e);
+                }
+            };
+            if format == Format::Parquet && compression != Compression::None {
+                return Err(params.error(
+                    "path",
+                    format!("`{}`: Parquet files compress inside; read them as .parquet", path.display()),
+                ));
+            }
+            files.push(DataFile { path, format, compression });
+        }
+        // One plain file keeps the key it always had; several are named one by one, in order.
+        let base = params.base_dir().to_path_buf();
+        let relative = |p: &Path| p.strip_prefix(&base).unwrap_or(p).to_string_lossy().into_owned();
+        if let [only] = files.as_slice()
+            && specs.len() == 1
+            && only.path == params.resolve(&specs[0])
+        {
+            params.depend_on_file("path".into(), only.path.clone());
+            params.record("format", only.format.name().into());
+            if only.compression != Compression::None {
+                params.record("compression", format!("{:?}", only.compression).to_lowercase().into());
+            }
+        } else {
+            for f in &files {
+                params.depend_on_file(format!("path: {}", relative(&f.path)), f.path.clone());
+            }
+            // Each file's name says how it is read, so the names (in order) are the key's.
+            params.record("files", files.iter().map(|f| relative(&f.path)).collect::<Vec<_>>().into());
+            if let Some(f) = forced {
+                params.record("format", f.name().into());
+            }
+        }
         let shard_records = params.positive("shard_records")?.unwrap_or(DEFAULT_SHARD_RECORDS);
         params.record("shard_records", shard_records.into());
-        // Relative paths in the records (images) resolve against the data file's folder. It is
-        // kept relative to the pipeline file's folder when inside it, so a moved project keeps
-        // its keys and digests.
-        let folder = path.parent().unwrap_or(Path::new(""));
-        let root = folder.strip_prefix(params.base_dir()).unwrap_or(folder).to_path_buf();
+        // Relative paths in the records (images) resolve against the data files' folder (the
+        // deepest folder holding them all). It is kept relative to the pipeline file's folder
+        // when inside it, so a moved project keeps its keys and digests.
+        let folder = common_folder(files.iter().map(|f| f.path.as_path()));
+        let root = folder.strip_prefix(params.base_dir()).unwrap_or(&folder).to_path_buf();
         params.record("root", root.to_string_lossy().into_owned().into());
-        Ok(Arc::new(Read { path, format, shard_records: shard_records as usize, root }))
+        Ok(Arc::new(Read { files, shard_records: shard_records as usize, root }))
     }
 }
 
+/// The deepest folder that holds every path.
+fn common_folder<'a>(mut paths: impl Iterator<Item = &'a Path>) -> PathBuf {
+    let Some(first) = paths.next() else { return PathBuf::new() };
+    let mut common = first.parent().unwrap_or(Path::new("")).to_path_buf();
+    for p in paths {
+        while !p.starts_with(&common) {
+            if !common.pop() {
+                return PathBuf::new();
+            }
+        }
+    }
+    common
+}
+
+/// One file `read` reads.
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    pub path: PathBuf,
+    pub format: Format,
+    pub compression: Compression,
+}
+
 pub struct Read {
-    path: PathBuf,
-    /// The data file's folder, as the output dataset's root.
+    files: Vec<DataFile>,
+    /// The data files' folder, as the output dataset's root.
     root: PathBuf,
-    format: Format,
     shard_records: usize,
 }
 
@@ -99,20 +162,67 @@ impl Stage for Read {
 
 impl WholeStage for Read {
     fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
-        // The key was computed from this digest (a stat-memo hit, so cheap); if the file changes
-        // while it is read, what was read must not be cached under that key.
-        let before = ctx.store.file_digest(&self.path)?;
-        let shards = match self.format {
-            Format::Jsonl => self.read_jsonl(ctx)?,
-            Format::Json => self.read_json(ctx)?,
-            Format::Parquet => crate::parquet_io::read(ctx, &self.path, self.shard_records)?,
-        };
-        if ctx.store.file_digest(&self.path)? != before {
-            return Err(StageError::input(format!("{} changed while it was being read", self.path.display()))
-                .with_hint("run again once whatever writes the file has finished"));
+        let mut shards = Vec::new();
+        let (mut read, total) = (0u64, self.files.len() as u64);
+        for file in &self.files {
+            shards.extend(self.read_file(ctx, file, &mut read)?);
+            if total > 1 {
+                ctx.progress(read, total);
+            }
+        }
+        if total > 1 {
+            ctx.report_work("file(s)", total, read);
         }
         Ok(Artifact::Dataset { shards, root: Some(self.root.clone()) })
     }
+}
+
+impl Read {
+    /// One file's shards: remembered by the file's digest and how it is read, or read now.
+    fn read_file(&self, ctx: &StageContext<'_>, file: &DataFile, read: &mut u64) -> Result<Vec<ShardRef>, StageError> {
+        // The key was computed from this digest (a stat-memo hit, so cheap); if the file changes
+        // while it is read, what was read must not be kept under that key.
+        let before = ctx.store.file_digest(&file.path)?;
+        let memo = serde_json::json!({
+            "read file": before.to_hex(),
+            "format": file.format.name(),
+            "compression": format!("{:?}", file.compression),
+            "shard_records": self.shard_records,
+        });
+        let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
+        if let Some((_, Artifact::Dataset { shards, .. })) = ctx.store.get_action(&key)? {
+            return Ok(shards);
+        }
+        let shards = match file.format {
+            Format::Jsonl => self.read_jsonl(ctx, file)?,
+            Format::Json => self.read_json(ctx, file)?,
+            Format::Parquet => crate::parquet_io::read(ctx, &file.path, self.shard_records)?,
+        };
+        if ctx.store.file_digest(&file.path)? != before {
+            return Err(StageError::input(format!("{} changed while it was being read", file.path.display()))
+                .with_hint("run again once whatever writes the file has finished"));
+        }
+        let artifact = Artifact::Dataset { shards, root: None };
+        let digest = ctx.store.put_artifact(&artifact)?;
+        ctx.store.put_action(&key, &digest)?;
+        *read += 1;
+        let Artifact::Dataset { shards, .. } = artifact else { unreachable!() };
+        Ok(shards)
+    }
+}
+
+/// A data file's bytes, decompressed as its name says.
+fn open(file: &DataFile) -> Result<Box<dyn std::io::Read + Send>, StageError> {
+    let f =
+        File::open(&file.path).map_err(|e| StageError::input(format!("cannot open {}: {e}", file.path.display())))?;
+    Ok(match file.compression {
+        Compression::None => Box::new(f),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, f))),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(f)
+                .map_err(|e| StageError::input(format!("cannot read {} as zstd: {e}", file.path.display())))?,
+        ),
+    })
 }
 
 /// A run of lines of a JSONL file, with the number of its first line.
@@ -122,11 +232,9 @@ struct Chunk {
 }
 
 impl Read {
-    fn read_jsonl(&self, ctx: &StageContext<'_>) -> Result<Vec<ShardRef>, StageError> {
-        let file = File::open(&self.path)
-            .map_err(|e| StageError::input(format!("cannot open {}: {e}", self.path.display())))?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let path = self.path.clone();
+    fn read_jsonl(&self, ctx: &StageContext<'_>, file: &DataFile) -> Result<Vec<ShardRef>, StageError> {
+        let mut reader = BufReader::with_capacity(1 << 20, open(file)?);
+        let path = file.path.clone();
         let per_shard = self.shard_records;
         let mut line_no = 0u64;
         let mut done = false;
@@ -154,7 +262,15 @@ impl Read {
                     }
                     Err(e) => {
                         done = true;
-                        return Some(Err(StageError::input(format!("cannot read {}: {e}", path.display()))));
+                        let last = if line_no == 0 {
+                            "before its first line".to_string()
+                        } else {
+                            format!("after line {line_no}, the last whole one")
+                        };
+                        return Some(Err(StageError::input(format!("cannot read {}: {e} ({last})", path.display()))
+                            .with_hint(
+                                "the file is truncated or damaged: write it again, or leave it out of `path`",
+                            )));
                     }
                 }
             }
@@ -168,7 +284,7 @@ impl Read {
                     continue;
                 }
                 let record = parse_record(line).map_err(|e| {
-                    StageError::input(format!("{}:{}: {e}", self.path.display(), chunk.first_line + i as u64))
+                    StageError::input(format!("{}:{}: {e}", file.path.display(), chunk.first_line + i as u64))
                         .with_hint("each line of a .jsonl file must be one JSON object; fix or remove that line")
                 })?;
                 write_record(&record, &mut out);
@@ -179,15 +295,17 @@ impl Read {
         Ok(shards)
     }
 
-    fn read_json(&self, ctx: &StageContext<'_>) -> Result<Vec<ShardRef>, StageError> {
-        let bytes = std::fs::read(&self.path)
-            .map_err(|e| StageError::input(format!("cannot read {}: {e}", self.path.display())))?;
+    fn read_json(&self, ctx: &StageContext<'_>, file: &DataFile) -> Result<Vec<ShardRef>, StageError> {
+        let mut bytes = Vec::new();
+        open(file)?
+            .read_to_end(&mut bytes)
+            .map_err(|e| StageError::input(format!("cannot read {}: {e}", file.path.display())))?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| StageError::input(format!("{}: invalid JSON: {e}", self.path.display())))?;
+            .map_err(|e| StageError::input(format!("{}: invalid JSON: {e}", file.path.display())))?;
         let serde_json::Value::Array(items) = value else {
             return Err(StageError::input(format!(
                 "{}: expected a JSON array of records, found {}",
-                self.path.display(),
+                file.path.display(),
                 json_type(&value)
             ))
             .with_hint("a .json data file holds an array of objects; for one object per line, name the file .jsonl"));
@@ -199,7 +317,7 @@ impl Read {
                 other => {
                     return Err(StageError::input(format!(
                         "{}: element {i} of the array is {}, not an object",
-                        self.path.display(),
+                        file.path.display(),
                         json_type(&other)
                     )));
                 }

@@ -268,6 +268,32 @@ impl<'a> Params<'a> {
         Ok(Some(path))
     }
 
+    /// A parameter that is one string or an array of strings (`path = "a"`, `path = ["a", "b"]`).
+    pub fn strings(&mut self, name: &str) -> Result<Option<Vec<String>>, PipelineError> {
+        let Some(p) = self.take(name) else { return Ok(None) };
+        let out = match &p.value {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(items) if !items.is_empty() => {
+                let mut out = Vec::new();
+                for item in items {
+                    let Value::String(s) = &item.value else {
+                        return Err(self.wrong_type(name, "a string or an array of strings", item));
+                    };
+                    out.push(s.clone());
+                }
+                out
+            }
+            _ => return Err(self.wrong_type(name, "a string or a non-empty array of strings", &p)),
+        };
+        Ok(Some(out))
+    }
+
+    /// Makes the content digest of a file found while configuring (a glob's match) part of the
+    /// key, labelled `label` for `plan`.
+    pub fn depend_on_file(&mut self, label: String, path: PathBuf) {
+        self.files.push(FileDep { label, path, folder: false });
+    }
+
     /// Several paths whose digests enter the key, labelled `name[i]: path`.
     pub fn path_deps(&mut self, name: &str) -> Result<Vec<PathBuf>, PipelineError> {
         let Some(p) = self.take(name) else { return Ok(Vec::new()) };

@@ -13,6 +13,9 @@
 //!   Parquet. `read` turns binary into base64, so `bytes` is a base64 string (hex, as `read`
 //!   wrote it before, is still understood); when it is null, `path` is used as above.
 //!
+//! - an object `{tar, offset, length}`: a member of a WebDataset tar (see [`crate::webdataset`]),
+//!   read in place; `tar` resolves as a path does, and the tar's digest joins the shard's key.
+//!
 //! A template with text around fields (`"images/{id}.jpg"`) renders to a path.
 
 use std::path::{Component, Path, PathBuf};
@@ -29,6 +32,13 @@ pub enum ImageRef {
     /// Encoded bytes embedded in the record; `name` is what errors call it.
     Bytes {
         data: Vec<u8>,
+        name: String,
+    },
+    /// Encoded bytes at `offset` in a file (a tar's member).
+    InFile {
+        path: PathBuf,
+        offset: u64,
+        length: u64,
         name: String,
     },
 }
@@ -49,39 +59,98 @@ impl ImageRef {
         match self {
             ImageRef::File(path) => load_rgb_as(path, convention),
             ImageRef::Bytes { data, name } => decode_rgb_as(data, name, convention),
+            ImageRef::InFile { path, offset, length, name } => {
+                let data = read_range(path, *offset, *length).map_err(|e| {
+                    ladle_models::vision::images::ImageError::Unreadable { path: name.clone(), message: e.to_string() }
+                })?;
+                decode_rgb_as(&data, name, convention)
+            }
+        }
+    }
+
+    /// The file whose digest stands for this image in keys: the image file, or the tar holding it.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            ImageRef::File(path) | ImageRef::InFile { path, .. } => Some(path),
+            ImageRef::Bytes { .. } => None,
         }
     }
 }
 
-/// The `image` parameter: a field (or template) naming each record's image.
+/// The `image` parameter: a field (or template) naming each record's image, or alternatives
+/// `{jpg;png;webp}` (the first field a record has, as webdataset's `rename` picks one: samples of
+/// one corpus carry their image under the extension it was saved with).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageField {
     template: Template,
+    alternatives: Vec<(String, Template)>,
     source: String,
 }
 
 impl ImageField {
     pub fn parse(src: &str) -> Result<ImageField, String> {
+        let inner = src.strip_prefix('{').and_then(|s| s.strip_suffix('}')).filter(|s| s.contains(';'));
+        if let Some(inner) = inner {
+            let mut alternatives = Vec::new();
+            for name in inner.split(';').map(str::trim) {
+                if name.is_empty() || name.contains(['{', '}']) {
+                    return Err(format!(
+                        "\"{src}\": alternatives are field names separated by `;`, e.g. \"{{jpg;png;webp}}\""
+                    ));
+                }
+                alternatives.push((name.to_string(), Template::parse(&format!("{{{name}}}"))?));
+            }
+            let template = alternatives[0].1.clone();
+            return Ok(ImageField { template, alternatives, source: src.to_string() });
+        }
         let template = Template::parse(src)?;
         if template.fields().is_empty() {
             return Err(format!(
                 "\"{src}\" names no field: write the field holding each record's image, e.g. \"{{image}}\""
             ));
         }
-        Ok(ImageField { template, source: src.to_string() })
+        Ok(ImageField { template, alternatives: Vec::new(), source: src.to_string() })
+    }
+
+    /// The template that applies to `record`: the first alternative it has.
+    fn template_for(&self, record: &Map<String, Value>) -> Result<&Template, String> {
+        if self.alternatives.is_empty() {
+            return Ok(&self.template);
+        }
+        for (_, t) in &self.alternatives {
+            if t.single_field(record).is_some_and(|v| v.is_ok_and(|v| !v.is_null())) {
+                return Ok(t);
+            }
+        }
+        let names: Vec<&str> = self.alternatives.iter().map(|(n, _)| n.as_str()).collect();
+        Err(format!("the record has none of the fields {}: it has no image", names.join(", ")))
     }
 
     /// The record's image. `root` is the dataset's root (see [`ladle_engine::Artifact::Dataset`]).
     pub fn locate(&self, record: &Map<String, Value>, root: Option<&Path>) -> Result<ImageRef, String> {
-        let value = match self.template.single_field(record) {
+        let template = self.template_for(record)?;
+        let value = match template.single_field(record) {
             Some(v) => v?.clone(),
-            None => Value::String(self.template.render(record)?),
+            None => Value::String(template.render(record)?),
         };
         match value {
             Value::String(s) => match embedded(&s, &self.source)? {
                 Some(image) => Ok(image),
                 None => resolve(&s, root).map(ImageRef::File),
             },
+            Value::Object(o) if o.contains_key("tar") => {
+                let (Some(Value::String(tar)), Some(offset), Some(length)) =
+                    (o.get("tar"), o.get("offset").and_then(Value::as_u64), o.get("length").and_then(Value::as_u64))
+                else {
+                    return Err(format!(
+                        "{} is a tar reference without a `tar` name, `offset` and `length`; `read` writes them whole",
+                        self.source
+                    ));
+                };
+                let path = resolve(tar, root)?;
+                let name = format!("{} (`{tar}` at offset {offset})", self.source);
+                Ok(ImageRef::InFile { path, offset, length, name })
+            }
             Value::Object(o) => match (o.get("bytes"), o.get("path")) {
                 (Some(Value::String(text)), path) => {
                     let name = match path {
@@ -122,12 +191,27 @@ impl ImageField {
         for (i, line) in ladle_engine::records::lines(shard.jsonl).enumerate() {
             let record = ladle_engine::records::parse_record(line)
                 .map_err(|e| ladle_engine::StageError::internal(e).at_record(i as u64))?;
-            if let Ok(ImageRef::File(path)) = self.locate(&record, root) {
-                files.push(path);
+            if let Ok(image) = self.locate(&record, root)
+                && let Some(path) = image.file()
+            {
+                files.push(path.to_path_buf());
             }
         }
         Ok(files)
     }
+}
+
+/// `length` bytes at `offset` of a file.
+fn read_range(path: &Path, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    if length > 1 << 31 {
+        return Err(std::io::Error::other(format!("{length} bytes is no image")));
+    }
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut data = vec![0u8; length as usize];
+    file.read_exact(&mut data)?;
+    Ok(data)
 }
 
 /// How base64 of PNG, JPEG, WebP and GIF files starts (`\x89PNG\r\n\x1a\n`, `\xff\xd8\xff`,
@@ -316,5 +400,26 @@ mod tests {
         let got = f.locate(&rec(serde_json::json!({ "id": 7 })), Some(Path::new("/d"))).unwrap();
         assert_eq!(got, ImageRef::File("/d/imgs/7.jpg".into()));
         assert!(ImageField::parse("static.jpg").is_err());
+    }
+
+    #[test]
+    fn alternatives_take_the_first_field_a_record_has_and_tar_references_read_in_place() {
+        let f = ImageField::parse("{jpg;png;webp}").unwrap();
+        let root = Some(Path::new("/d"));
+        let member = serde_json::json!({ "tar": "shards/00001.tar", "offset": 1536, "length": 20 });
+        let got = f.locate(&rec(serde_json::json!({ "txt": "a cat", "png": member })), root).unwrap();
+        let want = ImageRef::InFile {
+            path: "/d/shards/00001.tar".into(),
+            offset: 1536,
+            length: 20,
+            name: "{jpg;png;webp} (`shards/00001.tar` at offset 1536)".into(),
+        };
+        assert_eq!(got, want);
+        assert_eq!(got.file(), Some(Path::new("/d/shards/00001.tar")), "the tar's digest joins the key");
+        let e = f.locate(&rec(serde_json::json!({ "txt": "no image" })), root).unwrap_err();
+        assert!(e.contains("none of the fields jpg, png, webp"), "{e}");
+        let e = f.locate(&rec(serde_json::json!({ "jpg": { "tar": "a.tar" } })), root).unwrap_err();
+        assert!(e.contains("without a `tar` name, `offset` and `length`"), "{e}");
+        assert!(ImageField::parse("{jpg;}").is_err());
     }
 }

@@ -28,6 +28,7 @@ pub mod sources;
 pub mod template;
 pub mod tensors;
 pub mod vlm;
+pub mod webdataset;
 pub mod write;
 
 use std::sync::Arc;

@@ -80,13 +80,13 @@ impl StageKind for ReadKind {
                     return Err(e);
                 }
             };
-            if format == Format::Parquet && compression != Compression::None {
+            if matches!(format, Format::Parquet | Format::WebDataset) && compression != Compression::None {
                 return Err(params.error(
                     "path",
-                    format!("`{}`: Parquet files compress inside; read them as .parquet", path.display()),
+                    format!("`{}`: only .jsonl and .json files may be compressed (.gz, .zst)", path.display()),
                 ));
             }
-            files.push(DataFile { path, format, compression });
+            files.push(DataFile { path, format, compression, name: String::new() });
         }
         // One plain file keeps the key it always had; several are named one by one, in order.
         let base = params.base_dir().to_path_buf();
@@ -117,6 +117,9 @@ impl StageKind for ReadKind {
         // when inside it, so a moved project keeps its keys and digests.
         let folder = common_folder(files.iter().map(|f| f.path.as_path()));
         let root = folder.strip_prefix(params.base_dir()).unwrap_or(&folder).to_path_buf();
+        for f in &mut files {
+            f.name = f.path.strip_prefix(&folder).unwrap_or(&f.path).to_string_lossy().into_owned();
+        }
         params.record("root", root.to_string_lossy().into_owned().into());
         Ok(Arc::new(Read { files, shard_records: shard_records as usize, root }))
     }
@@ -142,6 +145,8 @@ pub struct DataFile {
     pub path: PathBuf,
     pub format: Format,
     pub compression: Compression,
+    /// The path relative to the dataset's root: how records refer to it (a tar's images).
+    pub name: String,
 }
 
 pub struct Read {
@@ -188,6 +193,8 @@ impl Read {
             "format": file.format.name(),
             "compression": format!("{:?}", file.compression),
             "shard_records": self.shard_records,
+            // Records from a tar name it.
+            "name": (file.format == Format::WebDataset).then_some(&file.name),
         });
         let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
         if let Some((_, Artifact::Dataset { shards, .. })) = ctx.store.get_action(&key)? {
@@ -197,6 +204,7 @@ impl Read {
             Format::Jsonl => self.read_jsonl(ctx, file)?,
             Format::Json => self.read_json(ctx, file)?,
             Format::Parquet => crate::parquet_io::read(ctx, &file.path, self.shard_records)?,
+            Format::WebDataset => self.read_tar(ctx, file)?,
         };
         if ctx.store.file_digest(&file.path)? != before {
             return Err(StageError::input(format!("{} changed while it was being read", file.path.display()))
@@ -207,6 +215,27 @@ impl Read {
         ctx.store.put_action(&key, &digest)?;
         *read += 1;
         let Artifact::Dataset { shards, .. } = artifact else { unreachable!() };
+        Ok(shards)
+    }
+}
+
+impl Read {
+    /// A tar's samples (see [`crate::webdataset`]), cut into shards in tar order.
+    fn read_tar(&self, ctx: &StageContext<'_>, file: &DataFile) -> Result<Vec<ShardRef>, StageError> {
+        let (mut shards, mut out, mut n) = (Vec::new(), Vec::new(), 0u64);
+        crate::webdataset::read_samples(&file.path, &file.name, |record| {
+            write_record(&record, &mut out);
+            n += 1;
+            if n == self.shard_records as u64 {
+                shards.push(ctx.write_shard(&out, n)?);
+                out.clear();
+                n = 0;
+            }
+            Ok(())
+        })?;
+        if n > 0 {
+            shards.push(ctx.write_shard(&out, n)?);
+        }
         Ok(shards)
     }
 }

@@ -15,6 +15,8 @@ pub enum Format {
     Jsonl,
     Json,
     Parquet,
+    /// Tars of samples (`KEY.jpg`, `KEY.txt`, ...), as img2dataset and `webdataset` write them.
+    WebDataset,
 }
 
 /// How a text data file is compressed.
@@ -31,6 +33,7 @@ impl Format {
             "jsonl" | "ndjson" => Some(Format::Jsonl),
             "json" => Some(Format::Json),
             "parquet" => Some(Format::Parquet),
+            "webdataset" | "tar" => Some(Format::WebDataset),
             _ => None,
         }
     }
@@ -40,6 +43,7 @@ impl Format {
             Format::Jsonl => "jsonl",
             Format::Json => "json",
             Format::Parquet => "parquet",
+            Format::WebDataset => "webdataset",
         }
     }
 
@@ -53,7 +57,8 @@ impl Format {
             _ => (name.as_str(), Compression::None),
         };
         let format = Format::from_name(stem.rsplit_once('.')?.1)?;
-        (format != Format::Parquet || compression == Compression::None).then_some((format, compression))
+        let compressible = matches!(format, Format::Jsonl | Format::Json);
+        (compressible || compression == Compression::None).then_some((format, compression))
     }
 }
 
@@ -141,7 +146,7 @@ fn folder_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>, String> {
     let files = list(dir);
     if files.is_empty() {
         return Err(format!(
-            "no data files in this folder (.jsonl, .json, .parquet, optionally .gz or .zst), and no `data/{split}-*` files \
+            "no data files in this folder (.jsonl, .json, .parquet, optionally .gz or .zst; .tar), and no `data/{split}-*` files \
              of a Hugging Face datasets folder"
         ));
     }
@@ -207,6 +212,8 @@ mod tests {
         assert_eq!(f("a.json.gz"), Some((Format::Json, Compression::Gzip)));
         assert_eq!(f("train-00000-of-00002.parquet"), Some((Format::Parquet, Compression::None)));
         assert_eq!(f("a.parquet.gz"), None);
+        assert_eq!(f("shards/00001.tar"), Some((Format::WebDataset, Compression::None)));
+        assert_eq!(f("shards/00001.tar.gz"), None);
         assert_eq!(f("a.gz"), None);
         assert_eq!(f("notes.txt"), None);
     }

@@ -198,3 +198,61 @@ fn exec_takes_its_dataset_as_data_like_every_stage_with_the_same_key() {
         assert!(g.stdout.ends_with(b"\n") && !g.stdout.ends_with(b"\n\n"), "{format}");
     }
 }
+
+#[test]
+fn a_sharded_write_makes_a_file_per_shard_and_rewrites_only_what_changed() {
+    use std::os::unix::fs::MetadataExt;
+    let p = Project::new();
+    p.write("data/part-0.jsonl", captions(0..25));
+    p.write("data/part-1.jsonl", captions(25..40));
+    let body = |out: &str| {
+        format!(
+            "{HEAD}[stages.d]\nkind = \"read\"\npath = \"data/*.jsonl\"\nshard_records = 10\n\
+             [stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"{out}\"\n"
+        )
+    };
+    p.write("p.toml", body("out/part-{shard:05}.jsonl.gz"));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let names = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(p.path(dir)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        v.sort();
+        v
+    };
+    let parts: Vec<String> = (0..5).map(|i| format!("part-{i:05}.jsonl.gz")).collect();
+    assert_eq!(names("out"), parts);
+    let sizes: Vec<usize> = parts.iter().map(|f| lines(&gunzip(&p, &format!("out/{f}"))).len()).collect();
+    assert_eq!(sizes, [10, 10, 5, 10, 5], "a file per shard; no shard spans two input files");
+    let all: Vec<Value> = parts.iter().flat_map(|f| lines(&gunzip(&p, &format!("out/{f}")))).collect();
+    assert_eq!(ids(&all), (0..40).collect::<Vec<_>>());
+    let inode = |f: &str| std::fs::metadata(p.path(&format!("out/{f}"))).unwrap().ino();
+    let before: Vec<u64> = parts.iter().map(|f| inode(f)).collect();
+
+    // A new input file: its two shards are written; the other five files are not touched.
+    p.write("data/part-2.jsonl", captions(40..52));
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!((r.stage("w")["shards_computed"].as_u64(), r.stage("w")["shards_total"].as_u64()), (Some(2), Some(7)));
+    assert_eq!(parts.iter().map(|f| inode(f)).collect::<Vec<_>>(), before, "unchanged files are left alone");
+    assert_eq!(names("out").len(), 7);
+    // Back to two files: the two extra parts are removed, the rest still untouched.
+    std::fs::remove_file(p.path("data/part-2.jsonl")).unwrap();
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(names("out"), parts);
+    assert_eq!(parts.iter().map(|f| inode(f)).collect::<Vec<_>>(), before);
+    // A deleted output file is written again on the next run.
+    std::fs::remove_file(p.path("out/part-00003.jsonl.gz")).unwrap();
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.stage("w")["shards_computed"].as_u64(), Some(1), "{}", r.summary());
+    assert_eq!(names("out"), parts);
+
+    // Parquet parts read back, as a folder, to the same records.
+    p.write("p.toml", body("pq/part-{shard}.parquet"));
+    assert_eq!(p.run("p.toml", &[]).code(), 0);
+    assert_eq!(names("pq"), (0..5).map(|i| format!("part-{i}.parquet")).collect::<Vec<_>>());
+    p.write("q.toml", format!("{HEAD}[stages.d]\nkind = \"read\"\npath = \"pq\"\n[stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"back.jsonl\"\n"));
+    assert_eq!(p.run("q.toml", &[]).code(), 0);
+    assert_eq!(p.jsonl("back.jsonl"), lines(&captions(0..40)));
+}

@@ -6,13 +6,14 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ladle_engine::digest::{Digest, StageKey};
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
-use ladle_engine::{Artifact, StageContext};
+use ladle_engine::{Artifact, FileRef, StageContext};
 
 use crate::sources::{Compression, Format};
 
@@ -56,12 +57,19 @@ impl StageKind for WriteKind {
         if path.is_dir() {
             return Err(params.error("path", format!("`{}` is a folder; `write` writes a file", path.display())));
         }
-        Ok(Arc::new(Write_ { path, format, compression }))
+        let pattern = match ShardPattern::parse(&path) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => return Err(params.error("path", e)),
+            None => None,
+        };
+        Ok(Arc::new(Write_ { path, pattern, format, compression }))
     }
 }
 
 struct Write_ {
     path: PathBuf,
+    /// `{shard:05}` in the name: one file per shard.
+    pattern: Option<ShardPattern>,
     format: Format,
     /// For JSONL: from the name (`.jsonl.gz`, `.jsonl.zst`). The name is in the key already.
     compression: Compression,
@@ -69,16 +77,21 @@ struct Write_ {
 
 impl Stage for Write_ {
     fn produces(&self) -> Produces {
-        Produces::File
+        if self.pattern.is_some() { Produces::Folder } else { Produces::File }
     }
     fn execution(&self) -> Execution<'_> {
         Execution::Whole(self)
     }
 
     fn still_valid(&self, artifact: &Artifact, ctx: &StageContext<'_>) -> bool {
-        match artifact {
-            Artifact::File { path, digest, .. } => {
+        match (artifact, &self.pattern) {
+            (Artifact::File { path, digest, .. }, None) => {
                 path == &self.path && ctx.store.file_digest(path).is_ok_and(|d| &d == digest)
+            }
+            (Artifact::Folder { external: Some(dir), files, .. }, Some(pattern)) => {
+                dir == &pattern.dir
+                    && files.iter().all(|f| ctx.store.file_digest(&dir.join(&f.path)).is_ok_and(|d| d == f.digest))
+                    && pattern.existing().is_ok_and(|e| e.len() == files.len())
             }
             _ => false,
         }
@@ -88,14 +101,71 @@ impl Stage for Write_ {
 impl WholeStage for Write_ {
     fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError> {
         let shards = inputs.dataset("data")?;
-        let io = |what: &str, e: std::io::Error| {
-            StageError::environment(format!("cannot {what} {}: {e}", self.path.display()))
+        let Some(pattern) = &self.pattern else {
+            self.write_file(ctx, shards, &self.path, true)?;
+            let digest = ctx.store.file_digest(&self.path)?;
+            let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+            let records = shards.iter().map(|s| s.records).sum();
+            return Ok(Artifact::File { path: self.path.clone(), digest, size, records });
         };
-        if let Some(parent) = self.path.parent() {
+        // One file per shard. A file already holding what its shard makes is left alone: the
+        // shard's digest (and how it is written) is remembered with the file's digest.
+        let mut files = Vec::with_capacity(shards.len());
+        let (mut written, total) = (0u64, shards.len() as u64);
+        for (i, shard) in shards.iter().enumerate() {
+            let dest = pattern.path(i);
+            let memo = serde_json::json!({
+                "write shard": shard.digest.to_hex(),
+                "format": self.format.name(),
+                "compression": format!("{:?}", self.compression),
+            });
+            let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
+            let done = match ctx.store.get_action(&key)? {
+                Some((_, Artifact::File { digest, .. })) => ctx.store.file_digest(&dest).ok() == Some(digest),
+                _ => false,
+            };
+            if !done {
+                self.write_file(ctx, std::slice::from_ref(shard), &dest, false)?;
+                written += 1;
+            }
+            let digest = ctx.store.file_digest(&dest)?;
+            let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+            if !done {
+                let made = Artifact::File { path: dest.clone(), digest, size, records: shard.records };
+                let d = ctx.store.put_artifact(&made)?;
+                ctx.store.put_action(&key, &d)?;
+            }
+            let name = dest.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            files.push(FileRef { path: name, digest, size });
+            ctx.progress(i as u64 + 1, total);
+        }
+        ctx.report_work("file(s)", total, written);
+        // Files of the pattern beyond the last shard are from a longer output before: a reader
+        // of the folder must not take them for part of this one.
+        for stale in pattern.existing()?.into_iter().filter(|(i, _)| *i >= shards.len()) {
+            std::fs::remove_file(&stale.1)
+                .map_err(|e| StageError::environment(format!("cannot remove {}: {e}", stale.1.display())))?;
+        }
+        Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files })
+    }
+}
+
+impl Write_ {
+    /// Writes `shards` to `dest` atomically: a temporary file beside it, synced, then renamed.
+    fn write_file(
+        &self,
+        ctx: &StageContext<'_>,
+        shards: &[ladle_engine::ShardRef],
+        dest: &Path,
+        progress: bool,
+    ) -> Result<(), StageError> {
+        let io =
+            |what: &str, e: std::io::Error| StageError::environment(format!("cannot {what} {}: {e}", dest.display()));
+        if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io("create the folder of", e))?;
         }
-        let file_name = self.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let tmp = self.path.with_file_name(format!(".{file_name}.ladle-{}.tmp", std::process::id()));
+        let file_name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = dest.with_file_name(format!(".{file_name}.ladle-{}.tmp", std::process::id()));
         let result = (|| {
             match self.format {
                 Format::Parquet => crate::parquet_io::write(ctx, shards, &tmp)?,
@@ -114,21 +184,78 @@ impl WholeStage for Write_ {
                     let total = shards.len() as u64;
                     for (i, s) in shards.iter().enumerate() {
                         out.write_all(&ctx.read_shard(s)?).map_err(|e| io("write", e))?;
-                        ctx.progress(i as u64 + 1, total);
+                        if progress {
+                            ctx.progress(i as u64 + 1, total);
+                        }
                     }
                     let file = out.finish().map_err(|e| io("write", e))?;
                     file.sync_all().map_err(|e| io("sync", e))?;
                 }
             }
-            std::fs::rename(&tmp, &self.path).map_err(|e| io("move the finished file to", e))
+            std::fs::rename(&tmp, dest).map_err(|e| io("move the finished file to", e))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        result?;
-        let digest = ctx.store.file_digest(&self.path)?;
-        let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        Ok(Artifact::File { path: self.path.clone(), digest, size, records: shards.iter().map(|s| s.records).sum() })
+        result
+    }
+}
+
+/// `{shard}` or `{shard:05}` in an output file's name: one file per shard.
+#[derive(Debug, Clone)]
+struct ShardPattern {
+    dir: PathBuf,
+    prefix: String,
+    width: usize,
+    suffix: String,
+}
+
+impl ShardPattern {
+    /// The pattern in `path`, if it has one.
+    fn parse(path: &Path) -> Option<Result<ShardPattern, String>> {
+        let text = path.to_string_lossy();
+        let start = text.find("{shard")?;
+        let Some(len) = text[start..].find('}') else {
+            return Some(Err(format!("`{text}`: `{{shard` is never closed")));
+        };
+        let spec = &text[start + 6..start + len];
+        let width = match spec.strip_prefix(':') {
+            None if spec.is_empty() => 1,
+            Some(w) if !w.is_empty() && w.chars().all(|c| c.is_ascii_digit()) && w.len() <= 2 => w.parse().unwrap_or(1),
+            _ => return Some(Err(format!("`{text}`: write the shard number as {{shard}} or {{shard:05}}"))),
+        };
+        let (prefix, suffix) = (&text[..start], &text[start + len + 1..]);
+        if suffix.contains('/') || suffix.contains("{shard") {
+            return Some(Err(format!("`{text}`: {{shard}} goes once, in the file name")));
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Some(Ok(ShardPattern { dir, prefix: prefix.to_string(), width, suffix: suffix.to_string() }))
+    }
+
+    fn path(&self, shard: usize) -> PathBuf {
+        PathBuf::from(format!("{}{shard:0width$}{}", self.prefix, self.suffix, width = self.width))
+    }
+
+    /// The files in the pattern's folder it matches, with their shard numbers.
+    fn existing(&self) -> Result<Vec<(usize, PathBuf)>, StageError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            let text = path.to_string_lossy();
+            if let Some(n) = text.strip_prefix(&self.prefix).and_then(|r| r.strip_suffix(&self.suffix))
+                && n.len() >= self.width
+                && n.chars().all(|c| c.is_ascii_digit())
+                && let Ok(i) = n.parse::<usize>()
+                && self.path(i) == path
+            {
+                out.push((i, path));
+            }
+        }
+        Ok(out)
     }
 }
 

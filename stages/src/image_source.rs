@@ -112,6 +112,14 @@ impl ImageField {
         Ok(ImageField { template, alternatives: Vec::new(), source: src.to_string() })
     }
 
+    /// The fields it may read (each alternative's).
+    pub fn fields(&self) -> Vec<String> {
+        if self.alternatives.is_empty() {
+            return self.template.fields();
+        }
+        self.alternatives.iter().map(|(n, _)| n.clone()).collect()
+    }
+
     /// The template that applies to `record`: the first alternative it has.
     fn template_for(&self, record: &Map<String, Value>) -> Result<&Template, String> {
         if self.alternatives.is_empty() {
@@ -202,7 +210,7 @@ impl ImageField {
 }
 
 /// `length` bytes at `offset` of a file.
-fn read_range(path: &Path, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
+pub fn read_range(path: &Path, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
     if length > 1 << 31 {
         return Err(std::io::Error::other(format!("{length} bytes is no image")));

@@ -9,6 +9,12 @@
 //! to the dataset's root. The image readers (perplexity, encode, generate) read them in place,
 //! so no image byte is copied into the store, and the tar's digest joins the shard keys as an
 //! image file's does.
+//!
+//! Tars out ([`TarWriter`]): a record becomes `KEY.<image ext>` (its image's bytes, copied from
+//! wherever the record points: a tar, a file, base64, Parquet bytes), `KEY.txt` (its text) and
+//! `KEY.json` (every other field; a `json` object merged in), plus any other member a tar
+//! reference names, so what a filter kept is a training set a webdataset loader reads as is.
+//! Headers carry no time, owner or mode of the machine: the same records make the same bytes.
 
 use std::fs::File;
 use std::io::Read;
@@ -107,6 +113,138 @@ pub fn read_samples(
         count += 1;
     }
     Ok(count)
+}
+
+/// How records become samples.
+pub struct SampleLayout {
+    /// The field (or alternatives) holding each record's image; `None`: members that are tar
+    /// references are copied under their field's name.
+    pub image: Option<crate::image_source::ImageField>,
+    /// The field written as `KEY.txt` (`txt` when there is one).
+    pub text: Option<crate::template::Template>,
+    /// The dataset's root, against which image paths and tar names resolve.
+    pub root: Option<std::path::PathBuf>,
+}
+
+/// Writes samples into one tar.
+pub struct TarWriter<W: std::io::Write> {
+    builder: tar::Builder<W>,
+}
+
+impl<W: std::io::Write> TarWriter<W> {
+    pub fn new(out: W) -> Self {
+        let mut builder = tar::Builder::new(out);
+        builder.mode(tar::HeaderMode::Deterministic);
+        TarWriter { builder }
+    }
+
+    fn member(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o444);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        self.builder.append_data(&mut header, name, data)
+    }
+
+    /// Writes `record` (the `position`-th of the dataset) as one sample. Errors name the record's
+    /// key and what could not be written.
+    pub fn sample(&mut self, record: &Map<String, Value>, position: u64, layout: &SampleLayout) -> Result<(), String> {
+        let key = match record.get("__key__") {
+            Some(Value::String(k)) if !k.is_empty() && !k.contains('.') => k.clone(),
+            _ => format!("{position:09}"),
+        };
+        let io = |e: std::io::Error| format!("sample `{key}`: cannot write it: {e}");
+        let mut rest = record.clone();
+        rest.remove("__key__");
+        let root = layout.root.as_deref();
+        // The image.
+        if let Some(field) = &layout.image {
+            let image = field.locate(record, root).map_err(|e| format!("sample `{key}`: {e}"))?;
+            let bytes = image_bytes(&image).map_err(|e| format!("sample `{key}`: {e}"))?;
+            self.member(&format!("{key}.{}", image_extension(&bytes)), &bytes).map_err(io)?;
+            for name in field.fields() {
+                rest.remove(&name);
+            }
+        }
+        // The text.
+        let text = match &layout.text {
+            Some(t) => {
+                for name in t.fields() {
+                    rest.remove(&name);
+                }
+                Some(t.render(record).map_err(|e| format!("sample `{key}`: text: {e}"))?)
+            }
+            None => match rest.remove("txt") {
+                Some(Value::String(t)) => Some(t),
+                Some(other) => {
+                    rest.insert("txt".into(), other);
+                    None
+                }
+                None => None,
+            },
+        };
+        // Members that point into tars, copied as they are.
+        let references: Vec<String> = rest
+            .iter()
+            .filter(|(_, v)| v.get("tar").is_some() && v.get("offset").is_some() && v.get("length").is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut members = Vec::new();
+        for field in references {
+            let value = rest.remove(&field).expect("listed above");
+            let reference = crate::image_source::ImageField::parse(&format!("{{{field}}}"))
+                .and_then(|f| f.locate(&Map::from_iter([(field.clone(), value)]), root))
+                .map_err(|e| format!("sample `{key}`: {e}"))?;
+            members.push((field, image_bytes(&reference).map_err(|e| format!("sample `{key}`: {e}"))?));
+        }
+        for (field, bytes) in &members {
+            self.member(&format!("{key}.{field}"), bytes).map_err(io)?;
+        }
+        if let Some(t) = text {
+            self.member(&format!("{key}.txt"), t.as_bytes()).map_err(io)?;
+        }
+        // Everything else as JSON, a `json` object merged at the top.
+        let mut json = match rest.remove("json") {
+            Some(Value::Object(o)) => o,
+            Some(other) => Map::from_iter([("json".to_string(), other)]),
+            None => Map::new(),
+        };
+        json.extend(rest);
+        if !json.is_empty() {
+            let text = serde_json::to_vec(&Value::Object(json)).map_err(|e| format!("sample `{key}`: {e}"))?;
+            self.member(&format!("{key}.json"), &text).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> std::io::Result<W> {
+        self.builder.into_inner()
+    }
+}
+
+/// An image's encoded bytes, wherever they are.
+fn image_bytes(image: &crate::image_source::ImageRef) -> Result<Vec<u8>, String> {
+    use crate::image_source::ImageRef;
+    match image {
+        ImageRef::File(path) => std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display())),
+        ImageRef::Bytes { data, .. } => Ok(data.clone()),
+        ImageRef::InFile { path, offset, length, name } => {
+            crate::image_source::read_range(path, *offset, *length).map_err(|e| format!("{name}: cannot read it: {e}"))
+        }
+    }
+}
+
+/// The extension webdataset readers decode an image by, from its signature.
+fn image_extension(bytes: &[u8]) -> &'static str {
+    match bytes {
+        [0xff, 0xd8, 0xff, ..] => "jpg",
+        [0x89, b'P', b'N', b'G', ..] => "png",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "webp",
+        [b'G', b'I', b'F', b'8', ..] => "gif",
+        [b'B', b'M', ..] => "bmp",
+        _ => "bin",
+    }
 }
 
 #[cfg(test)]

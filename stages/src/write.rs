@@ -12,8 +12,10 @@ use std::sync::Arc;
 use ladle_engine::digest::{Digest, StageKey};
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
+use ladle_engine::records::write_record;
 use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
 use ladle_engine::{Artifact, FileRef, StageContext};
+use serde_json::{Map, Value};
 
 use crate::sources::{Compression, Format};
 
@@ -35,10 +37,10 @@ impl StageKind for WriteKind {
         let path = params.output_path("path")?.ok_or_else(|| params.missing("path", "where to write the file"))?;
         let named = Format::from_path(&path);
         let compression = named.map_or(Compression::None, |(_, c)| c);
-        let format = match params.choice("format", &["jsonl", "parquet"])? {
+        let format = match params.choice("format", &["jsonl", "parquet", "webdataset"])? {
             Some(f) => Format::from_name(&f).expect("checked by choice"),
             None => match named {
-                Some((f @ (Format::Jsonl | Format::Parquet), _)) => f,
+                Some((f @ (Format::Jsonl | Format::Parquet | Format::WebDataset), _)) => f,
                 _ => {
                     let mut e = params
                         .error("path", format!("cannot tell the format of `{}` from its extension", path.display()));
@@ -62,7 +64,26 @@ impl StageKind for WriteKind {
             Some(Err(e)) => return Err(params.error("path", e)),
             None => None,
         };
-        Ok(Arc::new(Write_ { path, pattern, format, compression }))
+        let tars = if format == Format::WebDataset {
+            if pattern.is_none() {
+                let mut e = params.error("path", "a WebDataset is a set of tars: name them with the shard number");
+                e.hint = Some("write path = \"out/{shard:05}.tar\"".into());
+                return Err(e);
+            }
+            let image = match params.string("image")? {
+                Some(src) => Some(crate::image_source::ImageField::parse(&src).map_err(|e| params.error("image", e))?),
+                None => None,
+            };
+            let text = match params.string("text")? {
+                Some(src) => Some(crate::template::Template::parse(&src).map_err(|e| params.error("text", e))?),
+                None => None,
+            };
+            let samples_per_tar = params.positive("samples_per_tar")?;
+            Some(TarOptions { image, text, samples_per_tar })
+        } else {
+            None
+        };
+        Ok(Arc::new(Write_ { path, pattern, format, compression, tars }))
     }
 }
 
@@ -73,6 +94,16 @@ struct Write_ {
     format: Format,
     /// For JSONL: from the name (`.jsonl.gz`, `.jsonl.zst`). The name is in the key already.
     compression: Compression,
+    /// For a WebDataset.
+    tars: Option<TarOptions>,
+}
+
+/// How a WebDataset output makes its samples (see [`crate::webdataset::TarWriter`]).
+struct TarOptions {
+    image: Option<crate::image_source::ImageField>,
+    text: Option<crate::template::Template>,
+    /// Samples a tar; default: a tar per shard.
+    samples_per_tar: Option<u64>,
 }
 
 impl Stage for Write_ {
@@ -108,6 +139,9 @@ impl WholeStage for Write_ {
             let records = shards.iter().map(|s| s.records).sum();
             return Ok(Artifact::File { path: self.path.clone(), digest, size, records });
         };
+        if let Some(options) = &self.tars {
+            return self.write_tars(ctx, inputs, pattern, options);
+        }
         // One file per shard. A file already holding what its shard makes is left alone: the
         // shard's digest (and how it is written) is remembered with the file's digest.
         let mut files = Vec::with_capacity(shards.len());
@@ -151,6 +185,127 @@ impl WholeStage for Write_ {
 }
 
 impl Write_ {
+    /// A WebDataset: tars of `samples_per_tar` samples (a tar per shard by default), each left
+    /// alone when it already holds what it would be written with (its records, and the digests
+    /// of the files their images come from).
+    fn write_tars(
+        &self,
+        ctx: &StageContext<'_>,
+        inputs: &Inputs,
+        pattern: &ShardPattern,
+        options: &TarOptions,
+    ) -> Result<Artifact, StageError> {
+        let shards = inputs.dataset("data")?;
+        let layout = crate::webdataset::SampleLayout {
+            image: options.image.clone(),
+            text: options.text.clone(),
+            root: inputs.dataset_root("data"),
+        };
+        let mut files = Vec::new();
+        let mut written = 0u64;
+        let mut unit: Vec<Map<String, Value>> = Vec::new();
+        let mut position = 0u64;
+        let mut write_unit = |unit: &mut Vec<Map<String, Value>>, first: u64| -> Result<(), StageError> {
+            if unit.is_empty() {
+                return Ok(());
+            }
+            let index = files.len();
+            let dest = pattern.path(index);
+            // What the tar depends on: its records, where they start, and the files they point into.
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(format!("webdataset tar v1 {first} {:?} {:?}", options.image, options.text).as_bytes());
+            let mut seen = std::collections::BTreeSet::new();
+            for record in unit.iter() {
+                let mut line = Vec::new();
+                write_record(record, &mut line);
+                hasher.update(&line);
+                for field in record.values() {
+                    if let Some(Value::String(tar)) = field.get("tar")
+                        && seen.insert(tar.clone())
+                        && let Some(root) = &layout.root
+                    {
+                        hasher.update(&ctx.store.file_digest(&root.join(tar))?.0);
+                    }
+                }
+                if let Some(image) = &layout.image
+                    && let Ok(found) = image.locate(record, layout.root.as_deref())
+                    && let Some(path) = found.file()
+                    && seen.insert(path.display().to_string())
+                {
+                    hasher.update(&ctx.store.file_digest(path)?.0);
+                }
+            }
+            let key = StageKey(*hasher.finalize().as_bytes());
+            let done = match ctx.store.get_action(&key)? {
+                Some((_, Artifact::File { digest, .. })) => ctx.store.file_digest(&dest).ok() == Some(digest),
+                _ => false,
+            };
+            if !done {
+                let io = |e: std::io::Error| StageError::environment(format!("cannot write {}: {e}", dest.display()));
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(io)?;
+                }
+                let name = dest.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let tmp = dest.with_file_name(format!(".{name}.ladle-{}.tmp", std::process::id()));
+                let result = (|| {
+                    let file = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+                    let mut tar = crate::webdataset::TarWriter::new(file);
+                    for (i, record) in unit.iter().enumerate() {
+                        tar.sample(record, first + i as u64, &layout)
+                            .map_err(|e| StageError::input(e).at_record(first + i as u64))?;
+                    }
+                    let file = tar.finish().map_err(io)?.into_inner().map_err(|e| io(e.into_error()))?;
+                    file.sync_all().map_err(io)?;
+                    std::fs::rename(&tmp, &dest).map_err(io)
+                })();
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                result?;
+                written += 1;
+            }
+            let digest = ctx.store.file_digest(&dest)?;
+            let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+            if !done {
+                let made = Artifact::File { path: dest.clone(), digest, size, records: unit.len() as u64 };
+                let d = ctx.store.put_artifact(&made)?;
+                ctx.store.put_action(&key, &d)?;
+            }
+            files.push(FileRef {
+                path: dest.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                digest,
+                size,
+            });
+            unit.clear();
+            Ok(())
+        };
+        let mut first = 0u64;
+        for shard in shards {
+            let bytes = ctx.read_shard(shard)?;
+            for line in ladle_engine::records::lines(&bytes) {
+                let record = ladle_engine::records::parse_record(line).map_err(StageError::internal)?;
+                unit.push(record);
+                position += 1;
+                if options.samples_per_tar.is_some_and(|n| unit.len() as u64 == n) {
+                    write_unit(&mut unit, first)?;
+                    first = position;
+                }
+            }
+            if options.samples_per_tar.is_none() {
+                write_unit(&mut unit, first)?;
+                first = position;
+            }
+        }
+        write_unit(&mut unit, first)?;
+        let total = files.len() as u64;
+        ctx.report_work("file(s)", total, written);
+        for stale in pattern.existing()?.into_iter().filter(|(i, _)| *i >= files.len()) {
+            std::fs::remove_file(&stale.1)
+                .map_err(|e| StageError::environment(format!("cannot remove {}: {e}", stale.1.display())))?;
+        }
+        Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files })
+    }
+
     /// Writes `shards` to `dest` atomically: a temporary file beside it, synced, then renamed.
     fn write_file(
         &self,

@@ -5,6 +5,8 @@
 //! binary. The model stages ([`perplexity`], [`generate`], [`encode`], [`soup`]) are the glue
 //! between records and the models of `ladle-models`: [`image_source`] finds a record's image,
 //! [`vlm`] reads the image parameters, [`placement`] reads `device`/`dtype`, [`model_error`] turns a model's error into a stage's.
+//! The data stages share [`sources`] (which files `read` reads, and their formats) and
+//! [`webdataset`] (tars in and out).
 //!
 //! The dependency rule: stages → engine and stages → models; the models never see the engine.
 

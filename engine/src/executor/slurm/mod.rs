@@ -474,7 +474,8 @@ impl<'a> Driver<'a> {
     fn settle(&mut self, states: &HashMap<String, commands::TaskState>) -> Result<(), String> {
         let mut retry = Vec::new();
         let mut still = Vec::new();
-        for mut t in std::mem::take(&mut self.in_flight) {
+        let mut tasks = std::mem::take(&mut self.in_flight).into_iter();
+        while let Some(mut t) = tasks.next() {
             let state = states.get(&t.id());
             if let Some(s) = state
                 && !s.node.is_empty()
@@ -497,8 +498,7 @@ impl<'a> Driver<'a> {
                 if *attempts > self.options.profile.retries {
                     let index = self.waiting[&key].first().map(|m| m.index).unwrap_or(0);
                     let log = self.dir.log(t.submission, t.task);
-                    self.in_flight = still;
-                    return Err(format!(
+                    let message = format!(
                         "shard {index} failed {} time(s) on Slurm; its last task, {} on {}, ended {how}; the end of \
                          its log ({}):\n{}",
                         attempts,
@@ -506,7 +506,12 @@ impl<'a> Driver<'a> {
                         if t.node.is_empty() { "no node" } else { &t.node },
                         log.display(),
                         log_tail(&log, 20)
-                    ));
+                    );
+                    // Every task still out stays listed, so the stage's failure cancels them all.
+                    still.push(t);
+                    still.extend(tasks);
+                    self.in_flight = still;
+                    return Err(message);
                 }
                 retry.push(key);
             }

@@ -197,7 +197,9 @@ impl Read {
             "name": (file.format == Format::WebDataset).then_some(&file.name),
         });
         let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
-        if let Some((_, Artifact::Dataset { shards, .. })) = ctx.store.get_action(&key)? {
+        // One file: the stage's own cache entry is the file's; nothing more to remember.
+        let remember = self.files.len() > 1;
+        if remember && let Some((_, Artifact::Dataset { shards, .. })) = ctx.store.get_action(&key)? {
             return Ok(shards);
         }
         let shards = match file.format {
@@ -210,10 +212,13 @@ impl Read {
             return Err(StageError::input(format!("{} changed while it was being read", file.path.display()))
                 .with_hint("run again once whatever writes the file has finished"));
         }
+        *read += 1;
+        if !remember {
+            return Ok(shards);
+        }
         let artifact = Artifact::Dataset { shards, root: None };
         let digest = ctx.store.put_artifact(&artifact)?;
         ctx.store.put_action(&key, &digest)?;
-        *read += 1;
         let Artifact::Dataset { shards, .. } = artifact else { unreachable!() };
         Ok(shards)
     }

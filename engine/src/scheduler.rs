@@ -518,9 +518,6 @@ async fn run_map(
     port: &'static str,
     forced: bool,
 ) -> MapResult {
-    if let Executor::Slurm(options) = env.executor.clone() {
-        return run_map_on_slurm(env, inputs, parts, salts, port, forced, &options).await;
-    }
     let shards: Vec<ShardRef> = match inputs.dataset(port) {
         Ok(s) => s.to_vec(),
         Err(e) => return Err((e.to_string(), (0, 0))),
@@ -528,6 +525,9 @@ async fn run_map(
     let total = shards.len() as u64;
     env.sink.emit(&Event::StageStarted { stage: env.name(), kind: env.kind(), shards_total: Some(total) });
     let map_key = parts.map_key(port);
+    if let Executor::Slurm(options) = env.executor.clone() {
+        return run_map_on_slurm(env, inputs, shards, map_key, salts, port, forced, &options).await;
+    }
     let mut first_record = Vec::with_capacity(shards.len());
     let mut acc = 0u64;
     for s in &shards {
@@ -655,22 +655,18 @@ fn map_output(
 
 /// [`run_map`] with the Slurm executor: the cache is consulted here as for a local run, and the
 /// missing shards go to the cluster as job arrays (see [`crate::executor::slurm`]).
+#[allow(clippy::too_many_arguments)]
 async fn run_map_on_slurm(
     env: Arc<StageEnv>,
     inputs: Arc<Inputs>,
-    parts: &KeyParts,
+    shards: Vec<ShardRef>,
+    map_key: StageKey,
     salts: Option<Vec<crate::digest::Digest>>,
     port: &'static str,
     forced: bool,
     options: &slurm::SlurmOptions,
 ) -> MapResult {
-    let shards: Vec<ShardRef> = match inputs.dataset(port) {
-        Ok(s) => s.to_vec(),
-        Err(e) => return Err((e.to_string(), (0, 0))),
-    };
     let total = shards.len() as u64;
-    env.sink.emit(&Event::StageStarted { stage: env.name(), kind: env.kind(), shards_total: Some(total) });
-    let map_key = parts.map_key(port);
     let mut results: Vec<Option<ShardEntry>> = vec![None; shards.len()];
     let mut missing = Vec::new();
     let (mut done, mut computed) = (0u64, 0u64);

@@ -154,32 +154,15 @@ impl WholeStage for Write_ {
                 "compression": format!("{:?}", self.compression),
             });
             let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
-            let done = match ctx.store.get_action(&key)? {
-                Some((_, Artifact::File { digest, .. })) => ctx.store.file_digest(&dest).ok() == Some(digest),
-                _ => false,
-            };
-            if !done {
-                self.write_file(ctx, std::slice::from_ref(shard), &dest, false)?;
-                written += 1;
-            }
-            let digest = ctx.store.file_digest(&dest)?;
-            let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-            if !done {
-                let made = Artifact::File { path: dest.clone(), digest, size, records: shard.records };
-                let d = ctx.store.put_artifact(&made)?;
-                ctx.store.put_action(&key, &d)?;
-            }
-            let name = dest.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            files.push(FileRef { path: name, digest, size });
+            let (file, wrote) = write_part(ctx, &key, &dest, shard.records, || {
+                self.write_file(ctx, std::slice::from_ref(shard), &dest, false)
+            })?;
+            written += u64::from(wrote);
+            files.push(file);
             ctx.progress(i as u64 + 1, total);
         }
         ctx.report_work("file(s)", total, written);
-        // Files of the pattern beyond the last shard are from a longer output before: a reader
-        // of the folder must not take them for part of this one.
-        for stale in pattern.existing()?.into_iter().filter(|(i, _)| *i >= shards.len()) {
-            std::fs::remove_file(&stale.1)
-                .map_err(|e| StageError::environment(format!("cannot remove {}: {e}", stale.1.display())))?;
-        }
+        pattern.remove_beyond(files.len())?;
         Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files })
     }
 }
@@ -236,11 +219,7 @@ impl Write_ {
                 }
             }
             let key = StageKey(*hasher.finalize().as_bytes());
-            let done = match ctx.store.get_action(&key)? {
-                Some((_, Artifact::File { digest, .. })) => ctx.store.file_digest(&dest).ok() == Some(digest),
-                _ => false,
-            };
-            if !done {
+            let (file, wrote) = write_part(ctx, &key, &dest, unit.len() as u64, || {
                 let io = |e: std::io::Error| StageError::environment(format!("cannot write {}: {e}", dest.display()));
                 if let Some(parent) = dest.parent() {
                     std::fs::create_dir_all(parent).map_err(io)?;
@@ -261,21 +240,10 @@ impl Write_ {
                 if result.is_err() {
                     let _ = std::fs::remove_file(&tmp);
                 }
-                result?;
-                written += 1;
-            }
-            let digest = ctx.store.file_digest(&dest)?;
-            let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-            if !done {
-                let made = Artifact::File { path: dest.clone(), digest, size, records: unit.len() as u64 };
-                let d = ctx.store.put_artifact(&made)?;
-                ctx.store.put_action(&key, &d)?;
-            }
-            files.push(FileRef {
-                path: dest.file_name().unwrap_or_default().to_string_lossy().into_owned(),
-                digest,
-                size,
-            });
+                result
+            })?;
+            written += u64::from(wrote);
+            files.push(file);
             unit.clear();
             Ok(())
         };
@@ -297,12 +265,8 @@ impl Write_ {
             }
         }
         write_unit(&mut unit, first)?;
-        let total = files.len() as u64;
-        ctx.report_work("file(s)", total, written);
-        for stale in pattern.existing()?.into_iter().filter(|(i, _)| *i >= files.len()) {
-            std::fs::remove_file(&stale.1)
-                .map_err(|e| StageError::environment(format!("cannot remove {}: {e}", stale.1.display())))?;
-        }
+        ctx.report_work("file(s)", files.len() as u64, written);
+        pattern.remove_beyond(files.len())?;
         Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files })
     }
 
@@ -356,6 +320,34 @@ impl Write_ {
     }
 }
 
+/// One part of a sharded output at `dest`, remembered under `key` (what the part is made from):
+/// written by `write` unless the file already holds what was written for that key before.
+/// Returns the part and whether it was written.
+fn write_part(
+    ctx: &StageContext<'_>,
+    key: &StageKey,
+    dest: &Path,
+    records: u64,
+    write: impl FnOnce() -> Result<(), StageError>,
+) -> Result<(FileRef, bool), StageError> {
+    let done = match ctx.store.get_action(key)? {
+        Some((_, Artifact::File { digest, .. })) => ctx.store.file_digest(dest).ok() == Some(digest),
+        _ => false,
+    };
+    if !done {
+        write()?;
+    }
+    let digest = ctx.store.file_digest(dest)?;
+    let size = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    if !done {
+        let made = Artifact::File { path: dest.to_path_buf(), digest, size, records };
+        let d = ctx.store.put_artifact(&made)?;
+        ctx.store.put_action(key, &d)?;
+    }
+    let path = dest.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    Ok((FileRef { path, digest, size }, !done))
+}
+
 /// `{shard}` or `{shard:05}` in an output file's name: one file per shard.
 #[derive(Debug, Clone)]
 struct ShardPattern {
@@ -389,6 +381,16 @@ impl ShardPattern {
 
     fn path(&self, shard: usize) -> PathBuf {
         PathBuf::from(format!("{}{shard:0width$}{}", self.prefix, self.suffix, width = self.width))
+    }
+
+    /// Removes the files of the pattern numbered `count` and above: parts of a longer output
+    /// before, which a reader of the folder must not take for part of this one.
+    fn remove_beyond(&self, count: usize) -> Result<(), StageError> {
+        for (_, stale) in self.existing()?.into_iter().filter(|(i, _)| *i >= count) {
+            std::fs::remove_file(&stale)
+                .map_err(|e| StageError::environment(format!("cannot remove {}: {e}", stale.display())))?;
+        }
+        Ok(())
     }
 
     /// The files in the pattern's folder it matches, with their shard numbers.

@@ -259,10 +259,13 @@ fn images_embedded_in_parquet_score_as_their_files_do() {
     assert_eq!(r.code(), 0, "{}", r.stderr());
     let scored = p.jsonl("scored.jsonl");
     assert_eq!(scored.len(), 7);
-    // The bytes travel as base64 (4 characters per 3 bytes, padded), not as hex (2 per byte).
-    for (got, row) in scored.iter().zip(&rows[..6]) {
-        let n = row.2.as_ref().unwrap().len();
-        assert_eq!(got["image"]["bytes"].as_str().unwrap().len(), n.div_ceil(3) * 4, "{}", row.0);
+    // No image byte travels in the records: they point at their rows, read in place.
+    for (i, (got, row)) in scored.iter().zip(&rows).enumerate() {
+        let want = match row.2 {
+            Some(_) => serde_json::json!({ "parquet": "captions.parquet", "row": i, "column": "image", "path": row.3 }),
+            None => serde_json::json!({ "path": row.3 }),
+        };
+        assert_eq!(got["image"], want, "{}", row.0);
     }
     for (got, e) in scored.iter().zip(want) {
         assert_eq!(got["id"], e["id"]);
@@ -444,4 +447,120 @@ fn qwen2_vl_reads_pixels_as_qwen_vl_utils_does_rgba_over_white_and_exif_ignored(
     for i in 0..2 {
         assert_eq!(scored[&format!("{i}0")]["ppl"], scored[&format!("{i}1")]["ppl"], "image {i}");
     }
+}
+
+/// Every file under `dir`, by path relative to it, with its bytes.
+fn files_under(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        out.insert(entry.file_name().to_string_lossy().into_owned(), std::fs::read(entry.path()).unwrap());
+    }
+    out
+}
+
+#[test]
+fn a_hugging_face_image_dataset_reads_in_place_scores_as_its_files_and_writes_back_byte_for_byte() {
+    let p = Project::new();
+    copy_data(&p);
+    // Written by `datasets` itself (tests/fixtures/generator/hf_image_parquet.py): two files of
+    // 21 rows in row groups of 8, `image` an `Image` feature with the files' bytes.
+    for (name, bytes) in files_under(&points_tiny().join("hf/data")) {
+        p.write(&format!("hf/data/{name}"), bytes);
+    }
+    let images = files_under(&p.path("data/images"));
+    let image_bytes: usize = images.values().map(Vec::len).sum();
+
+    // The records: the JSONL's, with each image a reference to its row.
+    p.write(
+        "read.toml",
+        "[pipeline]\nname = \"r\"\n[stages.d]\nkind = \"read\"\npath = \"hf\"\n\
+         [stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"records.jsonl\"\n",
+    );
+    let r = p.run("read.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let got = p.jsonl("records.jsonl");
+    let source = p.jsonl("data/captions.jsonl");
+    assert_eq!(got.len(), 42);
+    for (i, (g, s)) in got.iter().zip(&source).enumerate() {
+        let (file, row) = (i / 21, i % 21);
+        let name = s["image"].as_str().unwrap().trim_start_matches("images/");
+        let image = serde_json::json!({
+            "parquet": format!("train-{file:05}-of-00002.parquet"), "row": row, "column": "image", "path": name
+        });
+        assert_eq!(g, &serde_json::json!({ "id": s["id"], "caption": s["caption"], "image": image }));
+    }
+    // What reading added to the store is the records (the shards `write` concatenated).
+    let records = p.read("records.jsonl").len();
+    eprintln!("records {records} B for {image_bytes} B of images ({:.3}x)", records as f64 / image_bytes as f64);
+    assert!((records as f64) < 1.1 * image_bytes as f64, "records {records} B vs images {image_bytes} B");
+
+    // Scored from the Parquet rows in place: the perplexities the image files give, to the digit.
+    p.write("files.toml", pipeline("tiny-llava", ""));
+    let files = p.run("files.toml", &[]);
+    assert_eq!(files.code(), 0, "{}", files.stderr());
+    let from_files = by_id(&p.jsonl("scored.jsonl"));
+    p.write("hf.toml", pipeline("tiny-llava", "").replace("data/captions.jsonl", "hf"));
+    let hf = p.run("hf.toml", &[]);
+    assert_eq!(hf.code(), 0, "{}", hf.stderr());
+    let from_hf = by_id(&p.jsonl("scored.jsonl"));
+    assert_eq!(from_hf.len(), 42);
+    for (id, r) in &from_hf {
+        assert_eq!(r["ppl"], from_files[id]["ppl"], "{id}");
+    }
+
+    // Back out as Parquet: `image` an `Image` column again, each value the file's bytes.
+    p.write(
+        "out.toml",
+        "[pipeline]\nname = \"o\"\n[stages.d]\nkind = \"read\"\npath = \"hf\"\n\
+         [stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"out/kept.parquet\"\n\
+         [stages.t]\nkind = \"write\"\ndata = \"d\"\npath = \"tars/{shard:05}.tar\"\nimage = \"{image}\"\ntext = \"{caption}\"\n",
+    );
+    let out = p.run("out.toml", &[]);
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    let file = std::fs::File::open(p.path("out/kept.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let features = reader.schema().metadata()["huggingface"].clone();
+    assert_eq!(serde_json::from_str::<Value>(&features).unwrap()["info"]["features"]["image"]["_type"], "Image");
+    let mut rows = 0;
+    for batch in reader.build().unwrap() {
+        use arrow_array::cast::AsArray;
+        let batch = batch.unwrap();
+        let image = batch.column_by_name("image").unwrap().as_struct();
+        let (bytes, paths) = (image.column(0).as_binary::<i32>(), image.column(1).as_string::<i32>());
+        for i in 0..batch.num_rows() {
+            assert_eq!(bytes.value(i), images[paths.value(i)].as_slice(), "{}", paths.value(i));
+            rows += 1;
+        }
+    }
+    assert_eq!(rows, 42);
+    // And as WebDataset tars, the images copied out of the Parquet rows.
+    let mut members = 0;
+    for (_, tar) in files_under(&p.path("tars")) {
+        for (name, data) in tar_members(&tar) {
+            if let Some(key) = name.strip_suffix(".png").or_else(|| name.strip_suffix(".jpg")) {
+                // Records without `__key__` are keyed by their position.
+                let source = &source[key.parse::<usize>().unwrap()];
+                assert_eq!(data, images[source["image"].as_str().unwrap().trim_start_matches("images/")], "{name}");
+                members += 1;
+            }
+        }
+    }
+    assert_eq!(members, 42);
+}
+
+/// The members of a ustar archive (names and bytes), parsed by hand: 512-byte headers, the size
+/// in octal at offset 124, data padded to 512 bytes, two zero blocks at the end.
+fn tar_members(tar: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= tar.len() && tar[at..at + 512].iter().any(|b| *b != 0) {
+        let header = &tar[at..at + 512];
+        let name = String::from_utf8(header[..100].split(|b| *b == 0).next().unwrap().to_vec()).unwrap();
+        let size = std::str::from_utf8(&header[124..136]).unwrap().trim_matches(|c: char| c == '\0' || c == ' ');
+        let size = usize::from_str_radix(size, 8).unwrap();
+        out.push((name, tar[at + 512..at + 512 + size].to_vec()));
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    out
 }

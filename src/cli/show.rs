@@ -122,7 +122,7 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
 pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<String> {
     let (_, _, artifact) = current(p, store, stage)?;
     match &*artifact {
-        Artifact::Dataset { shards, .. } => {
+        Artifact::Dataset { shards, root } => {
             let ext = dest.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
             match ext.as_str() {
                 "jsonl" | "ndjson" => {
@@ -133,7 +133,12 @@ pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<S
                     f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
                 }
                 "parquet" => {
-                    ladle_stages::parquet_io::write_from_store(store, shards, dest)?;
+                    ladle_stages::parquet_io::write_from_store(
+                        store,
+                        shards,
+                        root.as_ref().map(|r| p.dir.join(r)).as_deref(),
+                        dest,
+                    )?;
                 }
                 _ => bail!(
                     "cannot tell the format of {} from its extension\n  hint: name it .jsonl or .parquet",

@@ -15,6 +15,8 @@
 //!
 //! - an object `{tar, offset, length}`: a member of a WebDataset tar (see [`crate::webdataset`]),
 //!   read in place; `tar` resolves as a path does, and the tar's digest joins the shard's key.
+//! - an object `{parquet, row, column}`: an `Image` value of a Parquet file, read in place (see
+//!   [`crate::parquet_images`]); likewise resolved, and the file's digest joins the key.
 //!
 //! A template with text around fields (`"images/{id}.jpg"`) renders to a path.
 
@@ -41,6 +43,13 @@ pub enum ImageRef {
         length: u64,
         name: String,
     },
+    /// The `Image` value of `column` at `row` of a Parquet file.
+    InParquet {
+        path: PathBuf,
+        row: u64,
+        column: String,
+        name: String,
+    },
 }
 
 impl ImageRef {
@@ -55,23 +64,33 @@ impl ImageRef {
         &self,
         convention: RgbConvention,
     ) -> Result<image::RgbImage, ladle_models::vision::images::ImageError> {
-        use ladle_models::vision::images::{decode_rgb_as, load_rgb_as};
+        use ladle_models::vision::images::{ImageError, decode_rgb_as, load_rgb_as};
         match self {
             ImageRef::File(path) => load_rgb_as(path, convention),
             ImageRef::Bytes { data, name } => decode_rgb_as(data, name, convention),
-            ImageRef::InFile { path, offset, length, name } => {
-                let data = read_range(path, *offset, *length).map_err(|e| {
-                    ladle_models::vision::images::ImageError::Unreadable { path: name.clone(), message: e.to_string() }
-                })?;
+            ImageRef::InFile { name, .. } | ImageRef::InParquet { name, .. } => {
+                let data = self.encoded().map_err(|message| ImageError::Unreadable { path: name.clone(), message })?;
                 decode_rgb_as(&data, name, convention)
             }
         }
     }
 
-    /// The file whose digest stands for this image in keys: the image file, or the tar holding it.
+    /// The image's encoded bytes (the file as it was saved), wherever they are.
+    pub fn encoded(&self) -> Result<Vec<u8>, String> {
+        match self {
+            ImageRef::File(path) => std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display())),
+            ImageRef::Bytes { data, .. } => Ok(data.clone()),
+            ImageRef::InFile { path, offset, length, .. } => read_range(path, *offset, *length)
+                .map_err(|e| format!("cannot read {length} bytes at offset {offset} of {}: {e}", path.display())),
+            ImageRef::InParquet { path, row, column, .. } => crate::parquet_images::read(path, *row, column),
+        }
+    }
+
+    /// The file whose digest stands for this image in keys: the image file, or the tar or
+    /// Parquet file holding it.
     pub fn file(&self) -> Option<&Path> {
         match self {
-            ImageRef::File(path) | ImageRef::InFile { path, .. } => Some(path),
+            ImageRef::File(path) | ImageRef::InFile { path, .. } | ImageRef::InParquet { path, .. } => Some(path),
             ImageRef::Bytes { .. } => None,
         }
     }
@@ -158,6 +177,24 @@ impl ImageField {
                 let path = resolve(tar, root)?;
                 let name = format!("{} (`{tar}` at offset {offset})", self.source);
                 Ok(ImageRef::InFile { path, offset, length, name })
+            }
+            Value::Object(o) if o.contains_key("parquet") => {
+                let (Some(Value::String(file)), Some(row), Some(Value::String(column))) =
+                    (o.get("parquet"), o.get("row").and_then(Value::as_u64), o.get("column"))
+                else {
+                    return Err(format!(
+                        "{} is a Parquet reference without a `parquet` name, `row` and `column`; `read` writes them whole",
+                        self.source
+                    ));
+                };
+                let path = resolve(file, root)?;
+                let name = match o.get("path") {
+                    Some(Value::String(p)) if !p.is_empty() => {
+                        format!("{} (`{p}`, row {row} of `{file}`)", self.source)
+                    }
+                    _ => format!("{} (row {row} of `{file}`)", self.source),
+                };
+                Ok(ImageRef::InParquet { path, row, column: column.clone(), name })
             }
             Value::Object(o) => match (o.get("bytes"), o.get("path")) {
                 (Some(Value::String(text)), path) => {

@@ -19,6 +19,7 @@ pub mod fixture_check;
 pub mod generate;
 pub mod image_source;
 pub mod model;
+pub mod parquet_images;
 pub mod parquet_io;
 pub mod perplexity;
 pub mod placement;

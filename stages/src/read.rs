@@ -121,6 +121,15 @@ impl StageKind for ReadKind {
             f.name = f.path.strip_prefix(&folder).unwrap_or(&f.path).to_string_lossy().into_owned();
         }
         params.record("root", root.to_string_lossy().into_owned().into());
+        // Records from tars and Parquet files name the file their images are in.
+        if let [only] = files.as_slice()
+            && matches!(only.format, Format::WebDataset | Format::Parquet)
+        {
+            params.record("name", only.name.clone().into());
+        }
+        if files.iter().any(|f| f.format == Format::Parquet) {
+            params.record("parquet images", "references".into());
+        }
         Ok(Arc::new(Read { files, shard_records: shard_records as usize, root }))
     }
 }
@@ -193,8 +202,8 @@ impl Read {
             "format": file.format.name(),
             "compression": format!("{:?}", file.compression),
             "shard_records": self.shard_records,
-            // Records from a tar name it.
-            "name": (file.format == Format::WebDataset).then_some(&file.name),
+            // Records from a tar or a Parquet file (its images) name it.
+            "name": matches!(file.format, Format::WebDataset | Format::Parquet).then_some(&file.name),
         });
         let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
         // One file: the stage's own cache entry is the file's; nothing more to remember.
@@ -205,7 +214,7 @@ impl Read {
         let shards = match file.format {
             Format::Jsonl => self.read_jsonl(ctx, file)?,
             Format::Json => self.read_json(ctx, file)?,
-            Format::Parquet => crate::parquet_io::read(ctx, &file.path, self.shard_records)?,
+            Format::Parquet => crate::parquet_io::read(ctx, &file.path, &file.name, self.shard_records)?,
             Format::WebDataset => self.read_tar(ctx, file)?,
         };
         if ctx.store.file_digest(&file.path)? != before {

@@ -161,7 +161,7 @@ impl<W: std::io::Write> TarWriter<W> {
         // The image.
         if let Some(field) = &layout.image {
             let image = field.locate(record, root).map_err(|e| format!("sample `{key}`: {e}"))?;
-            let bytes = image_bytes(&image).map_err(|e| format!("sample `{key}`: {e}"))?;
+            let bytes = image.encoded().map_err(|e| format!("sample `{key}`: {e}"))?;
             self.member(&format!("{key}.{}", image_extension(&bytes)), &bytes).map_err(io)?;
             for name in field.fields() {
                 rest.remove(&name);
@@ -196,7 +196,7 @@ impl<W: std::io::Write> TarWriter<W> {
             let reference = crate::image_source::ImageField::parse(&format!("{{{field}}}"))
                 .and_then(|f| f.locate(&Map::from_iter([(field.clone(), value)]), root))
                 .map_err(|e| format!("sample `{key}`: {e}"))?;
-            members.push((field, image_bytes(&reference).map_err(|e| format!("sample `{key}`: {e}"))?));
+            members.push((field, reference.encoded().map_err(|e| format!("sample `{key}`: {e}"))?));
         }
         for (field, bytes) in &members {
             self.member(&format!("{key}.{field}"), bytes).map_err(io)?;
@@ -220,18 +220,6 @@ impl<W: std::io::Write> TarWriter<W> {
 
     pub fn finish(self) -> std::io::Result<W> {
         self.builder.into_inner()
-    }
-}
-
-/// An image's encoded bytes, wherever they are.
-fn image_bytes(image: &crate::image_source::ImageRef) -> Result<Vec<u8>, String> {
-    use crate::image_source::ImageRef;
-    match image {
-        ImageRef::File(path) => std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display())),
-        ImageRef::Bytes { data, .. } => Ok(data.clone()),
-        ImageRef::InFile { path, offset, length, name } => {
-            crate::image_source::read_range(path, *offset, *length).map_err(|e| format!("{name}: cannot read it: {e}"))
-        }
     }
 }
 

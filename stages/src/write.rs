@@ -133,7 +133,7 @@ impl WholeStage for Write_ {
     fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError> {
         let shards = inputs.dataset("data")?;
         let Some(pattern) = &self.pattern else {
-            self.write_file(ctx, shards, &self.path, true)?;
+            self.write_file(ctx, shards, inputs.dataset_root("data").as_deref(), &self.path, true)?;
             let digest = ctx.store.file_digest(&self.path)?;
             let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
             let records = shards.iter().map(|s| s.records).sum();
@@ -144,6 +144,7 @@ impl WholeStage for Write_ {
         }
         // One file per shard. A file already holding what its shard makes is left alone: the
         // shard's digest (and how it is written) is remembered with the file's digest.
+        let root = inputs.dataset_root("data");
         let mut files = Vec::with_capacity(shards.len());
         let (mut written, total) = (0u64, shards.len() as u64);
         for (i, shard) in shards.iter().enumerate() {
@@ -155,7 +156,7 @@ impl WholeStage for Write_ {
             });
             let key = StageKey(Digest::of(memo.to_string().as_bytes()).0);
             let (file, wrote) = write_part(ctx, &key, &dest, shard.records, || {
-                self.write_file(ctx, std::slice::from_ref(shard), &dest, false)
+                self.write_file(ctx, std::slice::from_ref(shard), root.as_deref(), &dest, false)
             })?;
             written += u64::from(wrote);
             files.push(file);
@@ -275,6 +276,7 @@ impl Write_ {
         &self,
         ctx: &StageContext<'_>,
         shards: &[ladle_engine::ShardRef],
+        root: Option<&Path>,
         dest: &Path,
         progress: bool,
     ) -> Result<(), StageError> {
@@ -287,7 +289,7 @@ impl Write_ {
         let tmp = dest.with_file_name(format!(".{file_name}.ladle-{}.tmp", std::process::id()));
         let result = (|| {
             match self.format {
-                Format::Parquet => crate::parquet_io::write(ctx, shards, &tmp)?,
+                Format::Parquet => crate::parquet_io::write(ctx, shards, root, &tmp)?,
                 _ => {
                     let out =
                         std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(|e| io("create", e))?);

@@ -192,6 +192,62 @@ fn a_truncated_or_damaged_tar_is_an_error_naming_it_and_the_member_offset() {
     assert!(error.contains("00001.tar") && error.contains(&format!("offset {second}")), "{error}");
 }
 
+#[test]
+fn with_on_bad_record_drop_a_damaged_sample_is_skipped_counted_and_logged_and_reading_goes_on() {
+    let p = project();
+    let tar = p.read("shards/00001.tar");
+    let pipeline = "[pipeline]\nname = \"r\"\n[stages.d]\nkind = \"read\"\npath = \"shards\"\n\
+                    on_bad_record = \"drop\"\n[stages.w]\nkind = \"write\"\ndata = \"d\"\npath = \"out.jsonl\"\n";
+    p.write("p.toml", pipeline);
+    let keys = |p: &Project| -> Vec<String> {
+        p.jsonl("out.jsonl").iter().map(|r| r["__key__"].as_str().unwrap().to_string()).collect()
+    };
+    let all: Vec<String> = (0..42).map(|i| format!("r{i:03}")).collect();
+
+    // r014's second member (its .txt) with a bad header: r014 is dropped, its .json after the
+    // damage is not taken for a sample, and tar 1 reads on from r015.
+    let size = tar[124..136].iter().take_while(|b| b.is_ascii_digit()).fold(0usize, |n, b| n * 8 + (b - b'0') as usize);
+    let second = 512 + size.div_ceil(512) * 512;
+    let mut bad = tar.clone();
+    bad[second + 148] ^= 0x01;
+    p.write("shards/00001.tar", &bad);
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.stage("d")["dropped_on_error"], 1, "{}", r.summary());
+    let want: Vec<String> = all.iter().filter(|k| *k != "r014").cloned().collect();
+    assert_eq!(keys(&p), want);
+    let show = String::from_utf8_lossy(&p.ladle(&["show", "p.toml", "d"]).stdout).to_string();
+    assert!(show.contains(&format!("00001.tar at offset {second}: sample `r014`: bad tar header")), "{show}");
+
+    // Cut inside r016's image: r014 and r015 are kept, the rest of tar 1 is gone.
+    let mut at = 0;
+    let mut members = 0;
+    while members < 6 {
+        let size = tar[at + 124..at + 136]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .fold(0usize, |n, b| n * 8 + (b - b'0') as usize);
+        at += 512 + size.div_ceil(512) * 512;
+        members += 1;
+    }
+    p.write("shards/00001.tar", &tar[..at + 512 + 100]);
+    let r = p.run("p.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.stage("d")["dropped_on_error"], 1, "{}", r.summary());
+    let want: Vec<String> = all.iter().filter(|k| !("r016".."r028").contains(&k.as_str())).cloned().collect();
+    assert_eq!(keys(&p), want);
+
+    // A bad line of a JSONL file likewise, with its line number.
+    p.write("lines.jsonl", "{\"a\": 1}\nnot json\n{\"a\": 3}\n");
+    p.write("l.toml", pipeline.replace("path = \"shards\"", "path = \"lines.jsonl\""));
+    let r = p.run("l.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.stage("d")["dropped_on_error"], 1, "{}", r.summary());
+    assert_eq!(p.jsonl("out.jsonl"), vec![serde_json::json!({"a": 1}), serde_json::json!({"a": 3})]);
+    let show = String::from_utf8_lossy(&p.ladle(&["show", "l.toml", "d"]).stdout).to_string();
+    assert!(show.contains("lines.jsonl:2: "), "{show}");
+}
+
 /// Checks the tars in a folder against the sources with Python's tarfile: every image member's
 /// bytes are the image file's, every txt the caption. Prints {samples, per_tar, errors, ids}.
 const CHECK_TARS: &str = r#"

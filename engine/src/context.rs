@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
@@ -32,6 +32,8 @@ pub struct StageContext<'a> {
     pub(crate) slots: Arc<Semaphore>,
     /// Units of work a whole stage reports (see [`StageContext::report_work`]).
     pub(crate) work: Mutex<Option<Work>>,
+    /// Records a whole stage dropped (see [`StageContext::report_dropped`]).
+    pub(crate) dropped: AtomicU64,
 }
 
 impl StageContext<'_> {
@@ -51,6 +53,12 @@ impl StageContext<'_> {
     /// run's summary where a map stage's shards do, named `unit` (plural, as "candidate score(s)").
     pub fn report_work(&self, unit: &'static str, total: u64, computed: u64) {
         *self.work.lock().unwrap_or_else(|p| p.into_inner()) = Some(Work { unit, total, computed });
+    }
+
+    /// For a whole stage told to drop what it cannot read (`read`'s `on_bad_record = "drop"`):
+    /// `n` more records dropped, counted in the run's summary as a map stage's are.
+    pub fn report_dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn progress(&self, done: u64, total: u64) {

@@ -119,6 +119,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
             events: &NoEvents,
             slots: slots.clone(),
             work: Default::default(),
+            dropped: Default::default(),
         };
         let forced = force.contains(&decl.name);
         if let Some((digest, artifact)) = store.get_action(&key)?

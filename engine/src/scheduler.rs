@@ -95,6 +95,7 @@ impl StageEnv {
             events: &*self.sink,
             slots: self.slots.clone(),
             work: Default::default(),
+            dropped: Default::default(),
         }
     }
     fn name(&self) -> String {
@@ -445,11 +446,12 @@ impl StageTask {
                     let ctx = env2.ctx();
                     let result = stage.run(&ctx, &inputs).map_err(|e| e.to_string());
                     let work = ctx.work.lock().ok().and_then(|mut w| w.take());
-                    result.map(|a| (a, work))
+                    let dropped = ctx.dropped.load(std::sync::atomic::Ordering::Relaxed);
+                    result.map(|a| (a, work, dropped))
                 })
                 .await;
                 match joined {
-                    Ok(Ok((a, work))) => {
+                    Ok(Ok((a, work, dropped))) => {
                         work_unit = work.map(|w| w.unit);
                         let (total, computed) = work.map(|w| (w.total, w.computed)).unwrap_or_else(|| {
                             let n = match &a {
@@ -458,7 +460,7 @@ impl StageTask {
                             };
                             (n, n)
                         });
-                        Ok((a, total, computed, 0))
+                        Ok((a, total, computed, dropped))
                     }
                     Ok(Err(e)) => Err((e, (0, 0))),
                     Err(e) => Err((format!("internal error: the stage panicked: {e}"), (0, 0))),

@@ -15,6 +15,12 @@
 //!
 //! JSONL is streamed (compressed or not): a few shards are in memory at a time, whatever the
 //! file's size.
+//!
+//! A bad record (a JSONL line that is not an object, a JSON array element that is not one, a
+//! damaged tar member or header, a compressed file cut short) is an error naming the file and
+//! the line or offset; with `on_bad_record = "drop"` it is skipped instead (a tar read on at its
+//! next good header, a cut file kept up to its last whole line), counted in the run's summary,
+//! and each one listed in the stage's log (`ladle show STAGE`).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read as _};
@@ -110,6 +116,7 @@ impl StageKind for ReadKind {
                 params.record("format", f.name().into());
             }
         }
+        let drop_bad = params.choice("on_bad_record", &["fail", "drop"])?.as_deref() == Some("drop");
         let shard_records = params.positive("shard_records")?.unwrap_or(DEFAULT_SHARD_RECORDS);
         params.record("shard_records", shard_records.into());
         // Relative paths in the records (images) resolve against the data files' folder (the
@@ -130,7 +137,7 @@ impl StageKind for ReadKind {
         if files.iter().any(|f| f.format == Format::Parquet) {
             params.record("parquet images", "references".into());
         }
-        Ok(Arc::new(Read { files, shard_records: shard_records as usize, root }))
+        Ok(Arc::new(Read { files, shard_records: shard_records as usize, root, drop_bad }))
     }
 }
 
@@ -163,6 +170,22 @@ pub struct Read {
     /// The data files' folder, as the output dataset's root.
     root: PathBuf,
     shard_records: usize,
+    /// `on_bad_record = "drop"`.
+    drop_bad: bool,
+}
+
+/// What a read dropped: a line per bad record, naming its file and where it is in it.
+#[derive(Default)]
+struct DropLog {
+    lines: std::sync::Mutex<Vec<String>>,
+    records: std::sync::atomic::AtomicU64,
+}
+
+impl DropLog {
+    fn note(&self, records: u64, line: String) {
+        self.records.fetch_add(records, std::sync::atomic::Ordering::Relaxed);
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
 }
 
 impl Stage for Read {
@@ -175,25 +198,50 @@ impl Stage for Read {
 }
 
 impl WholeStage for Read {
+    /// Files are read several at a time (each file's shards stay in order, and files in theirs);
+    /// a single file is read on as many threads as its format allows instead.
     fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
-        let mut shards = Vec::new();
-        let (mut read, total) = (0u64, self.files.len() as u64);
-        for file in &self.files {
-            shards.extend(self.read_file(ctx, file, &mut read)?);
-            if total > 1 {
-                ctx.progress(read, total);
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let total = self.files.len() as u64;
+        let (done, read) = (AtomicU64::new(0), AtomicU64::new(0));
+        // Each file's dropped records, in file order of completion.
+        let dropped = std::sync::Mutex::new(Vec::<String>::new());
+        let per_file = ctx.par_map(self.files.iter().map(Ok), |_, file| {
+            let log = DropLog::default();
+            let (shards, was_read) = self.read_file(ctx, file, &log)?;
+            let lines = log.lines.into_inner().unwrap_or_else(|e| e.into_inner());
+            ctx.report_dropped(log.records.into_inner());
+            if !lines.is_empty() {
+                dropped.lock().unwrap_or_else(|e| e.into_inner()).push(lines.join("\n"));
             }
-        }
+            read.fetch_add(u64::from(was_read), Ordering::Relaxed);
+            let done = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if total > 1 {
+                ctx.progress(done, total);
+            }
+            Ok(shards)
+        })?;
         if total > 1 {
-            ctx.report_work("file(s)", total, read);
+            ctx.report_work("file(s)", total, read.into_inner());
         }
-        Ok(Artifact::Dataset { shards, root: Some(self.root.clone()) })
+        let dropped = dropped.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !dropped.is_empty() {
+            ctx.save_log(format!("dropped (on_bad_record = \"drop\"):\n{}\n", dropped.join("\n")).as_bytes())?;
+        }
+        Ok(Artifact::Dataset { shards: per_file.into_iter().flatten().collect(), root: Some(self.root.clone()) })
     }
 }
 
 impl Read {
-    /// One file's shards: remembered by the file's digest and how it is read, or read now.
-    fn read_file(&self, ctx: &StageContext<'_>, file: &DataFile, read: &mut u64) -> Result<Vec<ShardRef>, StageError> {
+    /// One file's shards: remembered by the file's digest and how it is read, or read now (and
+    /// then `true`).
+    /// What it dropped goes to `log` (from the memo, when remembered).
+    fn read_file(
+        &self,
+        ctx: &StageContext<'_>,
+        file: &DataFile,
+        log: &DropLog,
+    ) -> Result<(Vec<ShardRef>, bool), StageError> {
         // The key was computed from this digest (a stat-memo hit, so cheap); if the file changes
         // while it is read, what was read must not be kept under that key.
         let before = ctx.store.file_digest(&file.path)?;
@@ -202,6 +250,7 @@ impl Read {
             "format": file.format.name(),
             "compression": format!("{:?}", file.compression),
             "shard_records": self.shard_records,
+            "on_bad_record": self.drop_bad.then_some("drop"),
             // Records from a tar or a Parquet file (its images) name it.
             "name": matches!(file.format, Format::WebDataset | Format::Parquet).then_some(&file.name),
         });
@@ -209,35 +258,48 @@ impl Read {
         // One file: the stage's own cache entry is the file's; nothing more to remember.
         let remember = self.files.len() > 1;
         if remember && let Some((_, Artifact::Dataset { shards, .. })) = ctx.store.get_action(&key)? {
-            return Ok(shards);
+            // What reading it dropped is remembered with it.
+            if let Some(text) = ctx.store.get_log(&key)?
+                && let Ok((records, lines)) = serde_json::from_slice::<(u64, Vec<String>)>(&text)
+            {
+                log.records.fetch_add(records, std::sync::atomic::Ordering::Relaxed);
+                log.lines.lock().unwrap_or_else(|e| e.into_inner()).extend(lines);
+            }
+            return Ok((shards, false));
         }
         let shards = match file.format {
-            Format::Jsonl => self.read_jsonl(ctx, file)?,
-            Format::Json => self.read_json(ctx, file)?,
+            Format::Jsonl => self.read_jsonl(ctx, file, log)?,
+            Format::Json => self.read_json(ctx, file, log)?,
             Format::Parquet => crate::parquet_io::read(ctx, &file.path, &file.name, self.shard_records)?,
-            Format::WebDataset => self.read_tar(ctx, file)?,
+            Format::WebDataset => self.read_tar(ctx, file, log)?,
         };
         if ctx.store.file_digest(&file.path)? != before {
             return Err(StageError::input(format!("{} changed while it was being read", file.path.display()))
                 .with_hint("run again once whatever writes the file has finished"));
         }
-        *read += 1;
         if !remember {
-            return Ok(shards);
+            return Ok((shards, true));
         }
         let artifact = Artifact::Dataset { shards, root: None };
         let digest = ctx.store.put_artifact(&artifact)?;
+        let lines = log.lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !lines.is_empty() {
+            let records = log.records.load(std::sync::atomic::Ordering::Relaxed);
+            ctx.store.put_log(&key, serde_json::json!([records, lines]).to_string().as_bytes())?;
+        }
         ctx.store.put_action(&key, &digest)?;
         let Artifact::Dataset { shards, .. } = artifact else { unreachable!() };
-        Ok(shards)
+        Ok((shards, true))
     }
 }
 
 impl Read {
     /// A tar's samples (see [`crate::webdataset`]), cut into shards in tar order.
-    fn read_tar(&self, ctx: &StageContext<'_>, file: &DataFile) -> Result<Vec<ShardRef>, StageError> {
+    fn read_tar(&self, ctx: &StageContext<'_>, file: &DataFile, log: &DropLog) -> Result<Vec<ShardRef>, StageError> {
+        use crate::webdataset::OnBad;
         let (mut shards, mut out, mut n) = (Vec::new(), Vec::new(), 0u64);
-        crate::webdataset::read_samples(&file.path, &file.name, |record| {
+        let on_bad = if self.drop_bad { OnBad::Drop } else { OnBad::Fail };
+        let dropped = crate::webdataset::read_samples(&file.path, &file.name, on_bad, |record| {
             write_record(&record, &mut out);
             n += 1;
             if n == self.shard_records as u64 {
@@ -249,6 +311,13 @@ impl Read {
         })?;
         if n > 0 {
             shards.push(ctx.write_shard(&out, n)?);
+        }
+        for d in dropped {
+            let sample = d.sample.as_ref().map(|k| format!(" sample `{k}`:")).unwrap_or_default();
+            log.note(
+                u64::from(d.sample.is_some()),
+                format!("{} at offset {}:{sample} {}", file.path.display(), d.offset, d.what),
+            );
         }
         Ok(shards)
     }
@@ -275,13 +344,14 @@ struct Chunk {
 }
 
 impl Read {
-    fn read_jsonl(&self, ctx: &StageContext<'_>, file: &DataFile) -> Result<Vec<ShardRef>, StageError> {
+    fn read_jsonl(&self, ctx: &StageContext<'_>, file: &DataFile, log: &DropLog) -> Result<Vec<ShardRef>, StageError> {
         let mut reader = BufReader::with_capacity(1 << 20, open(file)?);
         let path = file.path.clone();
         let per_shard = self.shard_records;
         let mut line_no = 0u64;
         let mut done = false;
-        let chunks = std::iter::from_fn(move || {
+        let drop_bad = self.drop_bad;
+        let chunks = std::iter::from_fn(|| {
             if done {
                 return None;
             }
@@ -310,9 +380,19 @@ impl Read {
                         } else {
                             format!("after line {line_no}, the last whole one")
                         };
+                        if drop_bad {
+                            // Keep the whole lines read; the rest of the file is lost.
+                            chunk.bytes.truncate(start);
+                            log.note(
+                                0,
+                                format!("{}: {e} ({last}); the rest of the file is unreadable", path.display()),
+                            );
+                            break;
+                        }
                         return Some(Err(StageError::input(format!("cannot read {}: {e} ({last})", path.display()))
                             .with_hint(
-                                "the file is truncated or damaged: write it again, or leave it out of `path`",
+                                "the file is truncated or damaged: write it again, leave it out of `path`, or set \
+                                 on_bad_record = \"drop\" to keep what is readable",
                             )));
                     }
                 }
@@ -326,19 +406,32 @@ impl Read {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let record = parse_record(line).map_err(|e| {
-                    StageError::input(format!("{}:{}: {e}", file.path.display(), chunk.first_line + i as u64))
-                        .with_hint("each line of a .jsonl file must be one JSON object; fix or remove that line")
-                })?;
+                let record = match parse_record(line) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        let at = format!("{}:{}: {e}", file.path.display(), chunk.first_line + i as u64);
+                        if self.drop_bad {
+                            log.note(1, at);
+                            continue;
+                        }
+                        return Err(StageError::input(at).with_hint(
+                            "each line of a .jsonl file must be one JSON object; fix or remove that line, or set \
+                             on_bad_record = \"drop\" to skip such lines",
+                        ));
+                    }
+                };
                 write_record(&record, &mut out);
                 n += 1;
             }
-            ctx.write_shard(&out, n)
+            if n == 0 {
+                return Ok(None);
+            }
+            ctx.write_shard(&out, n).map(Some)
         })?;
-        Ok(shards)
+        Ok(shards.into_iter().flatten().collect())
     }
 
-    fn read_json(&self, ctx: &StageContext<'_>, file: &DataFile) -> Result<Vec<ShardRef>, StageError> {
+    fn read_json(&self, ctx: &StageContext<'_>, file: &DataFile, log: &DropLog) -> Result<Vec<ShardRef>, StageError> {
         let mut bytes = Vec::new();
         open(file)?
             .read_to_end(&mut bytes)
@@ -358,11 +451,18 @@ impl Read {
             match item {
                 serde_json::Value::Object(m) => records.push(m),
                 other => {
-                    return Err(StageError::input(format!(
+                    let what = format!(
                         "{}: element {i} of the array is {}, not an object",
                         file.path.display(),
                         json_type(&other)
-                    )));
+                    );
+                    if self.drop_bad {
+                        log.note(1, what);
+                        continue;
+                    }
+                    return Err(StageError::input(what).with_hint(
+                        "fix or remove that element, or set on_bad_record = \"drop\" to skip such elements",
+                    ));
                 }
             }
         }

@@ -73,6 +73,7 @@ pub fn run_task(task_file: &Path, registry: &Registry, log: &mut dyn Write) -> R
         events: &NoEvents,
         slots: Arc::new(Semaphore::new(cpus.saturating_sub(1))),
         work: Default::default(),
+        dropped: Default::default(),
     };
     let mut report = WorkerReport::default();
     let stage = match (decl.stage.execution(), task.whole) {

@@ -329,4 +329,18 @@ fn what_a_filter_keeps_goes_back_out_as_tars_with_the_images_byte_identical() {
     let check: Value = serde_json::from_str(&python(&p, CHECK_TARS, &["out2"])).unwrap();
     assert_eq!(check["errors"], serde_json::json!([]), "{check}");
     assert_eq!(check["per_tar"], serde_json::json!([16, 16, 10]));
+
+    // An image rewritten in place (same path, same records): the tar holding it is written
+    // again with the new bytes, the others are left alone.
+    let second = std::fs::read(p.path("out2/00001.tar")).unwrap();
+    let img = p.read("data/images/img003.png");
+    p.write("data/images/img003.png", p.read("data/images/img000.png"));
+    let r = p.run("files.toml", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.status("w"), "ran", "{}", r.summary());
+    assert_eq!(r.stage("w")["shards_computed"], 1, "one tar written again: {}", r.summary());
+    let check: Value = serde_json::from_str(&python(&p, CHECK_TARS, &["out2"])).unwrap();
+    assert_eq!(check["errors"], serde_json::json!([]), "the new bytes are in the tar: {check}");
+    assert_eq!(std::fs::read(p.path("out2/00001.tar")).unwrap(), second);
+    assert_ne!(img, p.read("data/images/img003.png"));
 }

@@ -1,8 +1,9 @@
 //! Files named by records: the images a scoring stage reads live outside the store, so their
 //! contents must enter cache keys or an edited image would be served its old score.
 //!
-//! For a map stage that [reads record files](crate::stage::MapStage::reads_record_files), each
-//! input shard gets a *salt*: BLAKE3 over the digests of the files its records name, in record
+//! For a map stage that [reads record files](crate::stage::MapStage::reads_record_files) (or a
+//! whole stage with a [record files port](crate::stage::WholeStage::record_files_port), whose
+//! salts only join its stage key), each input shard gets a *salt*: BLAKE3 over the digests of the files its records name, in record
 //! order. The salt joins that shard's key, and the digest of all salts joins the stage key (as
 //! [`KeyParts::record_files`](crate::key::KeyParts)). Digests come from the store's stat memo, so
 //! a rerun stats each file and reads none that did not change. A file that cannot be read gets a
@@ -13,9 +14,12 @@ use crate::digest::{Digest, hash_with_context};
 use crate::stage::{Execution, Inputs, ShardInput};
 use crate::store::Store;
 
-/// Whether `stage` is a map stage that reads files its records name (so has salts).
+/// Whether `stage` reads files its records name (so has salts).
 pub fn applies(stage: &dyn crate::stage::Stage) -> bool {
-    matches!(stage.execution(), Execution::Map { stage, .. } if stage.reads_record_files())
+    match stage.execution() {
+        Execution::Map { stage, .. } => stage.reads_record_files(),
+        Execution::Whole(stage) => stage.record_files_port().is_some(),
+    }
 }
 
 /// One salt per shard of the mapped dataset, or `None` when the stage reads no record files.
@@ -24,17 +28,23 @@ pub fn shard_salts(
     inputs: &Inputs,
     store: &Store,
 ) -> Result<Option<Vec<Digest>>, String> {
-    let Execution::Map { port, stage } = stage.execution() else { return Ok(None) };
-    if !stage.reads_record_files() {
-        return Ok(None);
-    }
+    type Files<'a> = Box<dyn Fn(&ShardInput<'_>) -> Result<Vec<std::path::PathBuf>, crate::StageError> + 'a>;
+    let (port, files): (&str, Files<'_>) = match stage.execution() {
+        Execution::Map { port, stage } if stage.reads_record_files() => {
+            (port, Box::new(move |shard| stage.record_files(inputs, shard)))
+        }
+        Execution::Whole(stage) => match stage.record_files_port() {
+            Some(port) => (port, Box::new(move |shard| stage.record_files(inputs, shard))),
+            None => return Ok(None),
+        },
+        Execution::Map { .. } => return Ok(None),
+    };
     let shards = inputs.dataset(port).map_err(|e| e.to_string())?;
     let mut salts = Vec::with_capacity(shards.len());
     let mut first_record = 0;
     for (index, shard) in shards.iter().enumerate() {
         let bytes = store.get(&shard.digest).map_err(|e| e.to_string())?;
-        let paths = stage
-            .record_files(inputs, &ShardInput { index, first_record, digest: shard.digest, jsonl: &bytes })
+        let paths = files(&ShardInput { index, first_record, digest: shard.digest, jsonl: &bytes })
             .map_err(|e| format!("shard {index}: {e}"))?;
         let mut parts: Vec<[u8; 32]> = Vec::with_capacity(paths.len());
         for path in &paths {

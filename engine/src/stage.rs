@@ -184,6 +184,20 @@ pub struct MappedShard {
 
 pub trait WholeStage: Send + Sync {
     fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError>;
+
+    /// The dataset port whose records name files outside the store that the output is made
+    /// from (a `write` copying images into tars or Parquet), if any. Their digests join the stage
+    /// key as a map stage's [record files](MapStage::reads_record_files) do, so a cached output
+    /// is not kept once one of those files changed in place.
+    fn record_files_port(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The files the records of `shard` (of the [`WholeStage::record_files_port`] dataset)
+    /// name, as [`MapStage::record_files`].
+    fn record_files(&self, _inputs: &Inputs, _shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The artifacts connected to a stage's ports.

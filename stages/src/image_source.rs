@@ -246,6 +246,18 @@ impl ImageField {
     }
 }
 
+/// The file a reference `read` made points into (`{tar, …}` or `{parquet, …}`), resolved against
+/// the dataset's `root`; `None` for any other value, or one that does not resolve.
+pub fn referenced_file(value: &Value, root: Option<&Path>) -> Option<PathBuf> {
+    let Value::Object(o) = value else { return None };
+    let name = match (o.get("tar"), o.get("parquet")) {
+        (Some(Value::String(tar)), _) if o.contains_key("offset") => tar,
+        (_, Some(Value::String(file))) if o.contains_key("row") => file,
+        _ => return None,
+    };
+    resolve(name, root).ok()
+}
+
 /// `length` bytes at `offset` of a file.
 pub fn read_range(path: &Path, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};

@@ -13,7 +13,7 @@ use ladle_engine::digest::{Digest, StageKey};
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::write_record;
-use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
+use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, ShardInput, Stage, StageKind, WholeStage};
 use ladle_engine::{Artifact, FileRef, StageContext};
 use serde_json::{Map, Value};
 
@@ -130,6 +130,35 @@ impl Stage for Write_ {
 }
 
 impl WholeStage for Write_ {
+    /// Tars and Parquet files are made of the bytes the records point at (images in tars,
+    /// Parquet rows or files), so those files' digests are in the key: one changed in place
+    /// writes the output again. JSONL copies records, references and all.
+    fn record_files_port(&self) -> Option<&'static str> {
+        matches!(self.format, Format::Parquet | Format::WebDataset).then_some("data")
+    }
+
+    fn record_files(&self, inputs: &Inputs, shard: &ShardInput<'_>) -> Result<Vec<PathBuf>, StageError> {
+        let root = inputs.dataset_root("data");
+        let image = self.tars.as_ref().and_then(|t| t.image.as_ref());
+        let mut files = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, line) in ladle_engine::records::lines(shard.jsonl).enumerate() {
+            let record = ladle_engine::records::parse_record(line)
+                .map_err(|e| StageError::internal(e).at_record(shard.first_record + i as u64))?;
+            let mut found: Vec<PathBuf> =
+                record.values().filter_map(|v| crate::image_source::referenced_file(v, root.as_deref())).collect();
+            if let Some(field) = image
+                && let Ok(located) = field.locate(&record, root.as_deref())
+                && let Some(path) = located.file()
+            {
+                found.push(path.to_path_buf());
+            }
+            // Each file once, in the order records first name it: its digest is what counts.
+            files.extend(found.into_iter().filter(|f| seen.insert(f.clone())));
+        }
+        Ok(files)
+    }
+
     fn run(&self, ctx: &StageContext<'_>, inputs: &Inputs) -> Result<Artifact, StageError> {
         let shards = inputs.dataset("data")?;
         let Some(pattern) = &self.pattern else {

@@ -4,15 +4,29 @@
 #  - the wasm32-wasip2 target (plugin tests build WASM guests);
 #  - a one-node Slurm cluster on loopback for tests/slurm.rs (scripts/slurm/loopback-up.sh: Debian's
 #    slurmctld, slurmd and munge, installed where missing; needs root, or sudo without a password).
-#    LADLE_SKIP_SLURM=1 skips the cluster and the Slurm tests on purpose.
+#    LADLE_SKIP_SLURM=1 skips the cluster and the Slurm tests on purpose;
+#  - Chromium, for the test that opens `ladle report`'s page in a real browser (Debian's
+#    `chromium`, installed where missing). Where it cannot be installed, LADLE_NO_CHROMIUM says why
+#    and that test says it skipped.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
+if [ "$(id -u)" = 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(false); fi
+
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
+  if [ "${as_root[0]:-}" = false ]; then
+    export LADLE_NO_CHROMIUM="Chromium is not installed and installing it needs root (or passwordless sudo)"
+  elif ! { "${as_root[@]}" apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null 2>&1 \
+           || { "${as_root[@]}" apt-get update -qq && "${as_root[@]}" apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }; }; then
+    export LADLE_NO_CHROMIUM="apt-get install chromium failed (see above)"
+  fi
+fi
+
 if [ "${LADLE_SKIP_SLURM:-0}" != 1 ]; then
-  if [ "$(id -u)" = 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else
+  if [ "${as_root[0]:-}" = false ]; then
     echo "error: the Slurm tests need a loopback cluster, which scripts/slurm/loopback-up.sh starts as root" >&2
     echo "  hint: run this as root (or with passwordless sudo), or set LADLE_SKIP_SLURM=1 to skip them" >&2
     exit 1

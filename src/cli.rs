@@ -92,6 +92,25 @@ enum Cmd {
         /// How many records to print
         #[arg(short = 'n', long, default_value_t = 3)]
         sample: usize,
+        /// Draw the histogram of a numeric column instead (with the cut of a `select` reading it)
+        #[arg(long, value_name = "COLUMN")]
+        hist: Option<String>,
+    },
+    /// Write an HTML report of a run: the DAG, histograms with their cuts, the records at both
+    /// ends, soups, run history
+    Report {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Where to write the report
+        #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "report.html")]
+        output: PathBuf,
+        /// The run to report [default: the latest]
+        #[arg(long, value_name = "N")]
+        run: Option<u64>,
+        /// Also write each figure as SVG into this folder
+        #[arg(long, value_name = "DIR")]
+        figures: Option<PathBuf>,
     },
     /// Write a stage's output outside the store (.jsonl/.parquet for a dataset, a folder for a model)
     Export {
@@ -365,10 +384,29 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             write!(out, "{graph}{}", if graph.ends_with('\n') { "" } else { "\n" })?;
             Ok(Outcome::Success)
         }
-        Cmd::Show { pipeline, stage, store, sample } => {
+        Cmd::Show { pipeline, stage, store, sample, hist } => {
             let p = load(&pipeline)?;
             let store = open_existing_store(&store, Some(&pipeline))?;
-            show::show(&p, &store, &stage, sample, &mut out)?;
+            match hist {
+                Some(column) => show::histogram(&p, &store, &stage, &column, &mut out)?,
+                None => show::show(&p, &store, &stage, sample, &mut out)?,
+            }
+            Ok(Outcome::Success)
+        }
+        Cmd::Report { pipeline, store, output, run, figures } => {
+            let p = load(&pipeline)?;
+            let store = open_existing_store(&store, Some(&pipeline))?;
+            let options = ladle_report::Options { run, ..Default::default() };
+            let report = ladle_report::build(&p, &store, &options)?;
+            write_atomically(&output, report.html.as_bytes())?;
+            writeln!(out, "wrote {} ({})", output.display(), human_bytes(report.html.len() as u64))?;
+            if let Some(dir) = figures {
+                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                for f in &report.figures {
+                    write_atomically(&dir.join(format!("{}.svg", f.name)), f.svg.as_bytes())?;
+                }
+                writeln!(out, "wrote {} figure(s) to {}", report.figures.len(), dir.display())?;
+            }
             Ok(Outcome::Success)
         }
         Cmd::Export { pipeline, stage, output, store } => {
@@ -534,4 +572,12 @@ fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {
     };
     writeln!(out, "{json}")?;
     Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, so a reader never sees half of it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.ladle-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -26,6 +26,9 @@ pub enum Event {
         cached: bool,
         done: u64,
         total: u64,
+        /// How long computing it took here (not for cached shards, nor ones a cluster computed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seconds: Option<f64>,
     },
     /// A job array submitted to Slurm for a stage's missing shards.
     JobSubmitted {

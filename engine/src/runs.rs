@@ -39,6 +39,20 @@ pub struct StageRecord {
     /// The Slurm jobs that computed its shards in this run.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub jobs: Vec<String>,
+    /// When it started (or was found cached), in milliseconds since the run started.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_ms: Option<u64>,
+    /// The shards it computed here, when each ran (for the report's timeline).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub shard_times: Vec<ShardTime>,
+}
+
+/// When a shard computed, in milliseconds since the run started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardTime {
+    pub shard: usize,
+    pub start_ms: u64,
+    pub end_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,13 +85,24 @@ pub struct RunRecorder {
     pub record: Mutex<RunRecord>,
     /// Slurm jobs per stage, until the stage's record is made.
     jobs: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// When the run started, and per stage (until its record is made) when it started and the
+    /// times of the shards it computed.
+    started: std::time::Instant,
+    timing: Mutex<std::collections::BTreeMap<String, (u64, Vec<ShardTime>)>>,
     next: Arc<dyn EventSink>,
     store: Option<Store>,
 }
 
 impl RunRecorder {
     pub fn new(record: RunRecord, next: Arc<dyn EventSink>, store: Option<Store>) -> Self {
-        RunRecorder { record: Mutex::new(record), jobs: Default::default(), next, store }
+        RunRecorder {
+            record: Mutex::new(record),
+            jobs: Default::default(),
+            started: std::time::Instant::now(),
+            timing: Default::default(),
+            next,
+            store,
+        }
     }
 
     pub fn into_record(self) -> RunRecord {
@@ -95,24 +120,44 @@ impl EventSink for RunRecorder {
                 let mut all = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
                 all.entry(stage.clone()).or_default().extend(jobs.iter().cloned())
             }
+            Event::StageStarted { stage, .. } => {
+                let now = self.started.elapsed().as_millis() as u64;
+                self.timing.lock().unwrap_or_else(|p| p.into_inner()).insert(stage.clone(), (now, Vec::new()));
+            }
+            Event::ShardDone { stage, shard, cached: false, seconds: Some(s), .. } => {
+                let end_ms = self.started.elapsed().as_millis() as u64;
+                let start_ms = end_ms.saturating_sub((s * 1000.0).round() as u64);
+                let mut timing = self.timing.lock().unwrap_or_else(|p| p.into_inner());
+                let (_, shards) = timing.entry(stage.clone()).or_insert((start_ms, Vec::new()));
+                shards.push(ShardTime { shard: *shard, start_ms, end_ms });
+            }
             _ => {}
         }
+        let timing_of = |stage: &str| {
+            let now = self.started.elapsed().as_millis() as u64;
+            self.timing.lock().unwrap_or_else(|p| p.into_inner()).remove(stage).unwrap_or((now, Vec::new()))
+        };
         let jobs_of =
             |stage: &str| self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(stage).unwrap_or_default();
         let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = |stage: &str, kind: &str, status| StageRecord {
-            stage: stage.to_string(),
-            kind: kind.to_string(),
-            status,
-            shards_total: 0,
-            shards_computed: 0,
-            work_unit: None,
-            records: None,
-            dropped_on_error: 0,
-            artifact: None,
-            seconds: None,
-            error: None,
-            jobs: jobs_of(stage),
+        let entry = |stage: &str, kind: &str, status| {
+            let (started_ms, shard_times) = timing_of(stage);
+            StageRecord {
+                stage: stage.to_string(),
+                kind: kind.to_string(),
+                status,
+                shards_total: 0,
+                shards_computed: 0,
+                work_unit: None,
+                records: None,
+                dropped_on_error: 0,
+                artifact: None,
+                seconds: None,
+                error: None,
+                jobs: jobs_of(stage),
+                started_ms: Some(started_ms),
+                shard_times,
+            }
         };
         match event {
             Event::StageCached { stage, kind, artifact, records, shards_total } => rec.stages.push(StageRecord {

@@ -546,7 +546,7 @@ async fn run_map(
     let mut errors: Vec<(usize, String)> = Vec::new();
     let mut done = 0u64;
     let mut computed = 0u64;
-    let mut set: JoinSet<(usize, std::result::Result<ShardEntry, String>)> = JoinSet::new();
+    let mut set: JoinSet<(usize, std::result::Result<ShardEntry, String>, f64)> = JoinSet::new();
     // The replicas' devices, held from the first computed shard to the stage's end (cached
     // shards need none), in name order (as every stage takes them: no two wait on each other).
     let device_slots: BTreeSet<String> = (0..replicas).filter_map(|r| stage.replica_slot(r)).collect();
@@ -556,19 +556,27 @@ async fn run_map(
         (!device_slots.is_empty()).then(|| Arc::new(Semaphore::new(stage.device_shards().max(1) * replicas)));
 
     let handle =
-        |joined: std::result::Result<(usize, std::result::Result<ShardEntry, String>), tokio::task::JoinError>,
+        |joined: std::result::Result<(usize, std::result::Result<ShardEntry, String>, f64), tokio::task::JoinError>,
          results: &mut Vec<Option<ShardEntry>>,
          errors: &mut Vec<(usize, String)>,
          done: &mut u64,
          computed: &mut u64| {
             match joined {
-                Ok((i, Ok(r))) => {
+                Ok((i, Ok(r), seconds)) => {
                     results[i] = Some(r);
                     *done += 1;
                     *computed += 1;
-                    env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: false, done: *done, total });
+                    let seconds = Some(seconds);
+                    env.sink.emit(&Event::ShardDone {
+                        stage: env.name(),
+                        shard: i,
+                        cached: false,
+                        done: *done,
+                        total,
+                        seconds,
+                    });
                 }
-                Ok((i, Err(e))) => errors.push((i, e)),
+                Ok((i, Err(e), _)) => errors.push((i, e)),
                 Err(e) => errors.push((usize::MAX, format!("internal error: a shard task panicked: {e}"))),
             }
         };
@@ -580,7 +588,14 @@ async fn run_map(
                 Ok(Some(out)) => {
                     results[i] = Some(out);
                     done += 1;
-                    env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: true, done, total });
+                    env.sink.emit(&Event::ShardDone {
+                        stage: env.name(),
+                        shard: i,
+                        cached: true,
+                        done,
+                        total,
+                        seconds: None,
+                    });
                     continue;
                 }
                 Ok(None) => {}
@@ -619,12 +634,14 @@ async fn run_map(
             (env.clone(), inputs.clone(), mappers.clone(), busy.clone(), failed.clone(), *shard, first_record[i]);
         set.spawn_blocking(move || {
             let _permit = (permit, device_turn);
+            let started = Instant::now();
             let r = compute_shard(&env2, &inputs2, &mappers2[replica], replica, i, first, &shard, &sk);
+            let seconds = started.elapsed().as_secs_f64();
             busy2.lock().unwrap_or_else(|p| p.into_inner())[replica] -= 1;
             if r.is_err() {
                 failed2.store(true, Ordering::Relaxed);
             }
-            (i, r)
+            (i, r, seconds)
         });
     }
     while let Some(j) = set.join_next().await {
@@ -680,7 +697,14 @@ async fn run_map_on_slurm(
             Ok(Some(out)) => {
                 results[i] = Some(out);
                 done += 1;
-                env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: true, done, total });
+                env.sink.emit(&Event::ShardDone {
+                    stage: env.name(),
+                    shard: i,
+                    cached: true,
+                    done,
+                    total,
+                    seconds: None,
+                });
             }
             Ok(None) => missing.push(Missing { index: i, first_record, input: *shard, key }),
             Err(e) => return Err((e.to_string(), (total, 0))),
@@ -702,7 +726,7 @@ async fn run_map_on_slurm(
             results[i] = Some(entry);
             done += 1;
             computed += 1;
-            env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: false, done, total });
+            env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: false, done, total, seconds: None });
         })
         .await;
         if let Err(e) = outcome {

@@ -174,3 +174,40 @@ pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<S
         }
     }
 }
+
+/// `ladle show --hist COLUMN`: the column's histogram in text, with the cut of a `select` that
+/// reads the stage's output by it (the same bins and cut as `ladle report`).
+pub fn histogram(p: &Pipeline, store: &Store, stage: &str, column: &str, out: &mut impl Write) -> Result<()> {
+    let (_, _, artifact) = current(p, store, stage)?;
+    let idx = p.stage_named(stage)?;
+    let run = ladle_report::runs_of(p, store)?.pop();
+    // The report's view of the stages, from the latest run, with this stage's current output.
+    let mut views: Vec<ladle_report::StageView<'_>> = p
+        .order
+        .iter()
+        .map(|&i| ladle_report::StageView {
+            index: i,
+            name: &p.stages[i].name,
+            kind: p.stages[i].kind.name(),
+            record: run.as_ref().and_then(|r| r.stages.iter().find(|s| s.stage == p.stages[i].name)),
+            artifact: None,
+        })
+        .collect();
+    let view = views.iter_mut().find(|v| v.index == idx).expect("a stage of the pipeline");
+    view.artifact = Some(artifact);
+    let view = views.iter().find(|v| v.index == idx).expect("a stage of the pipeline");
+    let options = ladle_report::Options::default();
+    let panel = ladle_report::columns::panel(p, store, &views, view, column, &options);
+    if let Some(note) = &panel.note {
+        bail!("{note}\n  hint: `ladle show {} {stage}` lists its columns and their types", p.path.display());
+    }
+    let h = panel.histogram.as_ref().expect("a panel without a note has a histogram");
+    write!(out, "{}", ladle_report::histogram::text(h, panel.cuts.first(), 50))?;
+    if panel.missing > 0 {
+        writeln!(out, "{} record(s) without `{column}`", panel.missing)?;
+    }
+    for (t, n) in &panel.not_numbers {
+        writeln!(out, "{n} record(s) with {t} in `{column}`")?;
+    }
+    Ok(())
+}

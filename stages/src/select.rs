@@ -10,12 +10,12 @@
 
 use std::sync::Arc;
 
+use crate::column::{Cell, read_cell};
 use ladle_engine::error::{PipelineError, StageError};
 use ladle_engine::pipeline::params::Params;
 use ladle_engine::records::lines;
 use ladle_engine::stage::{Execution, Inputs, PortSpec, Produces, Stage, StageKind, WholeStage};
 use ladle_engine::{Artifact, StageContext};
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
 pub struct SelectKind;
 
@@ -90,53 +90,6 @@ impl Stage for Select {
     fn execution(&self) -> Execution<'_> {
         Execution::Whole(self)
     }
-}
-
-/// The value of one top-level field of a JSON object, other fields skipped unparsed.
-struct Column<'a>(&'a str);
-
-#[derive(Debug, PartialEq)]
-enum Cell {
-    Missing,
-    Number(f64),
-    NotANumber(&'static str),
-}
-
-impl<'de> DeserializeSeed<'de> for Column<'_> {
-    type Value = Cell;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Cell, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Column<'_> {
-    type Value = Cell;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Cell, A::Error> {
-        let mut cell = Cell::Missing;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == self.0 {
-                let v: serde_json::Value = map.next_value()?;
-                cell = match v {
-                    serde_json::Value::Number(n) => {
-                        n.as_f64().map(Cell::Number).unwrap_or(Cell::NotANumber("a number out of range"))
-                    }
-                    serde_json::Value::Null => Cell::Missing,
-                    other => Cell::NotANumber(ladle_engine::records::json_type(&other)),
-                };
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(cell)
-    }
-}
-
-fn read_cell(line: &[u8], column: &str) -> Result<Cell, String> {
-    let mut de = serde_json::Deserializer::from_slice(line);
-    Column(column).deserialize(&mut de).map_err(|e| format!("invalid record: {e}"))
 }
 
 /// Positions of the `⌊fraction·n⌋` smallest (or largest) present values, ties broken by

@@ -108,7 +108,7 @@ enum Cmd {
         /// The run to report [default: the latest]
         #[arg(long, value_name = "N")]
         run: Option<u64>,
-        /// Also write each figure as SVG into this folder
+        /// Also write each figure into this folder, as SVG and as PNG (3x, for a paper)
         #[arg(long, value_name = "DIR")]
         figures: Option<PathBuf>,
     },
@@ -404,8 +404,23 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
                 std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 for f in &report.figures {
                     write_atomically(&dir.join(format!("{}.svg", f.name)), f.svg.as_bytes())?;
+                    let png =
+                        ladle_report::png::render(&f.svg).map_err(|e| anyhow::anyhow!("figure {}: {e}", f.name))?;
+                    write_atomically(&dir.join(format!("{}.png", f.name)), &png)?;
                 }
-                writeln!(out, "wrote {} figure(s) to {}", report.figures.len(), dir.display())?;
+                writeln!(
+                    out,
+                    "wrote {} figure(s) to {} (SVG, and PNG at {}x)",
+                    report.figures.len(),
+                    dir.display(),
+                    ladle_report::png::SCALE
+                )?;
+                if !ladle_report::png::has_fonts() {
+                    writeln!(
+                        out,
+                        "warning: no fonts found on this system: the PNG figures have no text\n  hint: install one (Debian: fonts-dejavu-core); the SVG figures and the page are not affected"
+                    )?;
+                }
             }
             Ok(Outcome::Success)
         }

@@ -88,9 +88,18 @@ fn the_pretrain_report_shows_the_histogram_the_cut_and_both_ends_as_the_exported
         assert!(!html.contains(external), "no network assets: {external}");
     }
     assert!(!html.contains("<script"), "no script");
-    for f in ["dag.svg", "ppl-ppl.svg"] {
-        assert!(std::fs::read_to_string(figures.join(f)).unwrap().starts_with("<svg"), "{f}");
+    for f in ["dag", "timeline", "ppl-ppl"] {
+        let svg = std::fs::read_to_string(figures.join(format!("{f}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg"), "{f}");
+        // The PNG: three pixels per CSS pixel of the SVG's width.
+        let width: f64 = svg.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        let png = image::open(figures.join(format!("{f}.png"))).unwrap().to_rgb8();
+        assert_eq!(png.width(), (width * 3.0).ceil() as u32, "{f}");
     }
+    // The histogram's bars are in the PNG in their colour.
+    let png = image::open(figures.join("ppl-ppl.png")).unwrap().to_rgb8();
+    let bar_pixels = png.pixels().filter(|p| p.0 == [0x4c, 0x78, 0xa8]).count();
+    assert!(bar_pixels > 10_000, "{bar_pixels} pixels of the bars' colour");
 
     // One node per stage, coloured by status.
     let nodes = elements(&html, "<g class=\"node\"", "</g>");

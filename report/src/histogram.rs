@@ -149,7 +149,7 @@ pub fn svg(h: &Histogram, column: &str, cut: Option<&Cut>, width: f64, height: f
             r##"<line x1="{x:.2}" y1="{y}" x2="{x:.2}" y2="{:.2}" stroke="#333"/><text x="{x:.2}" y="{:.2}" text-anchor="middle">{}</text>"##,
             top + ht + 4.0,
             top + ht + 16.0,
-            short(t),
+            if t.fract() == 0.0 && t.abs() < 1e6 { format!("{t}") } else { short(t) },
             y = top + ht
         );
     }
@@ -174,7 +174,7 @@ pub fn svg(h: &Histogram, column: &str, cut: Option<&Cut>, width: f64, height: f
             top - 6.0,
             top + ht,
             top - 10.0,
-            if c.keeps_below { "◀ keeps" } else { "keeps ▶" },
+            if c.keeps_below { "◀" } else { "▶" },
             escape(&c.label)
         );
     }

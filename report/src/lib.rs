@@ -18,6 +18,7 @@ pub mod columns;
 pub mod dag;
 pub mod histogram;
 mod page;
+pub mod png;
 pub mod soup;
 pub mod timeline;
 

@@ -168,6 +168,29 @@ fn walk(dir: &std::path::Path) -> u64 {
     total
 }
 
+/// The offsets of a ustar archive's member headers: each is 512 bytes, its size octal at 124,
+/// its data padded to 512 bytes.
+fn headers(tar: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= tar.len() && tar[at..at + 512].iter().any(|b| *b != 0) {
+        out.push(at);
+        let size = tar[at + 124..at + 136]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .fold(0, |n, b| n * 8 + (b - b'0') as usize);
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    out
+}
+
+/// `tar` with the header at `at` failing its checksum.
+fn with_bad_checksum(tar: &[u8], at: usize) -> Vec<u8> {
+    let mut bad = tar.to_vec();
+    bad[at + 148] ^= 0x01;
+    bad
+}
+
 #[test]
 fn a_truncated_or_damaged_tar_is_an_error_naming_it_and_the_member_offset() {
     let p = project();
@@ -179,13 +202,9 @@ fn a_truncated_or_damaged_tar_is_an_error_naming_it_and_the_member_offset() {
     assert_eq!(r.code(), 1, "{}", r.stderr());
     let error = r.stage("d")["error"].as_str().unwrap().to_string();
     assert!(error.contains("00001.tar") && error.contains("is truncated") && error.contains("offset 0"), "{error}");
-    // The second member's header with a wrong checksum: it sits after the first member's data,
-    // whose size is octal in the first header.
-    let size = tar[124..136].iter().take_while(|b| b.is_ascii_digit()).fold(0usize, |n, b| n * 8 + (b - b'0') as usize);
-    let second = 512 + size.div_ceil(512) * 512;
-    let mut bad = tar.clone();
-    bad[second + 148] ^= 0x01;
-    p.write("shards/00001.tar", &bad);
+    // The second member's header with a wrong checksum.
+    let second = headers(&tar)[1];
+    p.write("shards/00001.tar", with_bad_checksum(&tar, second));
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 1, "{}", r.stderr());
     let error = r.stage("d")["error"].as_str().unwrap().to_string();
@@ -206,11 +225,9 @@ fn with_on_bad_record_drop_a_damaged_sample_is_skipped_counted_and_logged_and_re
 
     // r014's second member (its .txt) with a bad header: r014 is dropped, its .json after the
     // damage is not taken for a sample, and tar 1 reads on from r015.
-    let size = tar[124..136].iter().take_while(|b| b.is_ascii_digit()).fold(0usize, |n, b| n * 8 + (b - b'0') as usize);
-    let second = 512 + size.div_ceil(512) * 512;
-    let mut bad = tar.clone();
-    bad[second + 148] ^= 0x01;
-    p.write("shards/00001.tar", &bad);
+    // The second member's header with a wrong checksum.
+    let second = headers(&tar)[1];
+    p.write("shards/00001.tar", with_bad_checksum(&tar, second));
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.stage("d")["dropped_on_error"], 1, "{}", r.summary());
@@ -220,17 +237,7 @@ fn with_on_bad_record_drop_a_damaged_sample_is_skipped_counted_and_logged_and_re
     assert!(show.contains(&format!("00001.tar at offset {second}: sample `r014`: bad tar header")), "{show}");
 
     // Cut inside r016's image: r014 and r015 are kept, the rest of tar 1 is gone.
-    let mut at = 0;
-    let mut members = 0;
-    while members < 6 {
-        let size = tar[at + 124..at + 136]
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .fold(0usize, |n, b| n * 8 + (b - b'0') as usize);
-        at += 512 + size.div_ceil(512) * 512;
-        members += 1;
-    }
-    p.write("shards/00001.tar", &tar[..at + 512 + 100]);
+    p.write("shards/00001.tar", &tar[..headers(&tar)[6] + 512 + 100]);
     let r = p.run("p.toml", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.stage("d")["dropped_on_error"], 1, "{}", r.summary());

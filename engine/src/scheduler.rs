@@ -101,6 +101,10 @@ impl StageEnv {
     fn name(&self) -> String {
         self.pipeline.stages[self.idx].name.clone()
     }
+    /// Says that shard `shard` is done (`done` of `total`), and how long computing it took here.
+    fn shard_done(&self, shard: usize, cached: bool, done: u64, total: u64, seconds: Option<f64>) {
+        self.sink.emit(&Event::ShardDone { stage: self.name(), shard, cached, done, total, seconds });
+    }
     fn kind(&self) -> String {
         self.pipeline.stages[self.idx].kind.name().to_string()
     }
@@ -566,15 +570,7 @@ async fn run_map(
                     results[i] = Some(r);
                     *done += 1;
                     *computed += 1;
-                    let seconds = Some(seconds);
-                    env.sink.emit(&Event::ShardDone {
-                        stage: env.name(),
-                        shard: i,
-                        cached: false,
-                        done: *done,
-                        total,
-                        seconds,
-                    });
+                    env.shard_done(i, false, *done, total, Some(seconds));
                 }
                 Ok((i, Err(e), _)) => errors.push((i, e)),
                 Err(e) => errors.push((usize::MAX, format!("internal error: a shard task panicked: {e}"))),
@@ -588,14 +584,7 @@ async fn run_map(
                 Ok(Some(out)) => {
                     results[i] = Some(out);
                     done += 1;
-                    env.sink.emit(&Event::ShardDone {
-                        stage: env.name(),
-                        shard: i,
-                        cached: true,
-                        done,
-                        total,
-                        seconds: None,
-                    });
+                    env.shard_done(i, true, done, total, None);
                     continue;
                 }
                 Ok(None) => {}
@@ -697,14 +686,7 @@ async fn run_map_on_slurm(
             Ok(Some(out)) => {
                 results[i] = Some(out);
                 done += 1;
-                env.sink.emit(&Event::ShardDone {
-                    stage: env.name(),
-                    shard: i,
-                    cached: true,
-                    done,
-                    total,
-                    seconds: None,
-                });
+                env.shard_done(i, true, done, total, None);
             }
             Ok(None) => missing.push(Missing { index: i, first_record, input: *shard, key }),
             Err(e) => return Err((e.to_string(), (total, 0))),
@@ -726,7 +708,7 @@ async fn run_map_on_slurm(
             results[i] = Some(entry);
             done += 1;
             computed += 1;
-            env.sink.emit(&Event::ShardDone { stage: env.name(), shard: i, cached: false, done, total, seconds: None });
+            env.shard_done(i, false, done, total, None);
         })
         .await;
         if let Err(e) = outcome {

@@ -13,21 +13,32 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
+/// `ladle ARGS` run in the repository.
+fn in_repo(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(ladle()).args(args).current_dir(repo()).env_remove("LADLE_STORE").output().unwrap()
+}
+
 /// Runs `ladle` with `args` in the repository, expecting success; its stdout.
 fn ok(args: &[&str]) -> String {
-    let out =
-        std::process::Command::new(ladle()).args(args).current_dir(repo()).env_remove("LADLE_STORE").output().unwrap();
+    let out = in_repo(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !stderr.contains("panicked"), "ladle {args:?}: {stderr}");
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn fails(args: &[&str]) -> String {
-    let out =
-        std::process::Command::new(ladle()).args(args).current_dir(repo()).env_remove("LADLE_STORE").output().unwrap();
+    let out = in_repo(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success() && !stderr.contains("panicked"), "ladle {args:?} should fail cleanly: {stderr}");
     stderr
+}
+
+/// A bundled pipeline run into a fresh store: the project holding the store, and the store's path.
+fn run_bundled(pipeline: &str) -> (Project, String) {
+    let p = Project::new();
+    let store = p.path("store").display().to_string();
+    ok(&["run", pipeline, "--store", &store]);
+    (p, store)
 }
 
 /// The text of every `<tag …>…</tag>` in `html` whose opening tag contains `marker`.
@@ -66,10 +77,8 @@ fn jsonl(path: &Path) -> Vec<Value> {
 
 #[test]
 fn the_pretrain_report_shows_the_histogram_the_cut_and_both_ends_as_the_exported_column_gives_them() {
-    let p = Project::new();
-    let store = p.path("store").display().to_string();
     let pipeline = "pipelines/points-pretrain.toml";
-    ok(&["run", pipeline, "--store", &store]);
+    let (p, store) = run_bundled(pipeline);
     let html_path = p.path("report.html");
     let figures = p.path("figures");
     ok(&[
@@ -159,10 +168,8 @@ fn the_pretrain_report_shows_the_histogram_the_cut_and_both_ends_as_the_exported
 
 #[test]
 fn the_soup_report_gives_the_trace_of_soup_json() {
-    let p = Project::new();
-    let store = p.path("store").display().to_string();
     let pipeline = "pipelines/points-soup.toml";
-    ok(&["run", pipeline, "--store", &store]);
+    let (p, store) = run_bundled(pipeline);
     let html_path = p.path("report.html").display().to_string();
     ok(&["report", pipeline, "--store", &store, "-o", &html_path]);
     let html = std::fs::read_to_string(&html_path).unwrap();
@@ -278,10 +285,8 @@ fn the_report_renders_in_headless_chromium_without_console_errors() {
             ),
         }
     };
-    let p = Project::new();
-    let store = p.path("store").display().to_string();
     let pipeline = "pipelines/points-pretrain.toml";
-    ok(&["run", pipeline, "--store", &store]);
+    let (p, store) = run_bundled(pipeline);
     let page = p.path("report.html");
     ok(&["report", pipeline, "--store", &store, "-o", &page.display().to_string()]);
 

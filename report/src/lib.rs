@@ -71,6 +71,20 @@ pub fn runs_of(pipeline: &Pipeline, store: &Store) -> Result<Vec<RunRecord>> {
     Ok(store.runs()?.into_iter().filter(|r| r.pipeline_file == file).collect())
 }
 
+/// A run record of `pipeline` holding no stage: what a view of a pipeline that never ran uses.
+pub fn empty_run(pipeline: &Pipeline) -> RunRecord {
+    RunRecord {
+        id: 0,
+        pipeline: pipeline.name.clone(),
+        pipeline_file: pipeline.path.to_string_lossy().into_owned(),
+        started_unix: 0,
+        status: ladle_engine::runs::RunStatus::Ok,
+        seconds: None,
+        peak_rss_bytes: None,
+        stages: Vec::new(),
+    }
+}
+
 /// Builds the report of one run of `pipeline`.
 pub fn build(pipeline: &Pipeline, store: &Store, options: &Options) -> Result<Report> {
     let runs = runs_of(pipeline, store)?;
@@ -121,7 +135,8 @@ pub fn build(pipeline: &Pipeline, store: &Store, options: &Options) -> Result<Re
     Ok(Report { html, figures })
 }
 
-fn stage_views<'a>(pipeline: &'a Pipeline, store: &Store, run: &'a RunRecord) -> Vec<StageView<'a>> {
+/// The stages of `pipeline` in order, as `run` recorded them, with the outputs it recorded.
+pub fn stage_views<'a>(pipeline: &'a Pipeline, store: &Store, run: &'a RunRecord) -> Vec<StageView<'a>> {
     pipeline
         .order
         .iter()

@@ -180,22 +180,12 @@ pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<S
 pub fn histogram(p: &Pipeline, store: &Store, stage: &str, column: &str, out: &mut impl Write) -> Result<()> {
     let (_, _, artifact) = current(p, store, stage)?;
     let idx = p.stage_named(stage)?;
-    let run = ladle_report::runs_of(p, store)?.pop();
-    // The report's view of the stages, from the latest run, with this stage's current output.
-    let mut views: Vec<ladle_report::StageView<'_>> = p
-        .order
-        .iter()
-        .map(|&i| ladle_report::StageView {
-            index: i,
-            name: &p.stages[i].name,
-            kind: p.stages[i].kind.name(),
-            record: run.as_ref().and_then(|r| r.stages.iter().find(|s| s.stage == p.stages[i].name)),
-            artifact: None,
-        })
-        .collect();
-    let view = views.iter_mut().find(|v| v.index == idx).expect("a stage of the pipeline");
-    view.artifact = Some(artifact);
-    let view = views.iter().find(|v| v.index == idx).expect("a stage of the pipeline");
+    // The report's view of the stages (from the latest run), with this stage's current output.
+    let run = ladle_report::runs_of(p, store)?.pop().unwrap_or_else(|| ladle_report::empty_run(p));
+    let mut views = ladle_report::stage_views(p, store, &run);
+    let at = views.iter().position(|v| v.index == idx).expect("a stage of the pipeline");
+    views[at].artifact = Some(artifact);
+    let view = &views[at];
     let options = ladle_report::Options::default();
     let panel = ladle_report::columns::panel(p, store, &views, view, column, &options);
     if let Some(note) = &panel.note {

@@ -9,8 +9,9 @@
 //!
 //! Parquet compresses pages, so an image cannot be read at a byte offset: [`read`] decodes the
 //! `bytes` column of the row group holding the row (only that column) and keeps the last few
-//! groups decoded, since the stages that read images go through records in file order. Threads
-//! asking for a group being decoded wait for it rather than decode it again.
+//! groups decoded (and the files' parsed footers), since the stages that read images go through
+//! records in file order. Threads asking for a group being decoded wait for it rather than decode
+//! it again.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -56,11 +57,9 @@ static CACHE: Mutex<VecDeque<(GroupKey, Slot)>> = Mutex::new(VecDeque::new());
 
 /// The encoded image in `column` (an `Image` struct column) at `row` of the Parquet file at `path`.
 pub fn read(path: &Path, row: u64, column: &str) -> Result<Vec<u8>, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
     let version = FileVersion { path: path.to_path_buf(), len: meta.len(), modified: meta.modified().ok() };
-    let bad = |e: &dyn std::fmt::Display| format!("{}: not a readable Parquet file: {e}", path.display());
-    let reader_meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| bad(&e))?;
+    let reader_meta = footer(&version)?;
     let mut first_row = 0u64;
     let mut found = None;
     for (g, rg) in reader_meta.metadata().row_groups().iter().enumerate() {
@@ -76,7 +75,10 @@ pub fn read(path: &Path, row: u64, column: &str) -> Result<Vec<u8>, String> {
     };
     let key = GroupKey { file: version, group, column: column.to_string() };
     let slot = slot(&key);
-    let decoded = slot.get_or_init(|| decode(file, reader_meta, group, first_row, column, path).map(Arc::new));
+    let decoded = slot.get_or_init(|| {
+        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        decode(file, reader_meta, group, first_row, column, path).map(Arc::new)
+    });
     let decoded = match decoded {
         Ok(g) => g.clone(),
         Err(e) => {
@@ -89,6 +91,30 @@ pub fn read(path: &Path, row: u64, column: &str) -> Result<Vec<u8>, String> {
     let i = (row - decoded.first_row) as usize;
     value(&decoded.values, i)
         .ok_or_else(|| format!("{}: row {row} of column `{column}` holds no image bytes", path.display()))
+}
+
+/// Footers (the files' metadata) parsed, the most recently used last: one parse per file
+/// version, not one per image.
+static FOOTERS: Mutex<VecDeque<(FileVersion, ArrowReaderMetadata)>> = Mutex::new(VecDeque::new());
+
+/// The parsed footer of a file version.
+fn footer(version: &FileVersion) -> Result<ArrowReaderMetadata, String> {
+    let mut footers = FOOTERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(at) = footers.iter().position(|(v, _)| v == version) {
+        let entry = footers.remove(at).expect("found above");
+        let meta = entry.1.clone();
+        footers.push_back(entry);
+        return Ok(meta);
+    }
+    let path = &version.path;
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+        .map_err(|e| format!("{}: not a readable Parquet file: {e}", path.display()))?;
+    footers.push_back((version.clone(), meta.clone()));
+    if footers.len() > CACHE_GROUPS {
+        footers.pop_front();
+    }
+    Ok(meta)
 }
 
 /// The cache's slot for `key`, made (empty) if there is none; the most recently used is last.

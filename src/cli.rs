@@ -35,11 +35,29 @@ struct StoreArg {
     store: Option<PathBuf>,
 }
 
+/// `--set NAME=VALUE`: a pipeline's `[vars]` for this command.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct VarsArg {
+    /// Set variable NAME of the pipeline's [vars] for this command (repeatable); VALUE is read as
+    /// TOML (2e-5, true, ["a", "b"]) and must have the variable's type
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+    set: Vec<(String, String)>,
+}
+
+fn parse_set(arg: &str) -> std::result::Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => Ok((name.trim().to_string(), value.to_string())),
+        _ => Err(format!("`{arg}` is not NAME=VALUE (e.g. --set lr=2e-5)")),
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run what is not cached
     Run {
         pipeline: PathBuf,
+        #[command(flatten)]
+        vars: VarsArg,
         #[command(flatten)]
         store: StoreArg,
         /// Work slots: shards and stages computing at once [default: number of cores]
@@ -73,6 +91,8 @@ enum Cmd {
     Plan {
         pipeline: PathBuf,
         #[command(flatten)]
+        vars: VarsArg,
+        #[command(flatten)]
         store: StoreArg,
         #[arg(long)]
         json: bool,
@@ -80,12 +100,16 @@ enum Cmd {
     /// Print the stage graph
     Graph {
         pipeline: PathBuf,
+        #[command(flatten)]
+        vars: VarsArg,
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
     /// Show a stage's output: digest, counts, schema, a sample, its log
     Show {
         pipeline: PathBuf,
+        #[command(flatten)]
+        vars: VarsArg,
         stage: String,
         #[command(flatten)]
         store: StoreArg,
@@ -101,6 +125,8 @@ enum Cmd {
     Report {
         pipeline: PathBuf,
         #[command(flatten)]
+        vars: VarsArg,
+        #[command(flatten)]
         store: StoreArg,
         /// Where to write the report
         #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "report.html")]
@@ -115,6 +141,8 @@ enum Cmd {
     /// Write a stage's output outside the store (.jsonl/.parquet for a dataset, a folder for a model)
     Export {
         pipeline: PathBuf,
+        #[command(flatten)]
+        vars: VarsArg,
         stage: String,
         #[arg(short = 'o', long = "output", value_name = "PATH")]
         output: PathBuf,
@@ -299,8 +327,8 @@ fn registry() -> ladle_engine::Registry {
     registry
 }
 
-fn load(pipeline: &Path) -> Result<Pipeline> {
-    Ok(Pipeline::load(pipeline, &registry())?)
+fn load(pipeline: &Path, vars: &VarsArg) -> Result<Pipeline> {
+    Ok(Pipeline::load_with(pipeline, &registry(), &vars.set)?)
 }
 
 fn open_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store> {
@@ -318,8 +346,8 @@ fn open_existing_store(arg: &StoreArg, pipeline: Option<&Path>) -> Result<Store>
 pub fn dispatch(args: Args) -> Result<Outcome> {
     let mut out = std::io::stdout();
     match args.command {
-        Cmd::Run { pipeline, store, jobs, json, force, stage, executor, profile, detach } => {
-            let p = Arc::new(load(&pipeline)?);
+        Cmd::Run { pipeline, vars, store, jobs, json, force, stage, executor, profile, detach } => {
+            let p = Arc::new(load(&pipeline, &vars)?);
             let executor = match executor {
                 ExecutorArg::Local => {
                     if profile.is_some() || detach {
@@ -355,8 +383,8 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             ladle_engine::executor::worker::run_task(&task, &registry(), &mut log)?;
             Ok(Outcome::Success)
         }
-        Cmd::Plan { pipeline, store, json } => {
-            let p = load(&pipeline)?;
+        Cmd::Plan { pipeline, vars, store, json } => {
+            let p = load(&pipeline, &vars)?;
             let store = open_store(&store, Some(&pipeline))?;
             let entries = ladle_engine::plan::plan(&p, &store, &[])?;
             if json {
@@ -377,15 +405,15 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             }
             Ok(Outcome::Success)
         }
-        Cmd::Graph { pipeline, format } => {
-            let p = load(&pipeline)?;
+        Cmd::Graph { pipeline, vars, format } => {
+            let p = load(&pipeline, &vars)?;
             let graph = graph::render(&p, format);
             // A text output ends with a newline, so a shell prompt does not follow on its last line.
             write!(out, "{graph}{}", if graph.ends_with('\n') { "" } else { "\n" })?;
             Ok(Outcome::Success)
         }
-        Cmd::Show { pipeline, stage, store, sample, hist } => {
-            let p = load(&pipeline)?;
+        Cmd::Show { pipeline, vars, stage, store, sample, hist } => {
+            let p = load(&pipeline, &vars)?;
             let store = open_existing_store(&store, Some(&pipeline))?;
             match hist {
                 Some(column) => show::histogram(&p, &store, &stage, &column, &mut out)?,
@@ -393,8 +421,8 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             }
             Ok(Outcome::Success)
         }
-        Cmd::Report { pipeline, store, output, run, figures } => {
-            let p = load(&pipeline)?;
+        Cmd::Report { pipeline, vars, store, output, run, figures } => {
+            let p = load(&pipeline, &vars)?;
             let store = open_existing_store(&store, Some(&pipeline))?;
             let options = ladle_report::Options { run, ..Default::default() };
             let report = ladle_report::build(&p, &store, &options)?;
@@ -424,8 +452,8 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             }
             Ok(Outcome::Success)
         }
-        Cmd::Export { pipeline, stage, output, store } => {
-            let p = load(&pipeline)?;
+        Cmd::Export { pipeline, vars, stage, output, store } => {
+            let p = load(&pipeline, &vars)?;
             let store = open_existing_store(&store, Some(&pipeline))?;
             let n = show::export(&p, &store, &stage, &output)?;
             writeln!(out, "wrote {} ({n})", output.display())?;

@@ -49,12 +49,24 @@ pub enum Artifact {
     Tensors { shards: Vec<ShardRef> },
     /// A folder of files. `model` when it holds a `config.json` (a Hugging Face model folder).
     /// `external` names where the files live when they were not copied into the store (a `model`
-    /// stage's folder); otherwise the files are store objects.
-    Folder { model: bool, external: Option<PathBuf>, files: Vec<FileRef> },
+    /// stage's folder); otherwise the files are store objects. `metrics`: the numbers the stage
+    /// that made it reported (an `exec` stage's `metrics = "metrics.json"`: a fine-tune and its
+    /// evaluation), read downstream by `choose`.
+    Folder {
+        model: bool,
+        external: Option<PathBuf>,
+        files: Vec<FileRef>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metrics: Option<serde_json::Value>,
+    },
     /// A file written outside the store (by `write`).
     File { path: PathBuf, digest: Digest, size: u64, records: u64 },
     /// A small JSON value.
     Metrics { value: serde_json::Value },
+    /// Artifacts a `choose` stage kept out of its candidates, in the candidates' order. A port
+    /// fed by it receives the artifacts themselves (see [`Artifact::members`]), so a soup, a
+    /// concat or a trainer takes the chosen set as if each were connected by name.
+    Chosen { items: Vec<Artifact> },
 }
 
 impl Artifact {
@@ -67,9 +79,12 @@ impl Artifact {
     /// model files are the same model wherever they are.
     pub fn digest(&self) -> ArtifactDigest {
         let json = match self {
-            Artifact::Folder { model, external: Some(_), files } => {
-                serde_json::to_vec(&Artifact::Folder { model: *model, external: None, files: files.clone() })
-            }
+            Artifact::Folder { model, external: Some(_), files, metrics } => serde_json::to_vec(&Artifact::Folder {
+                model: *model,
+                external: None,
+                files: files.clone(),
+                metrics: metrics.clone(),
+            }),
             other => serde_json::to_vec(other),
         }
         .expect("artifact manifests always serialize");
@@ -93,6 +108,26 @@ impl Artifact {
             Artifact::Folder { .. } => "folder",
             Artifact::File { .. } => "file",
             Artifact::Metrics { .. } => "metrics",
+            Artifact::Chosen { .. } => "chosen set",
+        }
+    }
+
+    /// What a port fed by this artifact receives: a [chosen set](Artifact::Chosen)'s items, or
+    /// the artifact itself.
+    pub fn members(&self) -> Vec<Artifact> {
+        match self {
+            Artifact::Chosen { items } => items.clone(),
+            other => vec![other.clone()],
+        }
+    }
+
+    /// The numbers a stage reported with this artifact: a metrics artifact's value, or the
+    /// metrics a folder was made with.
+    pub fn metrics(&self) -> Option<&serde_json::Value> {
+        match self {
+            Artifact::Metrics { value } => Some(value),
+            Artifact::Folder { metrics, .. } => metrics.as_ref(),
+            _ => None,
         }
     }
 
@@ -103,6 +138,7 @@ impl Artifact {
                 shards.iter().map(|s| s.digest).collect()
             }
             Artifact::Folder { external: None, files, .. } => files.iter().map(|f| f.digest).collect(),
+            Artifact::Chosen { items } => items.iter().flat_map(Artifact::objects).collect(),
             _ => Vec::new(),
         }
     }

@@ -34,6 +34,9 @@ pub struct StageContext<'a> {
     pub(crate) work: Mutex<Option<Work>>,
     /// Records a whole stage dropped (see [`StageContext::report_dropped`]).
     pub(crate) dropped: AtomicU64,
+    /// The GPUs the stage holds while it runs (a whole stage with `gpus = N`), as
+    /// `CUDA_VISIBLE_DEVICES` ids: what a program it starts should be given.
+    pub gpus: Vec<String>,
 }
 
 impl StageContext<'_> {
@@ -231,6 +234,11 @@ impl StageContext<'_> {
                     .map_err(|e| io(&format!("write {}", path.display()), e))?;
                 Ok(path)
             }
+            // Ports receive a chosen set's items (`Inputs::from_sources`), never the set.
+            Artifact::Chosen { items } => Err(StageError::internal(format!(
+                "a chosen set of {} artifact(s) reached a stage whole instead of as its items",
+                items.len()
+            ))),
         }
     }
 }

@@ -6,6 +6,8 @@
 //! The graph is a petgraph `DiGraph`; its order is deterministic (Kahn's algorithm, ties broken by
 //! the order stages are written in the file), so plans, graphs and runs print the same each time.
 
+pub mod interpolate;
+pub mod matrix;
 pub mod params;
 pub mod value;
 
@@ -20,8 +22,10 @@ use crate::error::{Error, Location, PipelineError};
 use crate::registry::Registry;
 use crate::resources::Resources;
 use crate::stage::{Accepts, Arity, Produces, Stage, StageKind};
+use interpolate::{Scope, interpolate};
+use matrix::{MatrixOrigin, glob_match};
 use params::{FileDep, Params, closest};
-use value::{LineIndex, Value, convert_table};
+use value::{LineIndex, Param, Value, convert_table};
 
 /// A stage as declared and configured.
 pub struct StageDecl {
@@ -35,6 +39,8 @@ pub struct StageDecl {
     pub files: Vec<FileDep>,
     /// What a task of the stage needs on a cluster (never part of a key).
     pub resources: Resources,
+    /// The matrix declaration this stage is one combination of, if any.
+    pub matrix: Option<MatrixOrigin>,
 }
 
 pub struct Pipeline {
@@ -49,19 +55,38 @@ pub struct Pipeline {
     pub graph: DiGraph<usize, String>,
     /// Stage indices in a deterministic topological order.
     pub order: Vec<usize>,
+    /// `[vars]` as used, after `--set`.
+    pub vars: BTreeMap<String, serde_json::Value>,
+    /// The `--set NAME=VALUE` overrides the file was loaded with (a cluster worker loads it the
+    /// same way).
+    pub overrides: Vec<(String, String)>,
 }
 
 impl Pipeline {
     pub fn load(path: &Path, registry: &Registry) -> Result<Pipeline, Error> {
+        Self::load_with(path, registry, &[])
+    }
+
+    /// Loads a pipeline file with `--set NAME=VALUE` overrides of its `[vars]`.
+    pub fn load_with(path: &Path, registry: &Registry, overrides: &[(String, String)]) -> Result<Pipeline, Error> {
         let bytes = std::fs::read(path).map_err(|e| Error::PipelineFile {
             path: path.to_path_buf(),
             message: format!("cannot read the pipeline file: {e}"),
         })?;
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        Self::parse(&abs, &bytes, registry)
+        Self::parse_with(&abs, &bytes, registry, overrides)
     }
 
     pub fn parse(path: &Path, bytes: &[u8], registry: &Registry) -> Result<Pipeline, Error> {
+        Self::parse_with(path, bytes, registry, &[])
+    }
+
+    pub fn parse_with(
+        path: &Path,
+        bytes: &[u8],
+        registry: &Registry,
+        overrides: &[(String, String)],
+    ) -> Result<Pipeline, Error> {
         let file_error = |message: String| Error::PipelineFile { path: path.to_path_buf(), message };
         let source = std::str::from_utf8(bytes).map_err(|e| {
             file_error(format!(
@@ -101,6 +126,7 @@ impl Pipeline {
 
         let mut name = None;
         let mut stage_tables = None;
+        let mut vars = BTreeMap::new();
         for (key, value) in root.iter() {
             match key.get_ref().as_ref() {
                 "pipeline" => {
@@ -152,13 +178,44 @@ impl Pipeline {
                     };
                     stage_tables = Some(table);
                 }
+                "vars" => {
+                    let Some(table) = value.get_ref().as_table() else {
+                        return Err(err(
+                            key.span().start,
+                            None,
+                            "`vars` must be a table: [vars] NAME = VALUE".into(),
+                            None,
+                        ));
+                    };
+                    vars = convert_table(table, &lines);
+                    for (var, p) in &vars {
+                        if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                            let message =
+                                format!("variable `{var}`: a name may hold only letters, digits, `_` and `-`");
+                            return Err(
+                                PipelineError { location: p.at.clone(), stage: None, message, hint: None }.into()
+                            );
+                        }
+                        if let Some(text) = find_string(p, &|s| s.contains("${vars.") || s.contains("${matrix.")) {
+                            let message = format!(
+                                "variable `{var}` refers to another (`{text}`); [vars] values are written out in full"
+                            );
+                            return Err(
+                                PipelineError { location: p.at.clone(), stage: None, message, hint: None }.into()
+                            );
+                        }
+                    }
+                }
                 other => {
-                    let hint = closest(other, ["pipeline", "stages"]).map(|c| format!("did you mean `{c}`?"));
+                    let hint = closest(other, ["pipeline", "stages", "vars"]).map(|c| format!("did you mean `{c}`?"));
                     return Err(err(
                         key.span().start,
                         None,
                         format!("unknown top-level key `{other}`"),
-                        hint.or(Some("a pipeline file has a [pipeline] table and [stages.NAME] tables".into())),
+                        hint.or(Some(
+                            "a pipeline file has a [pipeline] table, [stages.NAME] tables and an optional [vars] table"
+                                .into(),
+                        )),
                     ));
                 }
             }
@@ -184,20 +241,17 @@ impl Pipeline {
         };
 
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let names: Vec<String> = stage_tables.iter().map(|(k, _)| k.get_ref().to_string()).collect();
-        let index_of: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        apply_overrides(&mut vars, overrides, path)?;
 
-        // First pass: kinds and ports.
-        struct Pending {
+        // Stages as declared, matrices expanded and `${...}` filled in.
+        struct Declared {
             name: String,
             at: Location,
-            kind: Arc<dyn StageKind>,
-            inputs: BTreeMap<String, Vec<usize>>,
-            input_at: BTreeMap<String, Location>,
-            params: BTreeMap<String, value::Param>,
-            resources: Resources,
+            offset: usize,
+            entries: BTreeMap<String, Param>,
+            matrix: Option<MatrixOrigin>,
         }
-        let mut pending = Vec::new();
+        let mut declared = Vec::new();
         for (key, value) in stage_tables.iter() {
             let stage = key.get_ref().to_string();
             let at = lines.locate(key.span().start);
@@ -218,9 +272,82 @@ impl Pipeline {
                 ));
             };
             let mut entries = convert_table(table, &lines);
+            let plain = Scope { vars: &vars, matrix: None, stage: Some(&stage) };
+            let Some(matrix) = entries.remove("matrix") else {
+                let entries = entries.iter().map(|(k, p)| Ok((k.clone(), interpolate(p, &plain)?))).collect::<Result<
+                    _,
+                    PipelineError,
+                >>(
+                )?;
+                declared.push(Declared { name: stage, at, offset: key.span().start, entries, matrix: None });
+                continue;
+            };
+            let matrix = interpolate(&matrix, &plain)?;
+            // The axes in the order written (the converted table is sorted by name).
+            let written: Vec<String> = match table.get("matrix").map(|m| m.get_ref()) {
+                Some(toml::de::DeValue::Table(m)) => m.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+                _ => Vec::new(),
+            };
+            let Value::Table(axes) = &matrix.value else {
+                let message = format!("`matrix` must be a table of axes, found {}", matrix.value.type_name());
+                let hint = Some("matrix = { mix = [\"a\", \"b\"], lr = [1e-5, 2e-5] }".into());
+                return Err(located(matrix.at.clone(), &stage, message, hint).into());
+            };
+            let axes: Vec<(String, Param)> =
+                written.iter().filter_map(|a| Some((a.clone(), axes.get(a)?.clone()))).collect();
+            for expansion in matrix::expand(&stage, &matrix, &axes)? {
+                let scope = Scope { vars: &vars, matrix: Some(&expansion.values), stage: Some(&stage) };
+                let entries = entries.iter().map(|(k, p)| Ok((k.clone(), interpolate(p, &scope)?))).collect::<Result<
+                    _,
+                    PipelineError,
+                >>(
+                )?;
+                declared.push(Declared {
+                    name: expansion.name,
+                    at: at.clone(),
+                    offset: key.span().start,
+                    entries,
+                    matrix: Some(expansion.origin),
+                });
+            }
+        }
+        let names: Vec<String> = declared.iter().map(|d| d.name.clone()).collect();
+        let mut index_of: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, (name, d)) in names.iter().zip(&declared).enumerate() {
+            if index_of.insert(name.as_str(), i).is_some() {
+                return Err(err(
+                    d.offset,
+                    Some(name),
+                    format!("two stages are named `{name}` after the matrices are expanded"),
+                    Some("rename one of them, or change the matrix values".into()),
+                ));
+            }
+        }
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, d) in declared.iter().enumerate() {
+            if let Some(m) = &d.matrix {
+                groups.entry(m.declared.clone()).or_default().push(i);
+            }
+        }
+        let known = StageNames { names: &names, index_of: &index_of, groups: &groups };
+
+        // First pass: kinds and ports.
+        struct Pending {
+            name: String,
+            at: Location,
+            kind: Arc<dyn StageKind>,
+            inputs: BTreeMap<String, Vec<usize>>,
+            input_at: BTreeMap<String, Location>,
+            params: BTreeMap<String, value::Param>,
+            resources: Resources,
+            matrix: Option<MatrixOrigin>,
+        }
+        let mut pending = Vec::new();
+        for d in declared {
+            let Declared { name: stage, at, offset, mut entries, matrix } = d;
             let kind_param = entries.remove("kind").ok_or_else(|| {
                 err(
-                    key.span().start,
+                    offset,
                     Some(&stage),
                     "missing `kind`".into(),
                     Some(format!("known kinds: {}", registry.names().collect::<Vec<_>>().join(", "))),
@@ -252,8 +379,7 @@ impl Pipeline {
             };
             let mut inputs = BTreeMap::new();
             let mut input_at = BTreeMap::new();
-            let resolve =
-                |port: &str, p: &value::Param, arity: Arity| resolve_port(&stage, port, p, arity, &index_of, &names);
+            let resolve = |port: &str, p: &value::Param, arity: Arity| resolve_port(&stage, port, p, arity, &known);
             for port in kind.ports() {
                 let Some(p) = entries.remove(port.name) else {
                     if port.required {
@@ -297,7 +423,16 @@ impl Pipeline {
                 Some(p) => Resources::parse(&stage, &p)?,
                 None => Resources::default(),
             };
-            pending.push(Pending { name: stage, at, kind: kind.clone(), inputs, input_at, params: entries, resources });
+            pending.push(Pending {
+                name: stage,
+                at,
+                kind: kind.clone(),
+                inputs,
+                input_at,
+                params: entries,
+                resources,
+                matrix,
+            });
         }
 
         // Graph and cycles, before configuring (configuring may touch the filesystem).
@@ -343,6 +478,7 @@ impl Pipeline {
                 key_params,
                 files,
                 resources: p.resources,
+                matrix: p.matrix,
             });
         }
 
@@ -354,6 +490,7 @@ impl Pipeline {
                     let produces = stages[s].stage.produces();
                     let ok = match spec.accepts {
                         Accepts::Any => true,
+                        _ if produces == Produces::Chosen => true,
                         Accepts::Dataset => produces == Produces::Dataset,
                         Accepts::Model => matches!(produces, Produces::Model | Produces::Folder),
                     };
@@ -387,6 +524,8 @@ impl Pipeline {
             stages,
             graph,
             order,
+            vars: vars.iter().map(|(k, p)| (k.clone(), p.to_json())).collect(),
+            overrides: overrides.to_vec(),
         })
     }
 
@@ -423,19 +562,57 @@ fn located(location: Location, stage: &str, message: String, hint: Option<String
     PipelineError { location, stage: Some(stage.to_string()), message, hint }
 }
 
-/// The stages a port's value names (`"a"`, or `["a", "b"]` where the port takes several), as
-/// indices, each checked to exist and not to be the stage itself.
+/// The stage names a port can refer to: every stage, matrix expansions included, and the names
+/// matrices were declared under (each standing for all its expansions).
+struct StageNames<'a> {
+    names: &'a [String],
+    index_of: &'a BTreeMap<&'a str, usize>,
+    groups: &'a BTreeMap<String, Vec<usize>>,
+}
+
+impl StageNames<'_> {
+    /// The stages `reference` names: one stage, a matrix's expansions in order, or the stages a
+    /// `*` pattern matches in file order.
+    fn lookup(&self, reference: &str) -> Vec<usize> {
+        if let Some(&i) = self.index_of.get(reference) {
+            return vec![i];
+        }
+        if let Some(group) = self.groups.get(reference) {
+            return group.clone();
+        }
+        if reference.contains('*') {
+            return (0..self.names.len()).filter(|&i| glob_match(reference, &self.names[i])).collect();
+        }
+        Vec::new()
+    }
+
+    fn suggestion(&self, reference: &str) -> String {
+        let all = self.names.iter().map(String::as_str).chain(self.groups.keys().map(String::as_str));
+        match closest(reference, all) {
+            Some(c) => format!("did you mean `{c}`?"),
+            None => {
+                let mut listed: Vec<&str> =
+                    self.names.iter().filter(|n| !n.contains('.')).map(String::as_str).collect();
+                listed.extend(self.groups.keys().map(String::as_str));
+                format!("stages in this file: {}", listed.join(", "))
+            }
+        }
+    }
+}
+
+/// The stages a port's value names (`"a"`, or `["a", "b"]` where the port takes several; a
+/// matrix's declared name or a `*` pattern stands for several), as indices, each checked to
+/// exist and not to be the stage itself.
 fn resolve_port(
     stage: &str,
     port: &str,
     p: &value::Param,
     arity: Arity,
-    index_of: &BTreeMap<&str, usize>,
-    names: &[String],
+    known: &StageNames<'_>,
 ) -> Result<Vec<usize>, PipelineError> {
-    let refs: Vec<(&str, &Location)> = match (&p.value, arity) {
-        (Value::String(s), _) => vec![(s.as_str(), &p.at)],
-        (Value::Array(items), Arity::Many) => {
+    let refs: Vec<(&str, &Location)> = match &p.value {
+        Value::String(s) => vec![(s.as_str(), &p.at)],
+        Value::Array(items) if arity == Arity::Many => {
             let mut v = Vec::new();
             for item in items {
                 let Value::String(s) = &item.value else {
@@ -452,11 +629,11 @@ fn resolve_port(
             }
             v
         }
-        (other, Arity::One) => {
+        other if arity == Arity::One => {
             let message = format!("input port `{port}` must name one stage (a string), found {}", other.type_name());
             return Err(located(p.at.clone(), stage, message, None));
         }
-        (other, Arity::Many) => {
+        other => {
             let message = format!(
                 "input port `{port}` must name stages (a string or an array of strings), found {}",
                 other.type_name()
@@ -466,20 +643,105 @@ fn resolve_port(
     };
     let mut idx = Vec::new();
     for (r, loc) in refs {
-        if r == stage {
-            let message = format!("input port `{port}` reads the stage's own output: a stage cannot depend on itself");
-            return Err(located(loc.clone(), stage, message, None));
+        let found = known.lookup(r);
+        if found.is_empty() {
+            let message = if r.contains('*') {
+                format!("input port `{port}`: the pattern `{r}` matches no stage")
+            } else {
+                format!("input port `{port}` refers to a stage `{r}` that does not exist")
+            };
+            return Err(located(loc.clone(), stage, message, Some(known.suggestion(r))));
         }
-        let Some(&i) = index_of.get(r) else {
-            let hint = closest(r, names.iter().map(String::as_str))
-                .map(|c| format!("did you mean `{c}`?"))
-                .unwrap_or_else(|| format!("stages in this file: {}", names.join(", ")));
-            let message = format!("input port `{port}` refers to a stage `{r}` that does not exist");
-            return Err(located(loc.clone(), stage, message, Some(hint)));
-        };
-        idx.push(i);
+        for i in found {
+            if known.names[i] == stage {
+                let message =
+                    format!("input port `{port}` reads the stage's own output: a stage cannot depend on itself");
+                return Err(located(loc.clone(), stage, message, None));
+            }
+            if !idx.contains(&i) {
+                idx.push(i);
+            }
+        }
+    }
+    if arity == Arity::One && idx.len() > 1 {
+        let listed: Vec<&str> = idx.iter().map(|&i| known.names[i].as_str()).collect();
+        let written = if let Value::String(s) = &p.value { s.as_str() } else { "" };
+        let message =
+            format!("input port `{port}` takes one stage, but `{written}` names {}: {}", idx.len(), listed.join(", "));
+        let hint = Some(format!("name one of them, e.g. {port} = \"{}\"", listed[0]));
+        return Err(located(p.at.clone(), stage, message, hint));
     }
     Ok(idx)
+}
+
+/// The first string inside `p` (at any depth) for which `test` holds.
+fn find_string(p: &Param, test: &dyn Fn(&str) -> bool) -> Option<String> {
+    match &p.value {
+        Value::String(s) if test(s) => Some(s.clone()),
+        Value::Array(items) => items.iter().find_map(|i| find_string(i, test)),
+        Value::Table(t) => t.values().find_map(|i| find_string(i, test)),
+        _ => None,
+    }
+}
+
+/// Applies `--set NAME=VALUE` to `[vars]`. A value is read as TOML (`2e-5`, `true`, `["a", "b"]`)
+/// and must have the declared variable's type (any number for a number); for a string
+/// variable the text is taken as it is (quotes optional).
+fn apply_overrides(
+    vars: &mut BTreeMap<String, Param>,
+    overrides: &[(String, String)],
+    path: &Path,
+) -> Result<(), Error> {
+    for (name, text) in overrides {
+        let Some(declared) = vars.get(name) else {
+            let hint = match closest(name, vars.keys().map(String::as_str)) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None if vars.is_empty() => "the file has no [vars] table; declare the variable there first".into(),
+                None => format!("its variables: {}", vars.keys().cloned().collect::<Vec<_>>().join(", ")),
+            };
+            return Err(Error::Usage(format!(
+                "--set {name}={text}: {} declares no variable `{name}`\n  hint: {hint}",
+                path.display()
+            )));
+        };
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {text}")).ok().and_then(|mut t| t.remove("v"));
+        let value = match (&declared.value, parsed) {
+            (Value::String(_), Some(toml::Value::String(s))) => Value::String(s),
+            (Value::String(_), _) => Value::String(text.clone()),
+            // Numbers stand for each other (`min = 0` swept with 0.5); the parameter a number
+            // fills checks its own type, at the place it was written.
+            (Value::Float(_) | Value::Integer(_), Some(toml::Value::Float(f))) => Value::Float(f),
+            (Value::Float(_) | Value::Integer(_), Some(toml::Value::Integer(i))) => Value::Integer(i),
+            (Value::Bool(_), Some(toml::Value::Boolean(b))) => Value::Bool(b),
+            (Value::Array(_), Some(v @ toml::Value::Array(_))) | (Value::Table(_), Some(v @ toml::Value::Table(_))) => {
+                from_toml(v, &declared.at)
+            }
+            (want, _) => {
+                return Err(Error::Usage(format!(
+                    "--set {name}={text}: variable `{name}` is {} in {} ({}), and `{text}` is not",
+                    want.type_name(),
+                    path.display(),
+                    declared.at
+                )));
+            }
+        };
+        let at = declared.at.clone();
+        vars.insert(name.clone(), Param { value, at });
+    }
+    Ok(())
+}
+
+fn from_toml(v: toml::Value, at: &Location) -> Value {
+    let p = |v| Param { value: from_toml(v, at), at: at.clone() };
+    match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::Integer(i),
+        toml::Value::Float(f) => Value::Float(f),
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::Datetime(d.to_string()),
+        toml::Value::Array(a) => Value::Array(a.into_iter().map(p).collect()),
+        toml::Value::Table(t) => Value::Table(t.into_iter().map(|(k, v)| (k, p(v))).collect()),
+    }
 }
 
 fn kahn_order(graph: &DiGraph<usize, String>, nodes: &[NodeIndex]) -> Vec<usize> {

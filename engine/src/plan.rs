@@ -84,11 +84,12 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
             );
         }
         let salts = if record_files::applies(&*decl.stage) {
-            let mut inputs = Inputs { pipeline_dir: pipeline.dir.clone(), ..Default::default() };
-            for (port, srcs) in &decl.inputs {
-                let artifacts = srcs.iter().filter_map(|s| outputs[*s].as_ref().map(|o| (*o.1).clone())).collect();
-                inputs.ports.insert(port.clone(), artifacts);
-            }
+            let inputs = Inputs::from_sources(
+                pipeline.dir.clone(),
+                decl.inputs.iter().map(|(port, srcs)| {
+                    (port.clone(), srcs.iter().filter_map(|s| outputs[*s].as_ref().map(|o| &*o.1)).collect())
+                }),
+            );
             match record_files::shard_salts(&*decl.stage, &inputs, store) {
                 Ok(s) => s,
                 Err(e) => {
@@ -120,6 +121,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
             slots: slots.clone(),
             work: Default::default(),
             dropped: Default::default(),
+            gpus: Vec::new(),
         };
         let forced = force.contains(&decl.name);
         if let Some((digest, artifact)) = store.get_action(&key)?

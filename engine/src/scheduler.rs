@@ -30,7 +30,7 @@ use crate::pipeline::Pipeline;
 use crate::record_files;
 use crate::resolve::key_parts;
 use crate::runs::{RunRecord, RunRecorder, RunStatus, peak_rss_bytes};
-use crate::stage::{Execution, Inputs, Produces, ShardInput, ShardMapper};
+use crate::stage::{Arity, Execution, Inputs, Produces, ShardInput, ShardMapper};
 use crate::store::{LastRun, ShardEntry, Store};
 
 #[derive(Debug, Clone)]
@@ -56,20 +56,112 @@ impl Default for RunOptions {
     }
 }
 
-/// One slot per device a stage holds exclusively (see [`crate::stage::Stage::device_slot`]):
-/// two stages on one GPU would fight over its memory, so they take turns. Created per run.
-#[derive(Default)]
-struct DeviceSlots(std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>);
+/// The devices stages hold exclusively (see [`crate::stage::Stage::device_slot`]): two stages on
+/// one GPU would fight over its memory, so they take turns. Also the machine's GPUs, which a
+/// whole stage asking for `gpus = N` takes N of (any free ones), so two trainings never share a
+/// GPU and a scoring stage on `cuda:0` waits for a trainer holding it. A stage takes everything
+/// it needs at once or waits holding nothing, so no two stages wait on each other. Created per
+/// run.
+struct DeviceSlots {
+    busy: std::sync::Mutex<BTreeSet<String>>,
+    freed: tokio::sync::Notify,
+    /// The machine's GPUs: the slot a model stage names (`cuda:I`, I counting the GPUs this
+    /// process sees) and the id a child process is given in `CUDA_VISIBLE_DEVICES`.
+    gpus: Vec<(String, String)>,
+}
+
+/// Devices held until dropped.
+struct HeldDevices {
+    slots: Arc<DeviceSlots>,
+    names: Vec<String>,
+    /// The `CUDA_VISIBLE_DEVICES` ids of the GPUs among them.
+    gpu_ids: Vec<String>,
+}
+
+impl Drop for HeldDevices {
+    fn drop(&mut self) {
+        let mut busy = self.slots.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for n in &self.names {
+            busy.remove(n);
+        }
+        drop(busy);
+        self.slots.freed.notify_waiters();
+    }
+}
 
 impl DeviceSlots {
-    /// Waits until `device` is free and holds it until the permit is dropped.
-    async fn hold(&self, device: &str) -> tokio::sync::OwnedSemaphorePermit {
-        let slot = {
-            let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry(device.to_string()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
-        };
-        slot.acquire_owned().await.expect("a device semaphore is never closed")
+    fn new(gpus: Vec<String>) -> DeviceSlots {
+        DeviceSlots {
+            busy: Default::default(),
+            freed: tokio::sync::Notify::new(),
+            gpus: gpus.into_iter().enumerate().map(|(i, id)| (format!("cuda:{i}"), id)).collect(),
+        }
     }
+
+    /// Waits until every one of `devices` is free and holds them all.
+    async fn hold(self: &Arc<Self>, devices: &[String]) -> HeldDevices {
+        self.take(|busy| devices.iter().all(|d| !busy.contains(d)).then(|| devices.to_vec())).await
+    }
+
+    /// Waits until `n` of the machine's GPUs are free and holds them (the lowest free ones).
+    async fn hold_gpus(self: &Arc<Self>, n: usize) -> HeldDevices {
+        self.take(|busy| {
+            let free: Vec<String> = self
+                .gpus
+                .iter()
+                .filter(|(slot, _)| !busy.contains(slot))
+                .map(|(slot, _)| slot.clone())
+                .take(n)
+                .collect();
+            (free.len() == n).then_some(free)
+        })
+        .await
+    }
+
+    async fn take(self: &Arc<Self>, pick: impl Fn(&BTreeSet<String>) -> Option<Vec<String>>) -> HeldDevices {
+        loop {
+            // Registered before looking, so a release between the look and the wait is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(names) = pick(&busy) {
+                    busy.extend(names.iter().cloned());
+                    let gpu_ids =
+                        self.gpus.iter().filter(|(slot, _)| names.contains(slot)).map(|(_, id)| id.clone()).collect();
+                    return HeldDevices { slots: self.clone(), names, gpu_ids };
+                }
+            }
+            freed.await;
+        }
+    }
+}
+
+/// The machine's GPUs, as `CUDA_VISIBLE_DEVICES` ids: `LADLE_GPUS` (a count, or a list of ids
+/// `0,2`), else `CUDA_VISIBLE_DEVICES`, else the `/dev/nvidiaN` device files (none on a machine
+/// without an NVIDIA driver).
+pub fn machine_gpus() -> Vec<String> {
+    let list = |s: &str| -> Vec<String> {
+        s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
+    };
+    if let Ok(v) = std::env::var("LADLE_GPUS") {
+        return match v.trim().parse::<usize>() {
+            Ok(n) if !v.contains(',') => (0..n).map(|i| i.to_string()).collect(),
+            _ => list(&v),
+        };
+    }
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return list(&v).into_iter().filter(|id| id != "-1").collect();
+    }
+    let mut ids: Vec<usize> = std::fs::read_dir("/dev")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("nvidia")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    ids.into_iter().map(|i| i.to_string()).collect()
 }
 
 /// Everything a stage task needs, shared with its shard tasks.
@@ -96,6 +188,7 @@ impl StageEnv {
             slots: self.slots.clone(),
             work: Default::default(),
             dropped: Default::default(),
+            gpus: Vec::new(),
         }
     }
     fn name(&self) -> String {
@@ -186,7 +279,7 @@ async fn schedule(
 ) -> Result<()> {
     let n = pipeline.stages.len();
     let slots = Arc::new(Semaphore::new(jobs));
-    let devices = Arc::new(DeviceSlots::default());
+    let devices = Arc::new(DeviceSlots::new(machine_gpus()));
     let sources: Vec<BTreeSet<usize>> =
         pipeline.stages.iter().map(|s| s.inputs.values().flatten().copied().collect()).collect();
     let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -201,13 +294,14 @@ async fn schedule(
 
     let spawn = |set: &mut JoinSet<_>, i: usize, outputs: &[Option<Output>]| {
         let decl = &pipeline.stages[i];
-        let mut inputs = Inputs { pipeline_dir: pipeline.dir.clone(), ..Default::default() };
         let mut digests = BTreeMap::new();
+        let mut sources = Vec::new();
         for (port, srcs) in &decl.inputs {
             let outs: Vec<&Output> = srcs.iter().filter_map(|s| outputs[*s].as_ref()).collect();
-            inputs.ports.insert(port.clone(), outs.iter().map(|o| (*o.1).clone()).collect());
+            sources.push((port.clone(), outs.iter().map(|o| &*o.1).collect()));
             digests.insert(port.clone(), outs.iter().map(|o| o.0).collect());
         }
+        let inputs = Inputs::from_sources(pipeline.dir.clone(), sources);
         let task = StageTask {
             pipeline: pipeline.clone(),
             idx: i,
@@ -313,6 +407,10 @@ impl StageTask {
                 shards_computed: shards.1,
             });
         };
+        if let Err(e) = one_artifact_ports(&self.pipeline.stages[self.idx], &inputs) {
+            fail(&self.sink, e.to_string(), (0, 0));
+            return Err(());
+        }
         // Key: digests of referenced files may need hashing (big models): off the async threads.
         let parts = {
             let (pipeline, store, idx) = (self.pipeline.clone(), self.store.clone(), self.idx);
@@ -436,10 +534,32 @@ impl StageTask {
                 self.sink.emit(&Event::StageStarted { stage: name.clone(), kind: kind.clone(), shards_total: None });
                 // The device first, then a work slot: nothing holds a work slot while it waits for a
                 // device, so the two kinds of slot cannot deadlock.
-                let device = match self.pipeline.stages[self.idx].stage.device_slot() {
-                    Some(d) => Some(self.devices.hold(&d).await),
-                    None => None,
+                let decl = &self.pipeline.stages[self.idx];
+                // An `exec`'s `gpus` is a need; a `resources` hint (written for a cluster) is
+                // one too where this machine has GPUs, and nothing where it has none.
+                let (needed, hinted) = (decl.stage.gpus() as usize, decl.resources.gpus.unwrap_or(0) as usize);
+                let gpus = if self.devices.gpus.is_empty() && needed == 0 { 0 } else { needed.max(hinted) };
+                if gpus > self.devices.gpus.len() {
+                    let seen = self.devices.gpus.len();
+                    fail(
+                        &self.sink,
+                        StageError::environment(format!(
+                            "the stage asks for {gpus} GPU(s), and this machine has {seen} that ladle can see"
+                        ))
+                        .with_hint(
+                            "run it where there are enough, or say which GPUs to use: LADLE_GPUS=2 (a count) or LADLE_GPUS=0,1 (ids), as CUDA_VISIBLE_DEVICES numbers them",
+                        )
+                        .to_string(),
+                        (0, 0),
+                    );
+                    return Err(());
+                }
+                let device = match (decl.stage.device_slot(), gpus) {
+                    (_, n) if n > 0 => Some(self.devices.hold_gpus(n).await),
+                    (Some(d), _) => Some(self.devices.hold(&[d]).await),
+                    (None, _) => None,
                 };
+                let gpu_ids = device.as_ref().map(|d| d.gpu_ids.clone()).unwrap_or_default();
                 let permit = self.slots.clone().acquire_owned().await;
                 let env2 = env.clone();
                 let joined = tokio::task::spawn_blocking(move || {
@@ -447,7 +567,8 @@ impl StageTask {
                     let Execution::Whole(stage) = env2.pipeline.stages[env2.idx].stage.execution() else {
                         unreachable!()
                     };
-                    let ctx = env2.ctx();
+                    let mut ctx = env2.ctx();
+                    ctx.gpus = gpu_ids;
                     let result = stage.run(&ctx, &inputs).map_err(|e| e.to_string());
                     let work = ctx.work.lock().ok().and_then(|mut w| w.take());
                     let dropped = ctx.dropped.load(std::sync::atomic::Ordering::Relaxed);
@@ -552,7 +673,7 @@ async fn run_map(
     let mut computed = 0u64;
     let mut set: JoinSet<(usize, std::result::Result<ShardEntry, String>, f64)> = JoinSet::new();
     // The replicas' devices, held from the first computed shard to the stage's end (cached
-    // shards need none), in name order (as every stage takes them: no two wait on each other).
+    // shards need none), all at once.
     let device_slots: BTreeSet<String> = (0..replicas).filter_map(|r| stage.replica_slot(r)).collect();
     let mut devices = None;
     // Of the computed shards, those on the devices at once (see `Stage::device_shards`), per replica.
@@ -595,11 +716,7 @@ async fn run_map(
             }
         }
         if devices.is_none() && !device_slots.is_empty() {
-            let mut held = Vec::with_capacity(device_slots.len());
-            for d in &device_slots {
-                held.push(env.devices.hold(d).await);
-            }
-            devices = Some(held);
+            devices = Some(env.devices.hold(&device_slots.iter().cloned().collect::<Vec<_>>()).await);
         }
         // The device's turn before a work slot, as for whole stages: no work slot waits idle.
         let device_turn = match &on_device {
@@ -772,4 +889,20 @@ pub(crate) fn map_one_shard(
         shard: ShardRef { digest, records: mapped.records, bytes: size },
         dropped_on_error: mapped.dropped_on_error,
     })
+}
+
+/// A port that takes one artifact but is fed a chosen set of another size fails before its stage
+/// runs (a set's size is known only once it is chosen).
+fn one_artifact_ports(decl: &crate::pipeline::StageDecl, inputs: &Inputs) -> std::result::Result<(), StageError> {
+    for spec in decl.kind.ports().iter().filter(|p| p.arity == Arity::One) {
+        let n = inputs.all(spec.name).len();
+        if decl.inputs.contains_key(spec.name) && n != 1 {
+            return Err(StageError::input(format!(
+                "input port `{}` takes one artifact, but the chosen set connected to it holds {n}",
+                spec.name
+            ))
+            .with_hint("connect the set to a port that takes several (a soup's `models`, a concat's `data`), or choose `top = 1`"));
+        }
+    }
+    Ok(())
 }

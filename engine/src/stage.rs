@@ -58,6 +58,9 @@ pub enum Produces {
     /// Decided at run time (an `exec` stage makes a model when its folder holds a config.json).
     Folder,
     File,
+    /// Some of its input artifacts ([`Artifact::Chosen`]), whose kind is checked when they are
+    /// known.
+    Chosen,
 }
 
 /// A kind of stage: `read`, `select`, `exec`, ...
@@ -94,6 +97,12 @@ pub trait Stage: Send + Sync {
     /// is computed (not for a cached stage or cached shards), before any `-j` work slot.
     fn device_slot(&self) -> Option<String> {
         None
+    }
+    /// How many of the machine's GPUs a whole stage holds alone while it runs (an `exec`
+    /// trainer's `gpus = N`); they are in [`StageContext::gpus`](crate::StageContext). A stage's
+    /// `resources = { gpus = N }` asks the same of the local executor.
+    fn gpus(&self) -> u32 {
+        0
     }
     /// How many shards of a map stage with a [`Stage::device_slot`] compute at once. Each
     /// `map_shard` on a GPU runs the model on its own stream with its own activations, so `-j`
@@ -209,6 +218,16 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Inputs from the source artifacts of each port, a chosen set standing for its items.
+    pub fn from_sources<'a>(
+        pipeline_dir: PathBuf,
+        ports: impl IntoIterator<Item = (String, Vec<&'a Artifact>)>,
+    ) -> Inputs {
+        let ports =
+            ports.into_iter().map(|(port, sources)| (port, sources.into_iter().flat_map(Artifact::members).collect()));
+        Inputs { ports: ports.collect(), pipeline_dir }
+    }
+
     pub fn all(&self, port: &str) -> &[Artifact] {
         self.ports.get(port).map(Vec::as_slice).unwrap_or(&[])
     }

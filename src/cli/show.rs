@@ -70,13 +70,23 @@ pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut i
                 }
             }
         }
-        Artifact::Folder { files, external, .. } => {
+        Artifact::Folder { files, external, metrics, .. } => {
             if let Some(root) = external {
                 writeln!(out, "folder:   {}", root.display())?;
             }
             writeln!(out, "files:    {}", files.len())?;
             for f in files {
                 writeln!(out, "  {:<40} {:>10}  {}", f.path, super::human_bytes(f.size), f.digest.short())?;
+            }
+            if let Some(m) = metrics {
+                writeln!(out, "metrics:  {}", serde_json::to_string(m)?)?;
+            }
+        }
+        Artifact::Chosen { items } => {
+            writeln!(out, "chosen:   {} artifact(s)", items.len())?;
+            for item in items {
+                let metrics = item.metrics().map(|m| format!("  {m}")).unwrap_or_default();
+                writeln!(out, "  {:<8} {}{metrics}", item.kind_name(), item.digest().short())?;
             }
         }
         Artifact::Tensors { shards } => {
@@ -172,6 +182,11 @@ pub fn export(p: &Pipeline, store: &Store, stage: &str, dest: &Path) -> Result<S
             std::fs::write(dest, serde_json::to_vec_pretty(value)?)?;
             Ok("metrics".into())
         }
+        Artifact::Chosen { items } => bail!(
+            "`{stage}` is a chosen set of {} artifact(s), not one thing to export\n  hint: export the stages it chose from (`ladle show {} {stage}` lists them)",
+            items.len(),
+            p.path.display()
+        ),
     }
 }
 

@@ -4,10 +4,22 @@
 //! - **folder** (default): `command` runs once, with `{in.PORT}` replaced by each input
 //!   materialized (a dataset as a JSONL file, a model or folder as a folder) and `{out}` by an
 //!   empty folder the command fills. The folder becomes the output artifact — a model when it
-//!   holds a config.json. The same paths are in `LADLE_IN_<PORT>` and `LADLE_OUT`.
+//!   holds a config.json. The same paths are in `LADLE_IN_<PORT>` and `LADLE_OUT`. A port fed
+//!   several artifacts (`models = ["a", "b"]`, a matrix, a `choose` stage's set) gets one path
+//!   each: `{in.PORT}` as a whole argument becomes one argument per artifact (none for an empty
+//!   set), and `LADLE_IN_<PORT>` lists them one per line.
 //! - **per shard** (`per_shard = true`): a map stage. For each shard of input `data`, `command`
 //!   gets the shard's records as JSONL on stdin and prints records as JSONL on stdout: an escape
 //!   hatch for filters written in any language, cached and resumable shard by shard.
+//!
+//! `metrics = "metrics.json"` (folder mode): a JSON object the command writes into `{out}`; its
+//! numbers travel with the output artifact, so `ladle show` prints them, the report plots them
+//! and a `choose` stage picks by them (a trainer that also evaluates its fine-tune).
+//!
+//! `gpus = N` (folder mode) holds N of the machine's GPUs while the command runs and gives their
+//! ids in `CUDA_VISIBLE_DEVICES`: two trainings never share a GPU, and a model stage on one of
+//! them waits (the machine's GPUs: `LADLE_GPUS`, else `CUDA_VISIBLE_DEVICES`, else the driver's
+//! device files). Not part of the key.
 //!
 //! `deps = [paths]` (its scripts) enter the cache key by content. The command runs in the
 //! pipeline file's folder. stdout and stderr are kept in the store (`ladle show`); a non-zero exit
@@ -59,6 +71,30 @@ impl StageKind for ExecKind {
             return Err(params.error("command", "`command` is empty: give the program and its arguments"));
         }
         let per_shard = params.bool("per_shard")?.unwrap_or(false);
+        let metrics = params.string("metrics")?;
+        if let Some(m) = &metrics {
+            if per_shard {
+                return Err(params.error("metrics", "`metrics` names a file in {out}, which per_shard = true has not"));
+            }
+            if m.is_empty() || Path::new(m).is_absolute() || m.split(['/', '\\']).any(|c| c == "..") {
+                return Err(params.error(
+                    "metrics",
+                    format!("`metrics` is \"{m}\": it must be a path inside {{out}}, e.g. \"metrics.json\""),
+                ));
+            }
+        }
+        let gpus = match params.integer("gpus")? {
+            Some(n) if n < 0 => return Err(params.error("gpus", format!("`gpus` is {n}; give a count of GPUs"))),
+            Some(n) if n > 0 && per_shard => {
+                return Err(params.error(
+                    "gpus",
+                    "`gpus` holds GPUs for a command that runs once; per_shard = true runs one per shard",
+                ));
+            }
+            n => n.unwrap_or(0) as u32,
+        };
+        // Which GPUs it gets does not change what it makes (it must not: they differ run to run).
+        params.exclude_from_key("gpus");
         let ports: Vec<String> = params.ports().to_vec();
         for arg in &command {
             for placeholder in placeholders(arg) {
@@ -95,7 +131,7 @@ impl StageKind for ExecKind {
         };
         // The time-out does not change what the stage produces.
         params.exclude_from_key("timeout");
-        Ok(Arc::new(Exec { command, per_shard, timeout, dir: params.base_dir().to_path_buf() }))
+        Ok(Arc::new(Exec { command, per_shard, metrics, gpus, timeout, dir: params.base_dir().to_path_buf() }))
     }
 }
 
@@ -141,6 +177,10 @@ fn substitute(arg: &str, values: &BTreeMap<String, String>) -> String {
 struct Exec {
     command: Vec<String>,
     per_shard: bool,
+    /// The file in `{out}` holding the metrics (folder mode).
+    metrics: Option<String>,
+    /// GPUs held while the command runs (folder mode), given in `CUDA_VISIBLE_DEVICES`.
+    gpus: u32,
     timeout: Option<Duration>,
     dir: PathBuf,
 }
@@ -151,6 +191,9 @@ impl Stage for Exec {
     }
     fn execution(&self) -> Execution<'_> {
         if self.per_shard { Execution::Map { port: "data", stage: self } } else { Execution::Whole(self) }
+    }
+    fn gpus(&self) -> u32 {
+        self.gpus
     }
 }
 
@@ -236,16 +279,50 @@ impl WholeStage for Exec {
         let out_dir = work.join("out");
         std::fs::create_dir_all(&out_dir).map_err(|e| io("create the output folder", e))?;
         let mut values = BTreeMap::new();
+        let mut lists = BTreeMap::new();
         let mut env = BTreeMap::new();
         for (port, artifacts) in &inputs.ports {
-            let Some(artifact) = artifacts.first() else { continue };
-            let path = ctx.materialize(artifact, &work.join("in").join(port))?;
-            values.insert(format!("in.{port}"), path.display().to_string());
-            env.insert(format!("LADLE_IN_{}", port.to_uppercase().replace('-', "_")), path.display().to_string());
+            let paths: Vec<String> = match artifacts.as_slice() {
+                [one] => vec![ctx.materialize(one, &work.join("in").join(port))?.display().to_string()],
+                several => {
+                    let dir = work.join("in").join(port);
+                    std::fs::create_dir_all(&dir).map_err(|e| io("create a work folder", e))?;
+                    several
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| Ok(ctx.materialize(a, &dir.join(i.to_string()))?.display().to_string()))
+                        .collect::<Result<_, StageError>>()?
+                }
+            };
+            env.insert(format!("LADLE_IN_{}", port.to_uppercase().replace('-', "_")), paths.join("\n"));
+            if let [one] = paths.as_slice() {
+                values.insert(format!("in.{port}"), one.clone());
+            }
+            lists.insert(format!("{{in.{port}}}"), paths);
         }
         values.insert("out".into(), out_dir.display().to_string());
         env.insert("LADLE_OUT".into(), out_dir.display().to_string());
-        let command: Vec<String> = self.command.iter().map(|a| substitute(a, &values)).collect();
+        if !ctx.gpus.is_empty() {
+            env.insert("CUDA_VISIBLE_DEVICES".into(), ctx.gpus.join(","));
+        }
+        let mut command = Vec::new();
+        for arg in &self.command {
+            match lists.get(arg.as_str()) {
+                Some(paths) => command.extend(paths.iter().cloned()),
+                None => {
+                    if let Some(port) = placeholders(arg)
+                        .iter()
+                        .find_map(|p| p.strip_prefix("in.").filter(|port| !values.contains_key(&format!("in.{port}"))))
+                    {
+                        return Err(StageError::input(format!(
+                            "`{arg}`: input port `{port}` holds {} artifacts, so {{in.{port}}} must be a whole argument (it becomes one argument per artifact)",
+                            inputs.all(port).len()
+                        )));
+                    }
+                    command.push(substitute(arg, &values));
+                }
+            }
+        }
         let (status, stdout, stderr) = run_command(&command, &self.dir, &env, None, self.timeout)?;
         let mut log = stdout;
         if !stderr.is_empty() {
@@ -260,11 +337,31 @@ impl WholeStage for Exec {
                 tail(&log, 20)
             )));
         }
+        let metrics = match &self.metrics {
+            Some(name) => Some(read_metrics(&out_dir.join(name), name, &self.command)?),
+            None => None,
+        };
         let files = ctx.ingest_folder(&out_dir, "the command left")?;
         let model = files.iter().any(|f| f.path == "config.json");
         let _ = std::fs::remove_dir_all(&work);
-        Ok(Artifact::Folder { model, external: None, files })
+        Ok(Artifact::Folder { model, external: None, files, metrics })
     }
+}
+
+/// The metrics file a command wrote: a JSON object (numbers, or objects of them, and any
+/// strings or booleans that label them).
+pub(crate) fn read_metrics(path: &Path, name: &str, command: &[String]) -> Result<serde_json::Value, StageError> {
+    let hint = "the command must write a JSON object such as {\"accuracy\": 0.71} into {out}";
+    let bytes = std::fs::read(path).map_err(|e| {
+        StageError::input(format!("`{}` left no readable {{out}}/{name} (`metrics` names it): {e}", command.join(" ")))
+            .with_hint(hint)
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| StageError::input(format!("{{out}}/{name} is not JSON: {e}")).with_hint(hint))?;
+    if !value.is_object() {
+        return Err(StageError::input(format!("{{out}}/{name} holds {value}, not a JSON object")).with_hint(hint));
+    }
+    Ok(value)
 }
 
 impl MapStage for Exec {

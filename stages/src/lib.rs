@@ -11,6 +11,7 @@
 //! The dependency rule: stages → engine and stages → models; the models never see the engine.
 
 pub mod bench;
+pub mod choose;
 pub mod column;
 pub mod concat;
 pub mod dedup;
@@ -55,6 +56,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(generate::GenerateKind));
     r.register(Arc::new(encode::EncodeKind));
     r.register(Arc::new(soup::SoupKind));
+    r.register(Arc::new(choose::ChooseKind));
     r
 }
 

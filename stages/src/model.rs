@@ -54,7 +54,7 @@ impl Stage for Model {
 impl WholeStage for Model {
     fn run(&self, ctx: &StageContext<'_>, _inputs: &Inputs) -> Result<Artifact, StageError> {
         let files = ctx.store.folder_files(&self.path)?;
-        Ok(Artifact::Folder { model: true, external: Some(self.path.clone()), files })
+        Ok(Artifact::Folder { model: true, external: Some(self.path.clone()), files, metrics: None })
     }
 }
 

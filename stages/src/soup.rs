@@ -410,7 +410,7 @@ impl WholeStage for Soup {
         ctx.save_log(log.as_bytes())?;
         let files = ctx.ingest_folder(&out, "the soup left")?;
         let _ = std::fs::remove_dir_all(&out);
-        Ok(Artifact::Folder { model: true, external: None, files })
+        Ok(Artifact::Folder { model: true, external: None, files, metrics: None })
     }
 }
 

@@ -193,7 +193,7 @@ impl WholeStage for Write_ {
         }
         ctx.report_work("file(s)", total, written);
         pattern.remove_beyond(files.len())?;
-        Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files })
+        Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files, metrics: None })
     }
 }
 
@@ -297,7 +297,7 @@ impl Write_ {
         write_unit(&mut unit, first)?;
         ctx.report_work("file(s)", files.len() as u64, written);
         pattern.remove_beyond(files.len())?;
-        Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files })
+        Ok(Artifact::Folder { model: false, external: Some(pattern.dir.clone()), files, metrics: None })
     }
 
     /// Writes `shards` to `dest` atomically: a temporary file beside it, synced, then renamed.

@@ -32,6 +32,9 @@ pub struct Task {
     pub pipeline: PathBuf,
     /// Its digest when the driver submitted the task: a worker refuses a file edited since.
     pub pipeline_digest: Digest,
+    /// The `--set NAME=VALUE` overrides the driver loaded the file with.
+    #[serde(default)]
+    pub overrides: Vec<(String, String)>,
     pub stage: String,
     pub stage_key: StageKey,
     /// The store's root (absolute).

@@ -58,7 +58,7 @@ pub fn run_task(task_file: &Path, registry: &Registry, log: &mut dyn Write) -> R
                 .into(),
         });
     }
-    let pipeline = Pipeline::parse(&task.pipeline, &source, registry)?;
+    let pipeline = Pipeline::parse_with(&task.pipeline, &source, registry, &task.overrides)?;
     let decl = pipeline.stage_named(&task.stage)?;
     let decl = &pipeline.stages[decl];
     let name = task_name();
@@ -74,6 +74,7 @@ pub fn run_task(task_file: &Path, registry: &Registry, log: &mut dyn Write) -> R
         slots: Arc::new(Semaphore::new(cpus.saturating_sub(1))),
         work: Default::default(),
         dropped: Default::default(),
+        gpus: Vec::new(),
     };
     let mut report = WorkerReport::default();
     let stage = match (decl.stage.execution(), task.whole) {

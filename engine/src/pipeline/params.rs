@@ -219,6 +219,7 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// An array of strings (numbers and booleans in it taken as their text).
     pub fn string_list(&mut self, name: &str) -> Result<Option<Vec<String>>, PipelineError> {
         let Some(p) = self.take(name) else { return Ok(None) };
         let Value::Array(items) = &p.value else {
@@ -228,6 +229,11 @@ impl<'a> Params<'a> {
         for item in items {
             match &item.value {
                 Value::String(s) => out.push(s.clone()),
+                // A number or boolean in a list of words (a command's arguments, often a
+                // `${matrix.lr}` that kept its type) is its text.
+                v @ (Value::Integer(_) | Value::Float(_) | Value::Bool(_)) => {
+                    out.push(super::interpolate::scalar_text(v).unwrap_or_default())
+                }
                 other => {
                     return Err(PipelineError {
                         location: item.at.clone(),

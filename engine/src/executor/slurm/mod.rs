@@ -404,6 +404,7 @@ impl<'a> Driver<'a> {
             let task = Task {
                 pipeline: work.pipeline.path.clone(),
                 pipeline_digest: work.pipeline.source_digest,
+                overrides: work.pipeline.overrides.clone(),
                 stage: decl.name.clone(),
                 stage_key: work.key,
                 store: std::path::absolute(work.store.root()).unwrap_or_else(|_| work.store.root().to_path_buf()),

@@ -10,3 +10,5 @@ mod choose;
 mod gpus;
 #[path = "sweeps/matrix.rs"]
 mod matrix;
+#[path = "sweeps/recipe.rs"]
+mod recipe;

@@ -9,6 +9,8 @@
 //!   a histogram ([`histogram`]) with the cut of a `select` downstream and the share it keeps, and
 //!   the lowest and highest records with their text and image ([`columns`]);
 //! - for a `soup`, its ingredients, greedy trace and weights ([`soup`]);
+//! - the metrics stages reported (an `exec`'s `metrics`), each number across the stages that
+//!   report it, with what a `choose` kept and its baseline ([`metrics`]);
 //! - the run's timeline: stages and their shards over time, per work slot ([`timeline`]);
 //! - the history of the pipeline's runs.
 //!
@@ -17,6 +19,7 @@
 pub mod columns;
 pub mod dag;
 pub mod histogram;
+pub mod metrics;
 mod page;
 pub mod png;
 pub mod soup;
@@ -126,11 +129,23 @@ pub fn build(pipeline: &Pipeline, store: &Store, options: &Options) -> Result<Re
             figures.push(Figure { name: format!("soup-{}", p.stage), svg: svg.clone() });
         }
     }
+    let metrics = metrics::panel(pipeline, &stages);
+    for c in &metrics.charts {
+        let name: String =
+            c.key.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' { ch } else { '_' }).collect();
+        figures.push(Figure { name: format!("metric-{name}"), svg: c.svg.clone() });
+    }
     let timeline = timeline::svg(run);
     if let Some(svg) = &timeline {
         figures.push(Figure { name: "timeline".into(), svg: svg.clone() });
     }
-    let parts = page::Parts { dag: &dag, timeline: timeline.as_deref(), columns: &column_panels, soups: &soups };
+    let parts = page::Parts {
+        dag: &dag,
+        timeline: timeline.as_deref(),
+        columns: &column_panels,
+        soups: &soups,
+        metrics: &metrics,
+    };
     let html = page::html(pipeline, run, &runs, &stages, &parts);
     Ok(Report { html, figures })
 }

@@ -50,6 +50,7 @@ pub struct Parts<'a> {
     pub timeline: Option<&'a str>,
     pub columns: &'a [ColumnPanel],
     pub soups: &'a [SoupPanel],
+    pub metrics: &'a crate::metrics::Panel,
 }
 
 pub fn html(
@@ -59,7 +60,7 @@ pub fn html(
     stages: &[StageView<'_>],
     parts: &Parts<'_>,
 ) -> String {
-    let Parts { dag, timeline, columns, soups } = *parts;
+    let Parts { dag, timeline, columns, soups, metrics } = *parts;
     let mut h = String::new();
     let title = format!("{} — run {}", pipeline.name, run.id);
     let _ = write!(
@@ -162,6 +163,36 @@ pub fn html(
             h.push_str("</div>");
         }
         h.push_str("</section>");
+    }
+
+    if !metrics.rows.is_empty() {
+        h.push_str("<h2 id=\"metrics\">Metrics</h2>");
+        h.push_str("<table class=\"metrics\"><tr><th>stage</th><th>metrics</th><th>chosen</th></tr>");
+        for r in &metrics.rows {
+            let values: Vec<String> = r
+                .values
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", v.as_f64().map(short).unwrap_or_else(|| v.to_string())))
+                .collect();
+            let chosen = if !r.chosen_by.is_empty() {
+                format!("kept by {}", r.chosen_by.join(", "))
+            } else if r.passed_over {
+                "not kept".into()
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&r.stage),
+                escape(&values.join(", ")),
+                escape(&chosen)
+            );
+        }
+        h.push_str("</table>");
+        for c in &metrics.charts {
+            h.push_str(&c.svg);
+        }
     }
 
     if !soups.is_empty() {

@@ -536,6 +536,20 @@ impl Pipeline {
     /// Looks a stage up by name, with a suggestion when it is not there.
     pub fn stage_named(&self, stage: &str) -> Result<usize, Error> {
         self.index_of(stage).ok_or_else(|| {
+            let expansions: Vec<&str> = self
+                .stages
+                .iter()
+                .filter(|s| s.matrix.as_ref().is_some_and(|m| m.declared == stage))
+                .map(|s| s.name.as_str())
+                .collect();
+            if !expansions.is_empty() {
+                return Error::Usage(format!(
+                    "`{stage}` is a matrix of {} stages in pipeline `{}`: {}\n  hint: name one of them",
+                    expansions.len(),
+                    self.name,
+                    expansions.join(", ")
+                ));
+            }
             let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
             let hint = closest(stage, names.iter().copied())
                 .map(|c| format!("did you mean `{c}`?"))

@@ -32,7 +32,12 @@ fn bare_type(v: &serde_json::Value) -> &'static str {
 pub fn show(p: &Pipeline, store: &Store, stage: &str, sample: usize, out: &mut impl Write) -> Result<()> {
     let (key, digest, artifact) = current(p, store, stage)?;
     writeln!(out, "stage:    {stage}")?;
-    writeln!(out, "kind:     {}", p.stages[p.stage_named(stage)?].kind.name())?;
+    let decl = &p.stages[p.stage_named(stage)?];
+    writeln!(out, "kind:     {}", decl.kind.name())?;
+    if let Some(m) = &decl.matrix {
+        let values: Vec<String> = m.values.iter().map(|(axis, v)| format!("{axis} = {v}")).collect();
+        writeln!(out, "matrix:   {} (of `{}`)", values.join(", "), m.declared)?;
+    }
     writeln!(out, "output:   {} ({})", digest, artifact.kind_name())?;
     match &*artifact {
         Artifact::Dataset { shards, .. } => {

@@ -378,7 +378,17 @@ impl MapStage for Exec {
             if port == "data" {
                 continue;
             }
-            let Some(artifact) = artifacts.first() else { continue };
+            let artifact = match artifacts.as_slice() {
+                [] => continue,
+                [one] => one,
+                several => {
+                    return Err(StageError::input(format!(
+                        "input port `{port}` holds {} artifacts; with per_shard = true each port gives the command one",
+                        several.len()
+                    ))
+                    .with_hint("run the command once over all of them without per_shard (then {in.PORT} lists them)"));
+                }
+            };
             std::fs::create_dir_all(&work)
                 .map_err(|e| StageError::environment(format!("cannot create a work folder: {e}")))?;
             let path = ctx.materialize(artifact, &work.join(port))?;

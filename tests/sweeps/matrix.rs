@@ -108,6 +108,13 @@ fn a_three_by_two_matrix_is_six_stages_and_adding_a_value_runs_only_the_new_ones
     assert_eq!(ran, ["all=ran", "wide=ran", "out=ran", "out_wide=ran"]);
     assert_eq!(ids(&p, "out.jsonl"), ids_in(&bands(&[0, 600])));
 
+    // `show` names an expansion's values; the declared name alone lists the expansions.
+    let show =
+        String::from_utf8(p.ladle(&["show", "p.toml", "band.600.1000", "--set", "lows=[0, 600]"]).stdout).unwrap();
+    assert!(show.contains("matrix:   lo = 600, hi = 1000 (of `band`)"), "{show}");
+    let err = String::from_utf8(p.ladle(&["show", "p.toml", "band"]).stderr).unwrap();
+    assert!(err.contains("`band` is a matrix of 6 stages in pipeline `bands`: band.0.700, band.0.1000,"), "{err}");
+
     // `graph` draws the expansions in one box per declaration.
     let dot = String::from_utf8(p.ladle(&["graph", "p.toml"]).stdout).unwrap();
     assert!(dot.contains("subgraph \"cluster_band\" {\n    label=\"band (matrix over lo × hi: 6 stages)\";"), "{dot}");

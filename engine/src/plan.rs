@@ -87,7 +87,9 @@ pub fn plan(pipeline: &Pipeline, store: &Store, force: &[String]) -> Result<Vec<
             let inputs = Inputs::from_sources(
                 pipeline.dir.clone(),
                 decl.inputs.iter().map(|(port, srcs)| {
-                    (port.clone(), srcs.iter().filter_map(|s| outputs[*s].as_ref().map(|o| &*o.1)).collect())
+                    let named =
+                        srcs.iter().filter_map(|&s| Some((pipeline.stages[s].name.as_str(), &*outputs[s].as_ref()?.1)));
+                    (port.clone(), named.collect())
                 }),
             );
             match record_files::shard_salts(&*decl.stage, &inputs, store) {

@@ -298,7 +298,8 @@ async fn schedule(
         let mut sources = Vec::new();
         for (port, srcs) in &decl.inputs {
             let outs: Vec<&Output> = srcs.iter().filter_map(|s| outputs[*s].as_ref()).collect();
-            sources.push((port.clone(), outs.iter().map(|o| &*o.1).collect()));
+            let names = srcs.iter().filter(|s| outputs[**s].is_some()).map(|&s| pipeline.stages[s].name.as_str());
+            sources.push((port.clone(), names.zip(outs.iter().map(|o| &*o.1)).collect()));
             digests.insert(port.clone(), outs.iter().map(|o| o.0).collect());
         }
         let inputs = Inputs::from_sources(pipeline.dir.clone(), sources);

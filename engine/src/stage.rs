@@ -215,17 +215,43 @@ pub struct Inputs {
     pub ports: BTreeMap<String, Vec<Artifact>>,
     /// The pipeline file's folder, which relative dataset roots are relative to.
     pub pipeline_dir: PathBuf,
+    /// What made each artifact of a port, for messages: the stage's name (`pick[1]` for the
+    /// second member of a chosen set).
+    #[serde(default)]
+    pub names: BTreeMap<String, Vec<String>>,
 }
 
 impl Inputs {
-    /// Inputs from the source artifacts of each port, a chosen set standing for its items.
+    /// Inputs from the source stages of each port (name and output), a chosen set standing for
+    /// its items.
     pub fn from_sources<'a>(
         pipeline_dir: PathBuf,
-        ports: impl IntoIterator<Item = (String, Vec<&'a Artifact>)>,
+        ports: impl IntoIterator<Item = (String, Vec<(&'a str, &'a Artifact)>)>,
     ) -> Inputs {
-        let ports =
-            ports.into_iter().map(|(port, sources)| (port, sources.into_iter().flat_map(Artifact::members).collect()));
-        Inputs { ports: ports.collect(), pipeline_dir }
+        let mut inputs = Inputs { pipeline_dir, ..Default::default() };
+        for (port, sources) in ports {
+            let (mut artifacts, mut names) = (Vec::new(), Vec::new());
+            for (name, artifact) in sources {
+                match artifact {
+                    Artifact::Chosen { items } => {
+                        artifacts.extend(items.iter().cloned());
+                        names.extend((0..items.len()).map(|i| format!("{name}[{i}]")));
+                    }
+                    other => {
+                        artifacts.push(other.clone());
+                        names.push(name.to_string());
+                    }
+                }
+            }
+            inputs.ports.insert(port.clone(), artifacts);
+            inputs.names.insert(port, names);
+        }
+        inputs
+    }
+
+    /// The name of what made artifact `i` of `port` (its stage), or its position.
+    pub fn name(&self, port: &str, i: usize) -> String {
+        self.names.get(port).and_then(|n| n.get(i)).cloned().unwrap_or_else(|| format!("{port}[{i}]"))
     }
 
     pub fn all(&self, port: &str) -> &[Artifact] {

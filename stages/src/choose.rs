@@ -275,10 +275,9 @@ impl WholeStage for Choose {
                 "there are no candidates to choose from (an empty chosen set feeds `candidates`)",
             ));
         }
-        let name =
-            |i: usize| format!("candidate {i} ({} {})", candidates[i].kind_name(), candidates[i].digest().short());
+        let name = |i: usize| format!("candidate {i} ({})", inputs.name("candidates", i));
         let baseline = match inputs.all("better_than").first() {
-            Some(b) => Some(self.carried(b, "`better_than`")?),
+            Some(b) => Some(self.carried(b, &format!("`better_than` ({})", inputs.name("better_than", 0)))?),
             None => None,
         };
         let direction = if self.higher_is_better { "higher" } else { "lower" };
@@ -296,7 +295,7 @@ impl WholeStage for Choose {
                 }
                 let metrics: Vec<f64> = (0..candidates.len())
                     .map(|i| match scores.get(i) {
-                        Some(s) => self.carried(s, &format!("score {i} (for {})", name(i))),
+                        Some(s) => self.carried(s, &format!("{} (the score of {})", inputs.name("scores", i), name(i))),
                         None => self.carried(&candidates[i], &name(i)),
                     })
                     .collect::<Result<_, _>>()?;

@@ -236,7 +236,7 @@ fn malformed_choose_stages_and_missing_metrics_are_one_clear_error() {
     );
     let run = p.run("p.toml", &[]);
     let error = run.stage("pick")["error"].as_str().unwrap().to_string();
-    assert!(error.contains("candidate 0 (folder") && error.contains("carries no metrics"), "{error}");
+    assert!(error.contains("candidate 0 (ft.0.61) is a folder that carries no metrics"), "{error}");
     // A chosen set of two fed to a port that takes one.
     let text = pipeline(VALUES, "better_than = \"base\"\nmetric = \"acc\"")
         + "\n[stages.one]\nkind = \"exec\"\ndata = \"pick\"\ncommand = [\"true\", \"{in.data}\"]\n";

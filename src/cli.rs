@@ -499,9 +499,10 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             let r = store.gc(keep_runs)?;
             writeln!(
                 out,
-                "kept the latest output of every stage and {} recent run(s); removed {} artifact(s) and {} object(s), freed {}",
+                "kept the latest output of every stage and {} recent run(s); removed {} artifact(s), {} compiled plugin(s) and {} object(s), freed {}",
                 r.runs_kept,
                 r.artifacts_removed,
+                r.compiled_removed,
                 r.objects_removed,
                 human_bytes(r.bytes_freed)
             )?;

@@ -562,3 +562,65 @@ fn a_sampling_plugin_gets_reproducible_randomness_that_differs_by_record() {
     assert!(draws.len() > 40, "only {} different draws among {} records", draws.len(), kept.len());
     assert!(draws.iter().all(|d| *d < 128));
 }
+
+/// The compiled form of a plugin is kept in the store: a later run whose plugin stage must
+/// compute loads it instead of compiling; a damaged copy is refused (quarantined), never run,
+/// and compiled again; the stage key does not change; `gc` removes it with the runs that used it.
+#[test]
+fn compiled_plugins_are_kept_loaded_and_a_damaged_one_is_compiled_again() {
+    let p = Project::new();
+    let all = captions();
+    write_records(&p, &all[..8]);
+    p.write("p.toml", pipeline(&example("min_words"), "config = { min_words = 3 }", 4));
+    let log = |p: &Project| String::from_utf8(p.ladle(&["show", "p.toml", "f"]).stdout).unwrap();
+    let expect = |p: &Project, n: usize| {
+        let want: Vec<&Value> =
+            all[..n].iter().filter(|r| native_min_words(r["caption"].as_str().unwrap(), 3)).collect();
+        let got = p.jsonl("o.jsonl");
+        assert_eq!(got.iter().collect::<Vec<_>>(), want);
+    };
+    let first = p.run("p.toml", &[]);
+    assert_eq!(first.code(), 0, "{}", first.stderr());
+    assert!(log(&p).contains("s; its compiled form is kept in the store for later runs"), "{}", log(&p));
+    expect(&p, 8);
+
+    // New records: the plugin stage computes the new shard, with the kept code.
+    write_records(&p, &all[..12]);
+    let second = p.run("p.toml", &[]);
+    assert_eq!(second.code(), 0, "{}", second.stderr());
+    assert_eq!(second.computed("f"), 1, "the two old shards are cached, as before");
+    assert!(log(&p).contains("loaded compiled from the store in"), "{}", log(&p));
+    expect(&p, 12);
+
+    // The kept code damaged on disk (wasmtime writes ELF): refused, compiled again, same output.
+    let objects = p.path(".ladle/objects");
+    let compiled: Vec<_> =
+        walk(&objects).into_iter().filter(|f| std::fs::read(f).is_ok_and(|b| b.starts_with(b"\x7fELF"))).collect();
+    assert_eq!(compiled.len(), 1, "one compiled component in {}", objects.display());
+    let mut bytes = std::fs::read(&compiled[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&compiled[0], bytes).unwrap();
+    write_records(&p, &all);
+    let third = p.run("p.toml", &[]);
+    assert_eq!(third.code(), 0, "{}", third.stderr());
+    assert!(log(&p).contains("s; its compiled form is kept in the store for later runs"), "{}", log(&p));
+    assert!(walk(&p.path(".ladle/quarantine")).len() == 1, "the damaged copy is quarantined");
+    expect(&p, all.len());
+
+    // Nothing new: all cached, nothing loaded.
+    assert_eq!(p.run("p.toml", &[]).status("f"), "cached");
+    // gc keeping no run removes it; keeping the runs keeps it.
+    let gc = |keep: &str| String::from_utf8(p.ladle(&["gc", "p.toml", "--keep-runs", keep]).stdout).unwrap();
+    assert!(gc("10").contains("0 compiled plugin(s)"));
+    assert!(gc("0").contains("1 compiled plugin(s)"));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}

@@ -111,7 +111,7 @@ fn gc_keeps_current_outputs_and_removes_the_rest() {
     // The first run's `keep` and `out` outputs are no one's latest: 2 artifacts; `keep` had one
     // shard per input shard, 3 objects. `captions` is shared and stays.
     let text = String::from_utf8_lossy(&gc.stdout);
-    assert!(text.contains("removed 2 artifact(s) and 3 object(s)"), "{text}");
+    assert!(text.contains("removed 2 artifact(s), 0 compiled plugin(s) and 3 object(s)"), "{text}");
     // The current pipeline is still fully cached.
     let r = p.run("p.toml", &[]);
     assert!(r.statuses().iter().all(|s| s.ends_with("=cached")), "{:?}", r.statuses());

@@ -20,6 +20,7 @@
 //! the index never names something that is not there. A file renamed into `objects/` but never
 //! indexed (a crash in between) is an orphan `ladle gc` removes.
 
+mod compiled;
 mod maintenance;
 mod memo;
 mod writer;
@@ -93,6 +94,8 @@ struct Index {
     runs: sled::Tree,
     last: sled::Tree,
     logs: sled::Tree,
+    /// Compiled plugin components (see [`compiled`]).
+    compiled: sled::Tree,
 }
 
 /// A map stage's cached output shard, and what was dropped on error while computing it.
@@ -162,6 +165,7 @@ impl Store {
             runs: tree("runs")?,
             last: tree("last")?,
             logs: tree("logs")?,
+            compiled: tree("compiled")?,
             db,
         };
         let inner = Inner {

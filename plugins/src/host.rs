@@ -13,13 +13,24 @@
 //! is captured (64 KiB) so a guest panic message can be shown. Memory is capped with a trap on
 //! growth failure.
 //!
+//! Compiling a component is most of a plugin stage's start-up (seconds for an 18 MB Python
+//! component); with a store at hand its compiled form is kept there ([`LadleStore::put_compiled`]),
+//! keyed by the `.wasm` digest and the engine's compatibility hash (wasmtime's version, its
+//! settings, fuel or not, the CPU's features), and later runs load it in milliseconds. What is
+//! loaded is only ever what ladle wrote: the store verifies the bytes' digest (a corrupt entry is
+//! quarantined and compiled again), and wasmtime refuses code from another version or setting
+//! (then it is compiled again and replaced). The stage key does not change.
+//!
 //! Text a plugin hands the host (errors, log lines, panic messages) is clipped to
 //! [`MAX_PLUGIN_TEXT`] before it is kept anywhere: it ends up in events, run records and the
 //! index, and a plugin is not trusted to keep it short.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use ladle_engine::Digest;
+use ladle_engine::Store as LadleStore;
 
 use crate::sandbox::{CallBudget, SeededRandom, SleptPastDeadline, deadline_ticks, link_sleeps};
 
@@ -181,9 +192,58 @@ impl PluginLog {
     }
 }
 
+/// How a plugin's component was made ready, for the stage's log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prepared {
+    /// Compiled here; `kept` when its compiled form went into the store.
+    Compiled { seconds: f64, kept: bool },
+    /// Loaded from the compiled form a store kept.
+    Loaded { seconds: f64 },
+    /// The kept form was refused (another wasmtime or setting): compiled again and replaced.
+    Replaced { seconds: f64, why: String },
+}
+
+impl std::fmt::Display for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Prepared::Compiled { seconds, kept: true } => {
+                write!(f, "compiled in {seconds:.2} s; its compiled form is kept in the store for later runs")
+            }
+            Prepared::Compiled { seconds, kept: false } => write!(f, "compiled in {seconds:.2} s"),
+            Prepared::Loaded { seconds } => write!(f, "loaded compiled from the store in {seconds:.3} s"),
+            Prepared::Replaced { seconds, why } => {
+                write!(
+                    f,
+                    "the compiled form in the store was refused ({why}); compiled again in {seconds:.2} s and replaced"
+                )
+            }
+        }
+    }
+}
+
+/// Where a component's compiled form is kept: the `.wasm` digest with everything of `engine`
+/// that changes the code it makes.
+fn compiled_key(engine: &Engine, wasm: &[u8; 32]) -> Digest {
+    struct Blake3(blake3::Hasher);
+    impl std::hash::Hasher for Blake3 {
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+        fn finish(&self) -> u64 {
+            0
+        }
+    }
+    let mut h = Blake3(blake3::Hasher::new_derive_key("ladle compiled plugin component v1"));
+    h.0.update(wasm);
+    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
+    Digest(*h.0.finalize().as_bytes())
+}
+
 /// A compiled plugin, ready to instantiate.
 pub struct Plugin {
     pub name: String,
+    /// How its component was made ready.
+    pub prepared: Prepared,
     component: Component,
     limits: Limits,
     pre: bindings::PluginPre<State>,
@@ -220,13 +280,28 @@ fn header_kind(bytes: &[u8]) -> Option<&'static str> {
 impl Plugin {
     /// Compiles the plugin at `path` and checks it against the interface.
     pub fn load(path: &Path, limits: Limits) -> Result<Plugin, LoadError> {
+        Self::load_kept(path, limits, None)
+    }
+
+    /// [`Plugin::load`], keeping its compiled form in `store` (or loading it from there).
+    pub fn load_kept(path: &Path, limits: Limits, store: Option<&LadleStore>) -> Result<Plugin, LoadError> {
         let bytes =
             std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
         let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "plugin".into());
-        Self::from_bytes(&bytes, &path.display().to_string(), name, limits)
+        Self::from_bytes_kept(&bytes, &path.display().to_string(), name, limits, store)
     }
 
     pub fn from_bytes(bytes: &[u8], path: &str, name: String, limits: Limits) -> Result<Plugin, LoadError> {
+        Self::from_bytes_kept(bytes, path, name, limits, None)
+    }
+
+    fn from_bytes_kept(
+        bytes: &[u8],
+        path: &str,
+        name: String,
+        limits: Limits,
+        store: Option<&LadleStore>,
+    ) -> Result<Plugin, LoadError> {
         let path = path.to_string();
         match header_kind(bytes) {
             None if bytes.starts_with(b"(") => {}
@@ -240,8 +315,42 @@ impl Plugin {
             Some(_) => {}
         }
         let engine = engine(limits.fuel.is_some());
-        let component = Component::new(engine, bytes)
-            .map_err(|e| LoadError::Invalid { path: path.clone(), message: format!("{e:#}") })?;
+        let digest = *blake3::hash(bytes).as_bytes();
+        let started = Instant::now();
+        let compile = || {
+            Component::new(engine, bytes)
+                .map_err(|e| LoadError::Invalid { path: path.clone(), message: format!("{e:#}") })
+        };
+        let key = compiled_key(engine, &digest);
+        // A store that cannot be read (a worker's view, an I/O error) only means compiling.
+        let kept = store.and_then(|s| s.get_compiled(&key).ok().flatten());
+        let (component, prepared) = match kept {
+            Some(code) => {
+                // SAFETY: the bytes are a `Component::serialize` that ladle wrote into the store,
+                // read back under their BLAKE3 digest (a changed byte is refused before this);
+                // wasmtime checks its own version and settings in their header.
+                match unsafe { Component::deserialize(engine, &code) } {
+                    Ok(c) => (c, Prepared::Loaded { seconds: started.elapsed().as_secs_f64() }),
+                    Err(e) => {
+                        let c = compile()?;
+                        if let (Some(s), Ok(code)) = (store, c.serialize()) {
+                            let _ = s.put_compiled(&key, &code);
+                        }
+                        let why = format!("{e:#}").lines().next().unwrap_or_default().to_string();
+                        (c, Prepared::Replaced { seconds: started.elapsed().as_secs_f64(), why })
+                    }
+                }
+            }
+            None => {
+                let c = compile()?;
+                let seconds = started.elapsed().as_secs_f64();
+                let kept = match store {
+                    Some(s) => c.serialize().ok().is_some_and(|code| s.put_compiled(&key, &code).unwrap_or(false)),
+                    None => false,
+                };
+                (c, Prepared::Compiled { seconds, kept })
+            }
+        };
         let mut linker: Linker<State> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .and_then(|()| link_sleeps(&mut linker))
@@ -256,8 +365,7 @@ impl Plugin {
         };
         let instance_pre = linker.instantiate_pre(&component).map_err(interface_error)?;
         let pre = bindings::PluginPre::new(instance_pre).map_err(interface_error)?;
-        let digest = *blake3::hash(bytes).as_bytes();
-        Ok(Plugin { name, component, limits, pre, digest, log: Arc::default() })
+        Ok(Plugin { name, prepared, component, limits, pre, digest, log: Arc::default() })
     }
 
     pub fn component(&self) -> &Component {

@@ -151,11 +151,13 @@ impl Stage for PluginStage {
 impl MapStage for PluginStage {
     fn prepare(
         &self,
-        _ctx: &StageContext<'_>,
+        ctx: &StageContext<'_>,
         _inputs: &Inputs,
         _replica: usize,
     ) -> Result<Arc<dyn ShardMapper>, StageError> {
-        let plugin = Plugin::load(&self.wasm, self.limits).map_err(|e| StageError::input(e.to_string()))?;
+        let plugin = Plugin::load_kept(&self.wasm, self.limits, Some(ctx.store))
+            .map_err(|e| StageError::input(e.to_string()))?;
+        ctx.save_log(format!("component {}: {}\n", self.wasm.display(), plugin.prepared).as_bytes())?;
         let mapper = PluginMapper {
             label: format!("plugin `{}` ({})", plugin.name, self.wasm.display()),
             plugin,

@@ -25,6 +25,8 @@ pub struct GcReport {
     pub runs_kept: usize,
     pub artifacts_removed: u64,
     pub objects_removed: u64,
+    /// Compiled plugins no retained run used.
+    pub compiled_removed: u64,
     pub bytes_freed: u64,
 }
 
@@ -112,6 +114,21 @@ impl Store {
                 _ => {
                     self.ix()?.actions.remove(&k).map_err(|e| self.index_err(e))?;
                     self.ix()?.logs.remove(&k).map_err(|e| self.index_err(e))?;
+                }
+            }
+        }
+        // Compiled plugins go with the runs that used them: kept while a retained run started
+        // before their last use.
+        let oldest_kept = runs.iter().rev().take(keep_runs).map(|r| r.started_unix).min();
+        for item in self.ix()?.compiled.iter() {
+            let (k, v) = item.map_err(|e| self.index_err(e))?;
+            match serde_json::from_slice::<super::compiled::Entry>(&v) {
+                Ok(e) if oldest_kept.is_some_and(|t| e.used_unix >= t) => {
+                    live.insert(e.object);
+                }
+                _ => {
+                    self.ix()?.compiled.remove(k).map_err(|e| self.index_err(e))?;
+                    report.compiled_removed += 1;
                 }
             }
         }

@@ -5,6 +5,7 @@
 #  - a one-node Slurm cluster on loopback for tests/slurm.rs (scripts/slurm/loopback-up.sh: Debian's
 #    slurmctld, slurmd and munge, installed where missing; needs root, or sudo without a password).
 #    LADLE_SKIP_SLURM=1 skips the cluster and the Slurm tests on purpose;
+#  - componentize-py (PyPI), which builds the Python plugins the plugin tests use;
 #  - Chromium, for the test that opens `ladle report`'s page in a real browser (Debian's
 #    `chromium`, installed where missing). Where it cannot be installed, LADLE_NO_CHROMIUM says why
 #    and that test says it skipped.
@@ -23,6 +24,17 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null 
            || { "${as_root[@]}" apt-get update -qq && "${as_root[@]}" apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }; }; then
     export LADLE_NO_CHROMIUM="apt-get install chromium failed (see above)"
   fi
+fi
+
+# componentize-py builds the Python plugins the tests use (plugins/examples/python, the hostile
+# Python guest); the version the Python SDK is tested with, in a venv of its own where missing.
+if ! command -v componentize-py >/dev/null; then
+  venv=target/componentize-py
+  if [ ! -x "$venv/bin/componentize-py" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "componentize-py==0.25.1"
+  fi
+  export PATH="$PWD/$venv/bin:$PATH"
 fi
 
 if [ "${LADLE_SKIP_SLURM:-0}" != 1 ]; then

@@ -278,15 +278,25 @@ enum ImageCmd {
 
 #[derive(Subcommand, Debug)]
 enum PluginCmd {
-    /// Start a plugin crate that builds with `cargo build --release --target wasm32-wasip2`
+    /// Start a plugin: a Rust crate (`cargo build --release --target wasm32-wasip2`), or Python
+    /// (`--lang python`, built with componentize-py)
     New {
         name: String,
         /// Where to create it [default: the current folder]
         #[arg(long, value_name = "DIR", default_value = ".")]
         dir: PathBuf,
+        /// What to write it in: a Rust crate, or Python built with componentize-py
+        #[arg(long, value_enum, default_value_t = LangArg::Rust)]
+        lang: LangArg,
     },
     /// Check a .wasm against ladle's plugin interface and list what it exports and imports
     Check { wasm: PathBuf },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LangArg {
+    Rust,
+    Python,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -508,15 +518,28 @@ pub fn dispatch(args: Args) -> Result<Outcome> {
             )?;
             Ok(Outcome::Success)
         }
-        Cmd::Plugin(PluginCmd::New { name, dir }) => {
-            let root = ladle_plugins::scaffold::new_plugin(&dir, &name)?;
-            let wasm = format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_"));
+        Cmd::Plugin(PluginCmd::New { name, dir, lang }) => {
+            use ladle_plugins::scaffold::{COMPONENTIZE_PY, Lang, new_plugin, python_build_line};
+            let lang = match lang {
+                LangArg::Rust => Lang::Rust,
+                LangArg::Python => Lang::Python,
+            };
+            let root = new_plugin(&dir, &name, lang)?;
+            let module = name.replace('-', "_");
             writeln!(out, "created {}", root.display())?;
-            writeln!(
-                out,
-                "next:\n  cd {}\n  rustup target add wasm32-wasip2   # once\n  cargo build --release --target wasm32-wasip2\n  ladle plugin check {wasm}",
-                root.display()
-            )?;
+            match lang {
+                Lang::Rust => writeln!(
+                    out,
+                    "next:\n  cd {}\n  rustup target add wasm32-wasip2   # once\n  cargo build --release --target wasm32-wasip2\n  ladle plugin check target/wasm32-wasip2/release/{module}.wasm",
+                    root.display()
+                )?,
+                Lang::Python => writeln!(
+                    out,
+                    "next:\n  cd {}\n  pip install componentize-py=={COMPONENTIZE_PY}   # once\n  {}\n  ladle plugin check {module}.wasm",
+                    root.display(),
+                    python_build_line(&module)
+                )?,
+            }
             Ok(Outcome::Success)
         }
         Cmd::Plugin(PluginCmd::Check { wasm }) => {

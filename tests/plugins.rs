@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Project, wasm_dir};
+use common::{Project, python_plugin, wasm_dir};
 use serde_json::{Value, json};
 
 fn example(name: &str) -> String {
@@ -623,4 +623,129 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
     }
     out
+}
+
+// ---- Python plugins (componentize-py and plugins/sdk-python) ------------------------------
+
+/// caption-rules' rules, written natively from its module docs.
+fn native_caption_rules(record: &Value, min_words: usize, min_alpha: f64, banned: &[&str]) -> bool {
+    let Some(caption) = record["caption"].as_str() else { return false };
+    if caption.split_whitespace().count() < min_words {
+        return false;
+    }
+    let visible: Vec<char> = caption.chars().filter(|c| !c.is_whitespace()).collect();
+    let letters = visible.iter().filter(|c| c.is_alphabetic()).count();
+    if visible.is_empty() || (letters as f64) / (visible.len() as f64) < min_alpha {
+        return false;
+    }
+    let lowered = caption.to_lowercase();
+    !banned.iter().any(|b| lowered.contains(&b.to_lowercase()))
+}
+
+#[test]
+fn the_python_example_gives_the_verdicts_of_its_rules_written_natively() {
+    let wasm = python_plugin("plugins/examples/python/caption-rules");
+    let mut records = captions();
+    for (i, c) in [
+        "一只 狗 在 草地 上 睡觉",
+        "Кошка спит на диване",
+        "click HERE for a stock photo of a cat",
+        "1234 5678 90 12",
+        "a b",
+    ]
+    .iter()
+    .enumerate()
+    {
+        records.push(json!({"id": 100 + i, "caption": c}));
+    }
+    records.push(json!({"id": 200, "caption": 42}));
+    records.push(json!({"id": 201}));
+    let p = Project::new();
+    write_records(&p, &records);
+    let config = "config = { min_words = 3, min_alpha = 0.6, banned = [\"Click here\", \"example.com\"] }";
+    p.write("p.toml", pipeline(wasm.to_str().unwrap(), &format!("{config}\nlimits = {{ memory_mb = 128 }}"), 5));
+    let run = p.run("p.toml", &[]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let want: Vec<&Value> =
+        records.iter().filter(|r| native_caption_rules(r, 3, 0.6, &["Click here", "example.com"])).collect();
+    assert!(want.len() > 3 && want.len() < records.len() - 3, "the rules keep some and drop some");
+    assert_eq!(p.jsonl("o.jsonl").iter().collect::<Vec<_>>(), want);
+    // A config the plugin refuses fails the stage with its Python message, before any record.
+    p.write("p.toml", pipeline(wasm.to_str().unwrap(), "config = { min_alpha = 2 }\nlimits = { memory_mb = 128 }", 5));
+    let run = p.run("p.toml", &[]);
+    let error = run.stage("f")["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("ValueError: min_alpha is a share of the characters: between 0 and 1"), "{error}");
+}
+
+#[test]
+fn a_hostile_python_plugin_is_contained_and_its_errors_show_the_python_exception() {
+    use ladle_plugins::host::{CallError, Limits, Plugin, Verdict};
+    let wasm = python_plugin("tests/plugins/python/hostile");
+    let limits = Limits { memory_bytes: 128 << 20, batch_timeout: Duration::from_millis(1500), fuel: None };
+    let plugin = Plugin::load(&wasm, limits).unwrap();
+    let call = |what: &str| {
+        let mut instance = plugin.instantiate(&format!("{{\"do\": \"{what}\"}}")).unwrap();
+        instance.filter(&["{\"id\": 7, \"caption\": \"a cat\"}".to_string()], b"batch")
+    };
+    match call("raise") {
+        Err(CallError::Returned(e)) => {
+            assert!(e.contains("ValueError: bad caption in record 7"), "{e}");
+            assert!(e.contains("Traceback") || e.contains("line "), "the traceback's last lines: {e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let t = Instant::now();
+    assert_eq!(call("loop").unwrap_err(), CallError::Timeout(1500));
+    assert!(t.elapsed() < Duration::from_millis(1500 + 1000), "{:?}", t.elapsed());
+    match call("alloc") {
+        Err(CallError::Memory(128)) => {}
+        Err(CallError::Returned(e)) if e.contains("MemoryError") => {}
+        other => panic!("an unbounded allocation must stop at the cap: {other:?}"),
+    }
+    match call("open") {
+        Err(CallError::Returned(e)) => assert!(e.contains("Error") && e.contains("/etc/passwd"), "{e}"),
+        other => panic!("opening a host file must fail: {other:?}"),
+    }
+    match call("socket") {
+        Err(CallError::Returned(e)) => assert!(e.contains("Error"), "{e}"),
+        other => panic!("a connection must fail: {other:?}"),
+    }
+    let replaced = |v: Result<Vec<Verdict>, CallError>| match v.unwrap().as_slice() {
+        [Verdict::Replace(r)] => serde_json::from_str::<Value>(r).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(replaced(call("environ"))["environ"], json!({}));
+    assert_eq!(replaced(call("clock"))["time"], json!(0.0));
+}
+
+/// `ladle plugin new NAME --lang python` makes a folder that builds as its README says (with the
+/// componentize-py the test command installs) and passes `plugin check`. (Its filter runs as the
+/// example's does, in the tests above; each run of an 18 MB component costs a compile here.)
+#[test]
+fn plugin_new_python_makes_a_folder_that_builds_checks_and_runs() {
+    let p = Project::new();
+    let out = p.ladle(&["plugin", "new", "short-captions", "--lang", "python"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let next = String::from_utf8_lossy(&out.stdout);
+    assert!(next.contains("componentize-py -d wit -w plugin componentize app -p . -o short_captions.wasm"), "{next}");
+    let readme = String::from_utf8(p.read("short-captions/README.md")).unwrap();
+    assert!(
+        readme.contains("pip install componentize-py==")
+            && readme.contains("componentize app -p . -o short_captions.wasm")
+    );
+
+    // The build line of its README, in its folder.
+    let tool = std::env::var("LADLE_COMPONENTIZE_PY").unwrap_or_else(|_| "componentize-py".into());
+    let build = std::process::Command::new(&tool)
+        .args(["-d", "wit", "-w", "plugin", "componentize", "app", "-p", ".", "-o", "short_captions.wasm"])
+        .current_dir(p.path("short-captions"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} (scripts/test.sh installs it): {e}"));
+    assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+    let wasm = p.path("short-captions/short_captions.wasm");
+    let check = p.ladle(&["plugin", "check", wasm.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
+    let report = String::from_utf8_lossy(&check.stdout);
+    let exports = report.lines().find(|l| l.starts_with("exports:")).unwrap_or_default();
+    assert!(exports.contains("ladle:filter/filter@0.1.0"), "{report}");
 }

@@ -1,13 +1,25 @@
-//! `ladle plugin new NAME`: a plugin crate that builds as it is.
+//! `ladle plugin new NAME [--lang rust|python]`: a plugin that builds as it is.
 //!
-//! The crate carries its own copy of the SDK (`ladle-plugin/`, with the WIT file), so it builds
-//! anywhere, offline, without this repository; `ladle plugin new` run again by a newer ladle
-//! refreshes nothing on its own — copy a newer `ladle-plugin/` in to upgrade.
+//! Rust: a crate carrying its own copy of the SDK (`ladle-plugin/`, with the WIT file). Python:
+//! a folder with `app.py`, the SDK package (`ladle_plugin/`) and the WIT file, built by
+//! componentize-py. Either builds anywhere, offline, without this repository; `ladle plugin new`
+//! run again by a newer ladle refreshes nothing on its own — copy a newer SDK in to upgrade.
 
 use std::path::{Path, PathBuf};
 
 const SDK_LIB: &str = include_str!("../sdk/src/lib.rs");
+const SDK_PYTHON: &str = include_str!("../sdk-python/ladle_plugin/__init__.py");
 const WIT: &str = include_str!("../wit/filter.wit");
+
+/// The componentize-py release the Python SDK is built and tested with.
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+
+/// What a plugin is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    Rust,
+    Python,
+}
 
 /// Errors of `plugin new`.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +34,8 @@ pub enum ScaffoldError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
-/// Writes a new plugin crate at `dir/NAME`; returns its folder.
-pub fn new_plugin(dir: &Path, name: &str) -> Result<PathBuf, ScaffoldError> {
+/// Writes a new plugin at `dir/NAME`; returns its folder.
+pub fn new_plugin(dir: &Path, name: &str, lang: Lang) -> Result<PathBuf, ScaffoldError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !valid {
@@ -34,6 +46,9 @@ pub fn new_plugin(dir: &Path, name: &str) -> Result<PathBuf, ScaffoldError> {
         return Err(ScaffoldError::Exists(root));
     }
     let crate_name = name.replace('-', "_");
+    if lang == Lang::Python {
+        return write_files(&root, python_files(name, &crate_name));
+    }
     let type_name: String =
         name.split(['-', '_']).filter(|p| !p.is_empty()).map(|p| p[..1].to_ascii_uppercase() + &p[1..]).collect();
     let sdk_toml = format!(
@@ -93,6 +108,10 @@ export_filter!({type_name});
             ),
         ),
     ];
+    write_files(&root, files)
+}
+
+fn write_files(root: &Path, files: Vec<(&str, String)>) -> Result<PathBuf, ScaffoldError> {
     for (rel, content) in files {
         let path = root.join(rel);
         let write = || -> std::io::Result<()> {
@@ -101,5 +120,51 @@ export_filter!({type_name});
         };
         write().map_err(|source| ScaffoldError::Io { path: path.clone(), source })?;
     }
-    Ok(root)
+    Ok(root.to_path_buf())
+}
+
+/// The build line of a Python plugin, run in its folder.
+pub fn python_build_line(module_name: &str) -> String {
+    format!("componentize-py -d wit -w plugin componentize app -p . -o {module_name}.wasm")
+}
+
+fn python_files(name: &str, module_name: &str) -> Vec<(&'static str, String)> {
+    let build = python_build_line(module_name);
+    vec![
+        (
+            "app.py",
+            format!(
+                r#""""{name}: a ladle filter plugin written in Python.
+
+Build:  {build}
+Check:  ladle plugin check {module_name}.wasm
+"""
+
+import ladle_plugin
+
+
+@ladle_plugin.filter
+def keep(record, config):
+    """True keeps the record, False or None drops it, a dict replaces it."""
+    text = record.get(config.get("field", "caption"))
+    if not isinstance(text, str):
+        raise ValueError(f"the record has no text field {{config.get('field', 'caption')!r}}")
+    return len(text.strip()) >= config.get("min_chars", 1)
+
+
+# componentize-py builds the component from this class.
+Filter = ladle_plugin.Filter
+"#
+            ),
+        ),
+        ("ladle_plugin/__init__.py", SDK_PYTHON.to_string()),
+        ("wit/filter.wit", WIT.to_string()),
+        (".gitignore", "*.wasm\n__pycache__/\n".to_string()),
+        (
+            "README.md",
+            format!(
+                "# {name}\n\nA ladle filter plugin written in Python (see `app.py`), run sandboxed.\n\n```sh\npip install componentize-py=={COMPONENTIZE_PY}\n{build}\nladle plugin check {module_name}.wasm\n```\n\nUse it in a pipeline (a Python plugin needs more memory than a Rust one: CPython starts in a few tens of MiB):\n\n```toml\n[stages.{module_name}]\nkind = \"plugin\"\ndata = \"captions\"\nwasm = \"{name}/{module_name}.wasm\"\nconfig = {{ field = \"caption\", min_chars = 1 }}\n```\n\n`ladle_plugin/` is the SDK (`@ladle_plugin.filter`, `@ladle_plugin.batch`, `@ladle_plugin.configure`, `ladle_plugin.log`); `wit/` is ladle's plugin interface.\n"
+            ),
+        ),
+    ]
 }

@@ -136,4 +136,4 @@ pub fn captions(range: std::ops::Range<usize>) -> String {
 #[path = "wasm.rs"]
 mod wasm;
 #[allow(unused_imports)] // not every test binary builds guests
-pub use wasm::wasm_dir;
+pub use wasm::{python_plugin, wasm_dir};

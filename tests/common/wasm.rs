@@ -32,3 +32,54 @@ pub fn wasm_dir(workspace: &str) -> PathBuf {
     built.insert(workspace.to_string(), dir.clone());
     dir
 }
+
+/// The componentize-py release the Python SDK is tested with (as `ladle plugin new` says).
+#[allow(dead_code)] // not every user of this file builds Python plugins
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+
+/// Builds the Python plugin in `folder` (a folder of the repository holding `app.py`) with
+/// componentize-py, against ladle's WIT and the Python SDK, when its .wasm is missing or older
+/// than its sources; returns the .wasm (in `folder/target/`). `scripts/test.sh` installs
+/// componentize-py where it is missing and builds them first; run without it, this fails saying
+/// how to install it.
+#[allow(dead_code)] // not every user of this file builds Python plugins
+pub fn python_plugin(folder: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(wasm) = built.get(folder) {
+        return wasm.clone();
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo.join(folder);
+    let name = root.file_name().unwrap().to_string_lossy().replace('-', "_");
+    let wasm = root.join("target").join(format!("{name}.wasm"));
+    let sdk = repo.join("plugins/sdk-python");
+    let wit = repo.join("plugins/wit");
+    let newest = [root.join("app.py"), sdk.join("ladle_plugin/__init__.py"), wit.join("filter.wit")]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max();
+    let built_at = std::fs::metadata(&wasm).and_then(|m| m.modified()).ok();
+    if built_at.is_none() || built_at < newest {
+        std::fs::create_dir_all(wasm.parent().unwrap()).unwrap();
+        let tool = std::env::var("LADLE_COMPONENTIZE_PY").unwrap_or_else(|_| "componentize-py".into());
+        let out = Command::new(&tool)
+            .arg("-d")
+            .arg(&wit)
+            .args(["-w", "plugin", "componentize", "app", "-p"])
+            .arg(&root)
+            .arg("-p")
+            .arg(&sdk)
+            .arg("-o")
+            .arg(&wasm)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `{tool}` to build {folder}: {e}\n  hint: pip install componentize-py=={COMPONENTIZE_PY}, or run scripts/test.sh, which installs it"
+                )
+            });
+        assert!(out.status.success(), "building {folder} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    built.insert(folder.to_string(), wasm.clone());
+    wasm
+}

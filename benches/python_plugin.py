@@ -77,11 +77,15 @@ def native(src, dst):
     return time.perf_counter() - started, kept
 
 
+def toml_table(config):
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + " }"
+
+
 def pipeline(path, data, wasm, config):
     with open(path, "w") as f:
         f.write(
             f'[pipeline]\nname = "bench"\n\n[stages.d]\nkind = "read"\npath = "{data}"\n\n'
-            f'[stages.f]\nkind = "plugin"\ndata = "d"\nwasm = "{wasm}"\nconfig = {json.dumps(config)}\n'
+            f'[stages.f]\nkind = "plugin"\ndata = "d"\nwasm = "{wasm}"\nconfig = {toml_table(config)}\n'
             f'limits = {{ memory_mb = 128 }}\n\n[stages.w]\nkind = "write"\ndata = "f"\npath = "out.jsonl"\n'
         )
 

@@ -112,7 +112,13 @@ impl StageKind for ExecKind {
                             .error("command", "`{out}` has no meaning with per_shard = true: records go to stdout"));
                     }
                     None => {
-                        return Err(params.error("command", format!("unknown placeholder `{{{placeholder}}}`; known: {{in.PORT}}, {{out}} (write `{{{{` for a literal brace)")));
+                        let mut e = params.error("command", format!("unknown placeholder `{{{placeholder}}}`; known: {{in.PORT}}, {{out}} (write `{{{{` for a literal brace)"));
+                        if placeholder.starts_with("matrix.") || placeholder.starts_with("vars.") {
+                            e.hint = Some(format!(
+                                "a matrix value or variable is written with a dollar: ${{{placeholder}}}"
+                            ));
+                        }
+                        return Err(e);
                     }
                 }
             }

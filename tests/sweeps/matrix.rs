@@ -238,6 +238,11 @@ fn malformed_matrices_and_variables_point_at_what_was_written() {
             "p.toml:13:1: stage `band`: `${` is not closed",
             "$${",
         ),
+        (
+            "[stages.e]\nkind = \"exec\"\nmatrix = { lo = [0, 300] }\ncommand = [\"echo\", \"{matrix.lo}\"]\n",
+            "p.toml:11:1: stage `e.0`: unknown placeholder `{matrix.lo}`",
+            "written with a dollar: ${matrix.lo}",
+        ),
     ];
     for (stages, want, hint) in cases {
         let p = Project::new();

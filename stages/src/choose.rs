@@ -42,7 +42,7 @@ use ladle_engine::stage::{Accepts, Arity, Execution, Inputs, PortSpec, Produces,
 use ladle_engine::{Artifact, Digest, StageContext, StageKey};
 use serde_json::json;
 
-use crate::exec::{read_metrics, run_command, tail};
+use crate::exec::{command_timeout, read_metrics, run_command, tail};
 
 pub struct ChooseKind;
 
@@ -130,13 +130,7 @@ impl StageKind for ChooseKind {
                 }
                 let metrics_file = params.string("metrics")?.unwrap_or_else(|| "metrics.json".into());
                 let deps = params.path_deps("deps")?;
-                let timeout = match params.float("timeout")? {
-                    Some(t) if t <= 0.0 => {
-                        return Err(params.error("timeout", "`timeout` is in seconds and must be positive"));
-                    }
-                    t => t.map(Duration::from_secs_f64),
-                };
-                params.exclude_from_key("timeout");
+                let timeout = command_timeout(params)?;
                 Method::Forward { command, metrics_file, deps, timeout }
             }
             (Some("forward"), Some(_)) => {

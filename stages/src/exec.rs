@@ -131,14 +131,20 @@ impl StageKind for ExecKind {
         }
         // Scripts the command runs: their content enters the key.
         params.path_deps("deps")?;
-        let timeout = match params.float("timeout")? {
-            Some(t) if t <= 0.0 => return Err(params.error("timeout", "`timeout` is in seconds and must be positive")),
-            t => t.map(Duration::from_secs_f64),
-        };
-        // The time-out does not change what the stage produces.
-        params.exclude_from_key("timeout");
+        let timeout = command_timeout(params)?;
         Ok(Arc::new(Exec { command, per_shard, metrics, gpus, timeout, dir: params.base_dir().to_path_buf() }))
     }
+}
+
+/// A command's `timeout` parameter (seconds, positive), kept out of the key: it does not change
+/// what the command produces.
+pub(crate) fn command_timeout(params: &mut Params<'_>) -> Result<Option<Duration>, PipelineError> {
+    let timeout = match params.float("timeout")? {
+        Some(t) if t <= 0.0 => return Err(params.error("timeout", "`timeout` is in seconds and must be positive")),
+        t => t.map(Duration::from_secs_f64),
+    };
+    params.exclude_from_key("timeout");
+    Ok(timeout)
 }
 
 /// The `{name}` placeholders of an argument (`{{` and `}}` are literal braces).

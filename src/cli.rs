@@ -220,6 +220,34 @@ enum BenchCmd {
         #[arg(long, value_name = "DIR")]
         save: Option<PathBuf>,
     },
+    /// Generation throughput (new tokens/s) of the same prompts at several batch sizes, side by
+    /// side (the `generate` stage's `batch`)
+    Generate {
+        /// A decoder shape (qwen2-0.5b, qwen2-1.5b, qwen2-7b) or a config.json
+        #[arg(long, default_value = "qwen2-0.5b")]
+        shape: String,
+        /// Keep only this many layers (a quicker run of the same widths)
+        #[arg(long, value_name = "N")]
+        layers: Option<u64>,
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, bf16 or f16 [default: f32 on the CPU, bf16 on a GPU]
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Random prompts to write after
+        #[arg(long, default_value_t = 32)]
+        prompts: usize,
+        /// Their mean length in tokens (lengths spread over half to 1.5 times it)
+        #[arg(long, default_value_t = 40)]
+        length: usize,
+        /// New tokens each prompt gets
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Batch sizes to measure, in turn; the first is the baseline
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
+        batch: Vec<usize>,
+    },
     /// Soup averaging (GB/s of input) against plain reads of the same checkpoints
     Soup {
         /// Ingredient model folders (or --make synthetic ones)
@@ -624,6 +652,17 @@ fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {
             })?;
             let _ = std::fs::remove_dir_all(&out);
             json
+        }
+        BenchCmd::Generate { shape, layers, device, dtype, prompts, length, new_tokens, batch } => {
+            bench::run_generate(&bench::GenerateOptions {
+                shape,
+                layers,
+                placement: place(&device, dtype.as_deref())?,
+                prompts,
+                length,
+                new_tokens,
+                batches: batch,
+            })?
         }
         BenchCmd::Score { shape, layers, device, dtype, sequences, length, batch_tokens, save } => {
             bench::run_score(&bench::ScoreOptions {

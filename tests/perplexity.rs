@@ -232,4 +232,21 @@ fn the_generate_stage_writes_what_transformers_generates() {
     assert_eq!(run(&q).code(), 0);
     assert_ne!(q.read("out.jsonl"), sampled);
     assert_ne!(q.jsonl("out.jsonl"), out, "sampling at temperature 1.5 differs from greedy");
+
+    // Records written one at a time or two at a time (a remainder batch too) write the same;
+    // `batch` is how, not what, so changing it reruns nothing.
+    assert!(cases.len() >= 3, "the fixture has {} prompts", cases.len());
+    for batch in [1, 2] {
+        let b = Project::new();
+        b.write("prompts.jsonl", p.read("prompts.jsonl"));
+        b.write("p.toml", generate_pipeline(&format!("temperature = 1.5\ntop_p = 0.9\nseed = 7\nbatch = {batch}")));
+        assert_eq!(run(&b).code(), 0);
+        assert_eq!(b.read("out.jsonl"), sampled, "sampled {batch} at a time");
+        b.write("p.toml", generate_pipeline(&format!("batch = {batch}")));
+        assert_eq!(run(&b).code(), 0);
+        assert_eq!(b.jsonl("out.jsonl"), out, "greedy {batch} at a time");
+        b.write("p.toml", generate_pipeline(&format!("batch = {}", batch + 5)));
+        let r = run(&b);
+        assert_eq!(r.status("gen"), "cached", "{}", r.stderr());
+    }
 }

@@ -8,6 +8,9 @@
 //!   uses (length buckets under a token budget), with the fraction of the matmul roofline:
 //!   2 · parameters FLOPs per token against the rate [`matmul`] measures on the same device.
 //! - [`matmul`]: the device's dense matmul rate in the dtype, the roofline's denominator.
+//! - [`run_generate`]: generation, new tokens/s, the same prompts written at each of several
+//!   batch sizes side by side (the first the baseline), as the `generate` stage writes them: the
+//!   measurement behind its default `batch` per device.
 //! - [`run_soup`]: the soup stage's averager against plain reads of the same checkpoints, as
 //!   `benches/soup_vs_torch.py` measures it with cargo, for machines without it.
 //!
@@ -23,7 +26,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use ladle_models::device::{Placement, Processor, dtype_name};
-use ladle_models::llm::generate::Rng;
+use ladle_models::llm::generate::{Prompt, Rng, Sampling, generate_batch};
 use ladle_models::llm::scorer::plan_batches;
 use ladle_models::llm::{Decoder, LlmConfig, ModelError, Score, Scorer, Sequence};
 use serde_json::{Value, json};
@@ -227,12 +230,12 @@ pub struct ScoreOptions {
     pub save: Option<PathBuf>,
 }
 
-/// `ladle bench score`: one JSON object with the report, the roofline and the setting.
-pub fn run_score(o: &ScoreOptions) -> Result<Value, ModelError> {
-    let mut config = match llm_shape(&o.shape) {
+/// A shape's config.json by name ([`LLM_SHAPES`]) or path, cut to `layers` when given.
+fn shape_config_json(shape: &str, layers: Option<u64>) -> Result<Value, ModelError> {
+    let mut config = match llm_shape(shape) {
         Some(c) => c,
         None => {
-            let path = PathBuf::from(&o.shape);
+            let path = PathBuf::from(shape);
             let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Config {
                 path: path.clone(),
                 message: format!("not one of {} and not a readable config.json: {e}", LLM_SHAPES.join(", ")),
@@ -241,9 +244,15 @@ pub fn run_score(o: &ScoreOptions) -> Result<Value, ModelError> {
                 .map_err(|e| ModelError::Config { path, message: format!("invalid JSON: {e}") })?
         }
     };
-    if let Some(n) = o.layers {
+    if let Some(n) = layers {
         config["num_hidden_layers"] = n.into();
     }
+    Ok(config)
+}
+
+/// `ladle bench score`: one JSON object with the report, the roofline and the setting.
+pub fn run_score(o: &ScoreOptions) -> Result<Value, ModelError> {
+    let config = shape_config_json(&o.shape, o.layers)?;
     let cfg = shape_config(&config)?;
     let device = o.placement.device()?;
     let dtype = o.placement.dtype;
@@ -262,6 +271,64 @@ pub fn run_score(o: &ScoreOptions) -> Result<Value, ModelError> {
         "bench": "score", "shape": o.shape, "layers": cfg.num_layers, "device": o.placement.name(),
         "dtype": dtype_name(dtype), "batch_tokens": o.batch_tokens, "build_s": build_s, "report": report,
         "matmul_flops_per_s": roofline, "roofline_fraction": report.flops_per_s / roofline,
+    }))
+}
+
+/// What `ladle bench generate` measures.
+pub struct GenerateOptions {
+    /// A name from [`LLM_SHAPES`] or a config.json.
+    pub shape: String,
+    /// Keep only this many layers.
+    pub layers: Option<u64>,
+    pub placement: Placement,
+    /// Random prompts, and their mean length in tokens.
+    pub prompts: usize,
+    pub length: usize,
+    /// New tokens per prompt (no stop token: every prompt writes them all).
+    pub new_tokens: usize,
+    /// Records written together, each measured in turn; the first is the baseline.
+    pub batches: Vec<usize>,
+}
+
+/// `ladle bench generate`: the same random prompts written greedily at each batch size, after
+/// an untimed warm-up of that size; new tokens/s and the ratio to the first batch size.
+pub fn run_generate(o: &GenerateOptions) -> Result<Value, ModelError> {
+    if o.batches.is_empty() || o.batches.contains(&0) {
+        return Err(ModelError::Compute("--batch takes one or more positive sizes".into()));
+    }
+    let config = shape_config_json(&o.shape, o.layers)?;
+    let cfg = shape_config(&config)?;
+    let device = o.placement.device()?;
+    let decoder = random_decoder(&config, &device, o.placement.dtype, None)?;
+    let seqs = random_sequences(cfg.vocab_size, o.prompts, o.length, 0);
+    let write = |ids: &[Sequence], new_tokens: usize| -> Result<usize, ModelError> {
+        let prompts = ids.iter().map(|s| Prompt::of_ids(&decoder, &s.ids)).collect::<Result<Vec<_>, _>>()?;
+        let mut rngs: Vec<Rng> = ids.iter().map(|_| Rng::new(0)).collect();
+        let limits = vec![new_tokens; ids.len()];
+        let out = generate_batch(&decoder, prompts, &limits, &[], &Sampling::GREEDY, &mut rngs)?;
+        Ok(out.iter().map(Vec::len).sum())
+    };
+    let mut runs = Vec::with_capacity(o.batches.len());
+    let mut baseline = None;
+    for &batch in &o.batches {
+        write(&seqs[..batch.min(seqs.len())], 2)?;
+        device.synchronize()?;
+        let t = Instant::now();
+        let mut written = 0;
+        for chunk in seqs.chunks(batch) {
+            written += write(chunk, o.new_tokens)?;
+        }
+        device.synchronize()?;
+        let seconds = t.elapsed().as_secs_f64();
+        let rate = written as f64 / seconds;
+        let base = *baseline.get_or_insert(rate);
+        runs.push(json!({"batch": batch, "new_tokens": written, "seconds": seconds,
+            "new_tokens_per_s": rate, "vs_first": rate / base}));
+    }
+    Ok(json!({
+        "bench": "generate", "shape": o.shape, "layers": cfg.num_layers, "device": o.placement.name(),
+        "dtype": dtype_name(o.placement.dtype), "prompts": o.prompts, "length": o.length,
+        "new_tokens": o.new_tokens, "default_batch": o.placement.default_batch_records(), "runs": runs,
     }))
 }
 
@@ -420,6 +487,31 @@ mod tests {
         let reloaded = Decoder::new(&saved_cfg, vb, "model").unwrap();
         let again = score(&reloaded, &saved_cfg, &seqs, 256).unwrap();
         assert_eq!(again.nll_sum, r.nll_sum);
+    }
+
+    /// Every batch size writes every prompt's tokens, each row reported against the first; a
+    /// config on disk is a shape too, and a zero batch is refused.
+    #[test]
+    fn the_generate_bench_writes_every_token_at_every_batch_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, tiny_shape().to_string()).unwrap();
+        let options = |batches: Vec<usize>| GenerateOptions {
+            shape: config.display().to_string(),
+            layers: Some(1),
+            placement: Placement::CPU_F32,
+            prompts: 5,
+            length: 6,
+            new_tokens: 3,
+            batches,
+        };
+        let r = run_generate(&options(vec![1, 2, 8])).unwrap();
+        assert_eq!(r["layers"], 1);
+        let runs = r["runs"].as_array().unwrap();
+        assert_eq!(runs.iter().map(|x| x["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 8]);
+        assert!(runs.iter().all(|x| x["new_tokens"] == 15), "{runs:?}");
+        assert_eq!(runs[0]["vs_first"], 1.0);
+        assert!(run_generate(&options(vec![2, 0])).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use candle_core::DType;
 use ladle_models::device::{Placement, dtype_name};
-use ladle_models::llm::generate::{Rng, Sampling, generate};
+use ladle_models::llm::generate::{Prompt, Rng, Sampling, generate_batch};
 use ladle_models::llm::{Decoder, LanguageModel, LlmConfig, ModelError, Score, Scorer, Sequence};
 use ladle_models::qwen2_vl::Qwen2Vl;
 use ladle_models::qwen2_vl::processor::RGB_CONVENTION;
@@ -123,28 +123,30 @@ pub fn run_fixtures(dir: &Path, placement: &Placement) -> Result<Value, ModelErr
     }))
 }
 
-/// The fixture's greedy continuations of chat prompts, token for token: `worst` counts the
-/// cases that differ.
+/// The fixture's greedy continuations of chat prompts, token for token, written as one batch
+/// (as the `generate` stage writes them): `worst` counts the cases that differ.
 fn greedy(dir: &Path, expected: &Value, device: &candle_core::Device) -> Result<Check, ModelError> {
     let m = LanguageModel::load_on(&dir.join("tiny-qwen2"), device, DType::F32)?;
     let eot = m.tokenizer.end_of_turn().and_then(|t| m.tokenizer.token_id(t)).into_iter().collect::<Vec<_>>();
     let cases = expected["qwen2_greedy"].as_array().cloned().unwrap_or_default();
-    let mut differ = 0;
+    let mut prompts = Vec::with_capacity(cases.len());
     for case in &cases {
         let ids = m.tokenizer.encode(&m.tokenizer.chat_prefix(case["prompt"].as_str().unwrap_or_default())?, false)?;
-        let out = generate(&m.decoder, &ids, 16, &eot, &Sampling::GREEDY, &mut Rng::new(0))?;
-        differ += usize::from(out != token_ids(&case["generated_ids"]));
+        prompts.push(Prompt::of_ids(&m.decoder, &ids)?);
     }
+    let mut rngs: Vec<Rng> = cases.iter().map(|_| Rng::new(0)).collect();
+    let outs = generate_batch(&m.decoder, prompts, &vec![16; cases.len()], &eot, &Sampling::GREEDY, &mut rngs)?;
+    let differ = cases.iter().zip(&outs).filter(|(case, out)| **out != token_ids(&case["generated_ids"])).count();
     Ok(Check { name: "qwen2_greedy_tokens".into(), records: cases.len(), worst: differ as f64, tolerance: 0.0 })
 }
 
 /// A Qwen2-VL fixture's greedy captions of r000–r005 (the image in the prompt, then the KV
-/// cache), token for token: `worst` counts the records that differ.
+/// cache), token for token, written as one batch: `worst` counts the records that differ.
 fn image_greedy(dir: &Path, name: &str, vlm: &Qwen2Vl, expected: &Value, prompt: &str) -> Result<Check, ModelError> {
     let stop: Vec<u32> = vlm.lm.tokenizer.token_id("<|im_end|>").into_iter().collect();
     let model = &expected["models"][name];
     let cases = model["greedy"].as_array().cloned().unwrap_or_default();
-    let mut differ = 0;
+    let mut items = Vec::with_capacity(cases.len());
     for case in &cases {
         let record = model["records"]
             .as_array()
@@ -153,9 +155,12 @@ fn image_greedy(dir: &Path, name: &str, vlm: &Qwen2Vl, expected: &Value, prompt:
             .find(|r| r["id"] == case["id"])
             .ok_or_else(|| ModelError::Compute(format!("{name}: no record {}", case["id"])))?;
         let image = image_of(dir, record, RGB_CONVENTION)?;
-        let out = vlm.generate(&vlm.prepare_prompt(&image, prompt)?, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0))?;
-        differ += usize::from(out != token_ids(&case["generated_ids"]));
+        items.push(vlm.prepare_prompt(&image, prompt)?);
     }
+    let refs: Vec<_> = items.iter().collect();
+    let mut rngs: Vec<Rng> = cases.iter().map(|_| Rng::new(0)).collect();
+    let outs = vlm.generate(&refs, &vec![16; cases.len()], &stop, &Sampling::GREEDY, &mut rngs)?;
+    let differ = cases.iter().zip(&outs).filter(|(case, out)| **out != token_ids(&case["generated_ids"])).count();
     Ok(Check { name: format!("{name}_greedy_tokens"), records: cases.len(), worst: differ as f64, tolerance: 0.0 })
 }
 

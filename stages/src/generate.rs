@@ -17,12 +17,17 @@
 //! on_bad_image = "fail"  # or "drop"
 //! min_pixels = 3136      # Qwen2-VL/Qwen2.5-VL: the image processor's bounds (see crate::vlm)
 //! max_pixels = 1003520
+//! batch = 8              # records written together (default: 8 on the CPU, 64 on a GPU)
 //! ```
 //!
 //! Generation stops after the chat template's end-of-turn token or the model's EOS, or at
 //! `max_new_tokens`; the column holds the new text without special tokens, and
 //! `{column}_tokens` the number of new tokens. A sampled record's seed is derived from `seed` and
 //! the record itself, so its output does not depend on shards, workers or reruns.
+//!
+//! Records are written `batch` at a time, in order: one step gives every unfinished record of
+//! the batch its next token (see [`ladle_models::llm::generate`]). `batch` is not part of the
+//! stage's key.
 //!
 //! With `image`, the user turn holds the image then the prompt as the model's chat template
 //! renders them (LLaVA: `<image>\n{prompt}`; Qwen2-VL: the image's vision tokens, after the
@@ -42,7 +47,7 @@ use ladle_engine::stage::{
 };
 use ladle_engine::{ObjectWriter, StageContext};
 use ladle_models::device::Placement;
-use ladle_models::llm::generate::{Rng, Sampling, generate};
+use ladle_models::llm::generate::{Prompt, Rng, Sampling, generate_batch};
 use ladle_models::llm::{LanguageModel, ModelError};
 use ladle_models::vision::images::RgbConvention;
 
@@ -83,9 +88,13 @@ impl StageKind for GenerateKind {
         let seed = params.integer("seed")?.unwrap_or(0);
         params.record("sampling", serde_json::json!({"temperature": temperature, "top_p": top_p, "seed": seed}));
         let image = ImageParams::configure(params)?;
+        let batch = params.positive("batch")?;
+        params.exclude_from_key("batch");
         let replicas = crate::placement::configure_replicas(params)?;
         let placement = replicas.first();
+        let batch = batch.map_or(placement.default_batch_records(), |n| n as usize);
         Ok(Arc::new(Generate {
+            batch,
             prompt,
             column,
             max_new_tokens,
@@ -100,6 +109,8 @@ impl StageKind for GenerateKind {
 
 #[derive(Clone)]
 struct Generate {
+    /// Records written together.
+    batch: usize,
     prompt: Template,
     column: String,
     max_new_tokens: usize,
@@ -184,7 +195,7 @@ impl Generate {
 }
 
 /// What writing a column needs of a model: a prompt (and an image, for a VLM) made ready, its
-/// length in positions, then new tokens after it.
+/// length in positions, then new tokens after a batch of them.
 trait Writer: Send + Sync + 'static {
     type Prompt;
     /// How the model's reference reads an image's pixels.
@@ -192,14 +203,15 @@ trait Writer: Send + Sync + 'static {
     fn language_model(&self) -> &LanguageModel;
     /// `image` is given exactly when the stage has `image`.
     fn prompt(&self, prompt: &str, image: Option<&RgbImage>) -> Result<(Self::Prompt, usize), ModelError>;
+    /// New tokens after each prompt; `max_new` and `rngs` per prompt.
     fn write(
         &self,
-        prompt: &Self::Prompt,
-        max_new: usize,
+        prompts: &[&Self::Prompt],
+        max_new: &[usize],
         stop: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError>;
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError>;
 }
 
 impl Writer for LanguageModel {
@@ -214,13 +226,14 @@ impl Writer for LanguageModel {
     }
     fn write(
         &self,
-        ids: &Vec<u32>,
-        max_new: usize,
+        prompts: &[&Vec<u32>],
+        max_new: &[usize],
         stop: &[u32],
         s: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        generate(&self.decoder, ids, max_new, stop, s, rng)
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        let prompts = prompts.iter().map(|ids| Prompt::of_ids(&self.decoder, ids)).collect::<Result<Vec<_>, _>>()?;
+        generate_batch(&self.decoder, prompts, max_new, stop, s, rngs)
     }
 }
 
@@ -237,13 +250,13 @@ impl<V: Vlm> Writer for V {
     }
     fn write(
         &self,
-        p: &V::Prepared,
-        max_new: usize,
+        prompts: &[&V::Prepared],
+        max_new: &[usize],
         stop: &[u32],
         s: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        self.generate(p, max_new, stop, s, rng)
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        self.generate(prompts, max_new, stop, s, rngs)
     }
 }
 
@@ -267,15 +280,46 @@ impl<W: Writer> Mapper<W> {
     }
 }
 
+/// A record whose prompt is ready, waiting for its batch.
+struct Pending<P> {
+    index: usize,
+    record: serde_json::Map<String, serde_json::Value>,
+    prompt: P,
+    max_new: usize,
+    rng: Rng,
+}
+
+impl<W: Writer> Mapper<W> {
+    /// Writes a batch of records' columns, in their order, into `out`.
+    fn write_batch(&self, batch: &mut Vec<Pending<W::Prompt>>, out: &mut Vec<u8>) -> Result<(), StageError> {
+        let Some(first) = batch.first().map(|p| p.index) else { return Ok(()) };
+        let tok = &self.writer.language_model().tokenizer;
+        let prompts: Vec<&W::Prompt> = batch.iter().map(|p| &p.prompt).collect();
+        let max_new: Vec<usize> = batch.iter().map(|p| p.max_new).collect();
+        let mut rngs: Vec<Rng> = batch.iter().map(|p| p.rng.clone()).collect();
+        let written = self
+            .writer
+            .write(&prompts, &max_new, &self.stop, &self.stage.sampling, &mut rngs)
+            .map_err(|e| model_error(e).at_record(first as u64))?;
+        for (mut pending, new) in batch.drain(..).zip(written) {
+            let text = tok.decode(&new, true).map_err(|e| model_error(e).at_record(pending.index as u64))?;
+            pending.record.insert(self.stage.column.clone(), text.trim().into());
+            pending.record.insert(format!("{}_tokens", self.stage.column), new.len().into());
+            write_record(&pending.record, out);
+        }
+        Ok(())
+    }
+}
+
 impl<W: Writer> ShardMapper for Mapper<W> {
     fn map_shard(&self, shard: &ShardInput<'_>, output: &mut ObjectWriter) -> Result<MappedShard, StageError> {
-        let tok = &self.writer.language_model().tokenizer;
         let max_positions = self.writer.language_model().config.max_positions;
         let mut out = Vec::new();
         let (mut n, mut dropped) = (0, 0);
+        let mut batch = Vec::with_capacity(self.stage.batch);
         for (i, line) in lines(shard.jsonl).enumerate() {
             let at = |e: String| StageError::input(e).at_record(i as u64);
-            let mut record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
+            let record = parse_record(line).map_err(|e| StageError::internal(e).at_record(i as u64))?;
             let prompt = self.stage.prompt.render(&record).map_err(at)?;
             let image = match self.image(&record) {
                 Ok(image) => image,
@@ -298,19 +342,17 @@ impl<W: Writer> ShardMapper for Mapper<W> {
             if room == 0 {
                 return Err(at(format!("the prompt ({len} positions) fills the model's {max_positions} positions")));
             }
-            let mut rng = Rng::new(
+            let rng = Rng::new(
                 self.stage.seed ^ u64::from_le_bytes(blake3::hash(line).as_bytes()[..8].try_into().expect("8 bytes")),
             );
-            let new = self
-                .writer
-                .write(&ready, self.stage.max_new_tokens.min(room), &self.stop, &self.stage.sampling, &mut rng)
-                .map_err(|e| model_error(e).at_record(i as u64))?;
-            let text = tok.decode(&new, true).map_err(model_error)?;
-            record.insert(self.stage.column.clone(), text.trim().into());
-            record.insert(format!("{}_tokens", self.stage.column), new.len().into());
-            write_record(&record, &mut out);
+            let max_new = self.stage.max_new_tokens.min(room);
+            batch.push(Pending { index: i, record, prompt: ready, max_new, rng });
             n += 1;
+            if batch.len() >= self.stage.batch {
+                self.write_batch(&mut batch, &mut out)?;
+            }
         }
+        self.write_batch(&mut batch, &mut out)?;
         output.append(&out)?;
         Ok(MappedShard { records: n, dropped_on_error: dropped })
     }

@@ -140,14 +140,15 @@ pub trait Vlm: Send + Sync + 'static {
     /// The image and `prompt` up to the assistant's turn, and the position the first new token
     /// takes (Qwen2-VL's text positions jump past an image's block).
     fn prepare_prompt(&self, image: &RgbImage, prompt: &str) -> Result<(Self::Prepared, usize), ModelError>;
+    /// New tokens after each prompt, all written together; `max_new` and `rngs` per prompt.
     fn generate(
         &self,
-        prompt: &Self::Prepared,
-        max_new: usize,
+        prompts: &[&Self::Prepared],
+        max_new: &[usize],
         stop: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError>;
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError>;
 }
 
 impl Vlm for Llava {
@@ -178,13 +179,13 @@ impl Vlm for Llava {
     }
     fn generate(
         &self,
-        prompt: &PreparedRecord,
-        max_new: usize,
+        prompts: &[&PreparedRecord],
+        max_new: &[usize],
         stop: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        Llava::generate(self, prompt, max_new, stop, sampling, rng)
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        Llava::generate(self, prompts, max_new, stop, sampling, rngs)
     }
 }
 
@@ -216,13 +217,13 @@ impl Vlm for Qwen2Vl {
     }
     fn generate(
         &self,
-        prompt: &PreparedImageRecord,
-        max_new: usize,
+        prompts: &[&PreparedImageRecord],
+        max_new: &[usize],
         stop: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        Qwen2Vl::generate(self, prompt, max_new, stop, sampling, rng)
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        Qwen2Vl::generate(self, prompts, max_new, stop, sampling, rngs)
     }
 }
 

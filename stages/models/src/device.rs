@@ -133,6 +133,13 @@ impl Placement {
     pub fn default_batch_tokens(&self) -> usize {
         if self.processor == Processor::Cpu { 4096 } else { 16384 }
     }
+
+    /// Records a `generate` stage writes together when it does not say. A step reads every
+    /// weight once for the whole batch: on a GPU a few rows leave it idle, so 64; on the CPU the
+    /// step's cost grows with the rows sooner (see `ladle bench generate`).
+    pub fn default_batch_records(&self) -> usize {
+        if self.processor == Processor::Cpu { 8 } else { 64 }
+    }
 }
 
 /// `f32`, `bf16` or `f16`, as the parameter is written.

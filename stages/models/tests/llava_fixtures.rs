@@ -110,7 +110,8 @@ fn a_record_scores_the_same_alone_and_in_a_batch() {
 
 /// Image-conditioned greedy generation against transformers (tests/fixtures/points-tiny/
 /// llava_greedy.json, made by tests/fixtures/generator/llava_greedy.py from a fresh load in
-/// float64): the prompt in one pass with the image's features, then the KV cache.
+/// float64): the prompt in one pass with the image's features, then the KV cache; each record
+/// alone, then all of them as one batch.
 #[test]
 fn llava_greedy_generations_are_transformers_token_for_token() {
     use ladle_models::llm::generate::{Rng, Sampling};
@@ -124,7 +125,7 @@ fn llava_greedy_generations_are_transformers_token_for_token() {
         expected["prefix_text"].as_str().unwrap()
     );
     let stop = [tok.token_id("<|im_end|>").unwrap()];
-    let mut compared = 0;
+    let (mut items, mut wants) = (Vec::new(), Vec::new());
     for g in expected["greedy"].as_array().unwrap() {
         let id = g["id"].as_str().unwrap();
         // ladle's CLIP pixels differ from transformers' by a level here and there (the scores
@@ -134,12 +135,17 @@ fn llava_greedy_generations_are_transformers_token_for_token() {
         }
         let image = load_rgb(&root.join(g["image"].as_str().unwrap())).unwrap();
         let item = m.prepare_prompt(&image, expected["prompt"].as_str().unwrap()).unwrap();
-        let got = m.generate(&item, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0)).unwrap();
+        let got = m.generate(&[&item], &[16], &stop, &Sampling::GREEDY, &mut [Rng::new(0)]).unwrap().remove(0);
         let want: Vec<u32> =
             g["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(got, want, "{id}");
         assert_eq!(tok.decode(&got, true).unwrap(), g["text"].as_str().unwrap(), "{id}");
-        compared += 1;
+        items.push(item);
+        wants.push(want);
     }
-    assert!(compared >= 5, "only {compared} records were compared");
+    assert!(items.len() >= 5, "only {} records were compared", items.len());
+    let refs: Vec<_> = items.iter().collect();
+    let mut rngs: Vec<Rng> = items.iter().map(|_| Rng::new(0)).collect();
+    let batch = m.generate(&refs, &vec![16; refs.len()], &stop, &Sampling::GREEDY, &mut rngs).unwrap();
+    assert_eq!(batch, wants, "greedy tokens written as one batch");
 }

@@ -137,6 +137,45 @@ fn qwen2_greedy_generation_matches_transformers() {
     }
 }
 
+/// All the fixture's prompts written as one batch (unequal lengths, left-padded) come out as
+/// transformers wrote each alone; and seeded sampling draws in a batch what each draws alone.
+#[test]
+fn qwen2_batched_generation_matches_each_alone() {
+    use ladle_models::llm::generate::{Prompt, Rng, Sampling, generate, generate_batch};
+    let m = LanguageModel::load(&fixtures().join("tiny-qwen2")).unwrap();
+    let eot = m.tokenizer.token_id(m.tokenizer.end_of_turn().unwrap()).unwrap();
+    let cases = expected()["qwen2_greedy"].as_array().unwrap().clone();
+    let mut prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| m.tokenizer.encode(&m.tokenizer.chat_prefix(c["prompt"].as_str().unwrap()).unwrap(), false).unwrap())
+        .collect();
+    // One more of a different length, so that rows are padded whatever the fixture holds.
+    prompts.push(m.tokenizer.encode(&m.tokenizer.chat_prefix("Say something.").unwrap(), false).unwrap());
+    let lengths: std::collections::BTreeSet<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(lengths.len() > 1, "the prompts must differ in length: {lengths:?}");
+    let batch = |sampling: &Sampling, limits: &[usize], seeds: &[u64]| {
+        let ready = prompts.iter().map(|ids| Prompt::of_ids(&m.decoder, ids).unwrap()).collect();
+        let mut rngs: Vec<Rng> = seeds.iter().map(|&s| Rng::new(s)).collect();
+        generate_batch(&m.decoder, ready, limits, &[eot], sampling, &mut rngs).unwrap()
+    };
+    let n = prompts.len();
+    // Different limits, one of them none: rows leave the batch at different steps.
+    let limits: Vec<usize> = (0..n).map(|i| [16, 5, 0, 11][i % 4]).collect();
+    let greedy = batch(&Sampling::GREEDY, &limits, &vec![0; n]);
+    for (i, case) in cases.iter().enumerate() {
+        let want: Vec<u32> =
+            case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(greedy[i], want[..want.len().min(limits[i])], "case {i} in a batch");
+    }
+    let sampling = Sampling { temperature: 1.0, top_p: 0.9 };
+    let seeds: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
+    let sampled = batch(&sampling, &vec![12; n], &seeds);
+    for (i, ids) in prompts.iter().enumerate() {
+        let alone = generate(&m.decoder, ids, 12, &[eot], &sampling, &mut Rng::new(seeds[i])).unwrap();
+        assert_eq!(sampled[i], alone, "prompt {i}: sampled in a batch and alone");
+    }
+}
+
 #[test]
 fn cached_steps_agree_with_a_full_forward_pass() {
     use candle_core::Tensor;
@@ -144,7 +183,7 @@ fn cached_steps_agree_with_a_full_forward_pass() {
     let ids = m.tokenizer.encode("a dog runs on the beach at sunset", true).unwrap();
     let dev = m.decoder.device();
     let full = m.decoder.hidden(&Tensor::from_vec(ids.clone(), (1, ids.len()), dev).unwrap()).unwrap();
-    let mut cache = m.decoder.new_cache();
+    let mut cache = m.decoder.new_cache(ids.len()).unwrap();
     let first = m.decoder.step(&Tensor::from_vec(ids[..3].to_vec(), (1, 3), dev).unwrap(), &mut cache).unwrap();
     let mut parts = vec![first];
     for &id in &ids[3..] {

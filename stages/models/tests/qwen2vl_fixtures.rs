@@ -357,6 +357,9 @@ fn images_packed_in_one_tower_pass_or_in_query_blocks_give_the_same_tokens() {
     }
 }
 
+/// Each record's greedy caption alone, then all of a model's records as one batch (images of
+/// different sizes: prompts of unequal length, left-padded, each with its own M-RoPE positions
+/// and `rope_delta`), token for token as transformers wrote them.
 #[test]
 fn greedy_generations_are_transformers_token_for_token() {
     use ladle_models::llm::generate::{Rng, Sampling};
@@ -366,17 +369,26 @@ fn greedy_generations_are_transformers_token_for_token() {
         let e = &expected["models"][name];
         let model = ladle_models::qwen2_vl::Qwen2Vl::load(&fixtures().join(name)).unwrap();
         let stop = [model.lm.tokenizer.token_id("<|im_end|>").unwrap()];
+        let (mut items, mut wants) = (Vec::new(), Vec::new());
         for g in e["greedy"].as_array().unwrap() {
             let id = g["id"].as_str().unwrap();
             let record = e["records"].as_array().unwrap().iter().find(|r| r["id"] == g["id"]).unwrap();
             let image = load_rgb(&fixtures().join(record["image"].as_str().unwrap())).unwrap();
             let item = model.prepare_prompt(&image, prompt).unwrap();
-            let got = model.generate(&item, 16, &stop, &Sampling::GREEDY, &mut Rng::new(0)).unwrap();
+            let got = model.generate(&[&item], &[16], &stop, &Sampling::GREEDY, &mut [Rng::new(0)]).unwrap().remove(0);
             let want: Vec<u32> =
                 g["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
             assert_eq!(got, want, "{name} {id}: greedy tokens");
             assert_eq!(model.lm.tokenizer.decode(&got, true).unwrap(), g["text"].as_str().unwrap(), "{name} {id}");
+            items.push(item);
+            wants.push(want);
         }
+        let lengths: std::collections::BTreeSet<usize> = items.iter().map(|i| i.seq.ids.len()).collect();
+        assert!(lengths.len() > 1, "{name}: the records' prompts must differ in length");
+        let refs: Vec<_> = items.iter().collect();
+        let mut rngs: Vec<Rng> = items.iter().map(|_| Rng::new(0)).collect();
+        let batch = model.generate(&refs, &vec![16; refs.len()], &stop, &Sampling::GREEDY, &mut rngs).unwrap();
+        assert_eq!(batch, wants, "{name}: greedy tokens written as one batch");
     }
 }
 

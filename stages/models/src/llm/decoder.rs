@@ -109,10 +109,11 @@ impl Attention {
         })
     }
 
-    /// Attention of the `t` new positions of `x` over `past` keys and values and their own, for
-    /// every position or only the `queries` rows of `x` (their indices, with their rotary
-    /// angles: a pass that needs hidden states only there). Returns the output ([B, queries, H])
-    /// and all keys and values, for a cache.
+    /// Attention of the `t` new positions of `x` over the keys and values in `cache` (the first
+    /// `past` columns of its preallocated [B, KV, capacity, D] buffers, which this pass's own are
+    /// written after) and their own, for every position or only the `queries` rows of `x` (their
+    /// indices, with their rotary angles: a pass that needs hidden states only there). Returns
+    /// the output ([B, queries, H]).
     ///
     /// The scale is folded into q (one pass over [B,H,T,D], not over the scores); grouped-query
     /// attention reshapes q to [B, kv_heads, rep·T, D] so keys and values are used as they are,
@@ -122,10 +123,10 @@ impl Attention {
         &self,
         x: &Tensor,
         rotation: Rotation<'_>,
-        past: Option<&(Tensor, Tensor)>,
+        cache: Option<(&(Tensor, Tensor), usize)>,
         pass: &Pass,
         queries: Option<(&Tensor, Rotation<'_>)>,
-    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
         let shape = |y: Tensor, t: usize, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
@@ -137,16 +138,19 @@ impl Attention {
         let q = (q_rotation.apply(&shape(self.q.forward(&xq)?, tq, self.heads)?)? * scale)?;
         let mut k = rotation.apply(&shape(self.k.forward(x)?, t, self.kv_heads)?)?;
         let mut v = shape(self.v.forward(x)?, t, self.kv_heads)?.contiguous()?;
-        if let Some((pk, pv)) = past {
-            k = Tensor::cat(&[pk, &k], 2)?;
-            v = Tensor::cat(&[pv, &v], 2)?;
+        if let Some(((ck, cv), past)) = cache {
+            // In place: the cache was sized for the whole generation, so no step copies it.
+            ck.slice_set(&k, 2, past)?;
+            cv.slice_set(&v, 2, past)?;
+            k = ck.narrow(2, 0, past + t)?;
+            v = cv.narrow(2, 0, past + t)?;
         }
         let y = match pass.sequences.as_slice() {
             [one] if one.queries_from == 0 && one.blocks.t == tq && one.blocks.past + tq == k.dim(2)? => {
                 grouped_causal_attention(&q, &k, &v, &one.blocks)?
             }
             packed => {
-                if past.is_some() || b != 1 {
+                if cache.is_some() || b != 1 {
                     candle_core::bail!("packed sequences take one row of positions and no cache");
                 }
                 let mut parts = Vec::with_capacity(packed.len());
@@ -164,7 +168,7 @@ impl Attention {
             }
         };
         let y = y.transpose(1, 2)?.reshape((b, tq, self.heads * d))?;
-        Ok((self.o.forward(&y)?, (k, v)))
+        self.o.forward(&y)
     }
 }
 
@@ -189,34 +193,67 @@ struct QueryBlock {
     len: usize,
     /// Keys the block sees: positions up to its last query's.
     keys: usize,
-    /// [len, keys]: 0 where a key is visible, -inf where it is later than the query; none for a
-    /// single query, which sees every key it is given.
+    /// Added to the block's scores: [len, keys], or [B, 1, 1, len, keys] where rows are padded;
+    /// 0 where a key is visible, -inf where it is later than the query or a padding column; none
+    /// for a single query of unpadded rows, which sees every key it is given.
     bias: Option<Tensor>,
 }
 
 impl QueryBlocks {
     /// Blocks for `rows` = B · heads query rows per position, scores of at most `budget` elements.
-    fn new(rows: usize, t: usize, past: usize, budget: usize, device: &Device) -> candle_core::Result<QueryBlocks> {
+    /// `pads` [B] (u32), where rows are left-padded: row b's first `pads[b]` columns are
+    /// padding, hidden from its real positions (a padding position sees what causality allows,
+    /// so that its values stay finite; nothing real reads them).
+    fn new(
+        rows: usize,
+        t: usize,
+        past: usize,
+        budget: usize,
+        pads: Option<&Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<QueryBlocks> {
         let per_block = (budget / (rows * (past + t)).max(1)).clamp(1, t.max(1));
         let mut blocks = Vec::with_capacity(t.div_ceil(per_block));
         for start in (0..t).step_by(per_block) {
             let len = per_block.min(t - start);
             let keys = past + start + len;
-            let bias = if len == 1 {
+            let query_pos = Tensor::arange((past + start) as u32, keys as u32, device)?;
+            let key_pos = Tensor::arange(0u32, keys as u32, device)?;
+            let causal = if len == 1 {
                 None
             } else {
                 // Key j is hidden from query i (position past + start + i) when j > past + start + i.
-                let query_pos = Tensor::arange((past + start) as u32, keys as u32, device)?;
-                let key_pos = Tensor::arange(0u32, keys as u32, device)?;
                 let visible = key_pos.unsqueeze(0)?.broadcast_le(&query_pos.unsqueeze(1)?)?;
-                let zero = Tensor::zeros((len, keys), DType::F32, device)?;
-                let hidden = Tensor::full(f32::NEG_INFINITY, (len, keys), device)?;
-                Some(visible.where_cond(&zero, &hidden)?)
+                Some(additive(&visible, &[len, keys], 0.0, f32::NEG_INFINITY)?)
+            };
+            let bias = match pads {
+                None => causal,
+                Some(pads) => {
+                    let b = pads.dim(0)?;
+                    let pads = pads.reshape((b, 1, 1))?;
+                    // Hidden: a padding key (j < pad) from a real query (i >= pad).
+                    let padding_key = key_pos.reshape((1, 1, keys))?.broadcast_lt(&pads)?;
+                    let real_query = query_pos.reshape((1, len, 1))?.broadcast_ge(&pads)?;
+                    let hidden = padding_key.broadcast_minimum(&real_query)?;
+                    let bias = additive(&hidden, &[b, len, keys], f32::NEG_INFINITY, 0.0)?;
+                    let bias = match causal {
+                        Some(causal) => bias.broadcast_add(&causal)?,
+                        None => bias,
+                    };
+                    Some(bias.reshape((b, 1, 1, len, keys))?)
+                }
             };
             blocks.push(QueryBlock { start, len, keys, bias });
         }
         Ok(QueryBlocks { past, t, blocks })
     }
+}
+
+/// `on` where `condition` (u8, broadcast to `shape`) holds, else `off`, in f32.
+fn additive(condition: &Tensor, shape: &[usize], on: f32, off: f32) -> candle_core::Result<Tensor> {
+    let device = condition.device();
+    let condition = condition.broadcast_as(shape)?;
+    condition.where_cond(&Tensor::full(on, shape, device)?, &Tensor::full(off, shape, device)?)
 }
 
 /// How the positions of one forward pass split into sequences, each with its query blocks: one
@@ -253,8 +290,10 @@ fn grouped_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &QueryBl
     for &QueryBlock { start, len: n, keys, ref bias } in &blocks.blocks {
         let qb = if n == t { q.clone() } else { q.narrow(3, start, n)?.contiguous()? };
         let qb = qb.reshape((b, kv_heads, rep * n, d))?;
+        // Keys and values as they lie (a narrowed cache included): matmul reads row-strided
+        // operands, so no step copies them.
         let (kb, vb) = if keys == s { (k.clone(), v.clone()) } else { (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?) };
-        let scores = qb.matmul(&kb.contiguous()?.t()?)?.to_dtype(DType::F32)?;
+        let scores = qb.matmul(&kb.t()?)?.to_dtype(DType::F32)?;
         let scores = match bias {
             Some(bias) => scores.reshape((b, kv_heads, rep, n, keys))?.broadcast_add(bias)?.reshape((
                 b,
@@ -265,7 +304,7 @@ fn grouped_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &QueryBl
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        out.push(probs.matmul(&vb.contiguous()?)?.reshape((b, kv_heads, rep, n, d))?);
+        out.push(probs.matmul(&vb)?.reshape((b, kv_heads, rep, n, d))?);
     }
     let y = if out.len() == 1 { out.pop().expect("one block") } else { Tensor::cat(&out, 3)? };
     y.reshape((b, heads, t, d))
@@ -329,23 +368,53 @@ impl Layer {
         &self,
         x: &Tensor,
         rotation: Rotation<'_>,
-        past: Option<&(Tensor, Tensor)>,
+        cache: Option<(&(Tensor, Tensor), usize)>,
         pass: &Pass,
         queries: Option<(&Tensor, Rotation<'_>)>,
-    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self.attn.forward(&self.input_norm.forward(x)?, rotation, past, pass, queries)?;
+    ) -> candle_core::Result<Tensor> {
+        let a = self.attn.forward(&self.input_norm.forward(x)?, rotation, cache, pass, queries)?;
         let x = match queries {
             Some((rows, _)) => (x.index_select(rows, 1)? + a)?,
             None => (x + a)?,
         };
-        Ok(((&x + self.mlp.forward(&self.post_norm.forward(&x)?)?)?, kv))
+        &x + self.mlp.forward(&self.post_norm.forward(&x)?)?
     }
 }
 
-/// Keys and values of the positions seen so far, per layer (before repeating KV heads).
+/// Keys and values of the positions seen so far, per layer: [B, kv_heads, capacity, head_dim]
+/// buffers allocated once ([`Decoder::new_batch_cache`]), filled from column 0 (keys before
+/// repeating KV heads), so a step writes its own and copies nothing else.
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<(Tensor, Tensor)>,
+    capacity: usize,
+    /// Each row's padding columns, as given and on the device; none when no row is padded.
+    pads: Option<(Vec<usize>, Tensor)>,
     pub len: usize,
+}
+
+impl KvCache {
+    /// Rows of the batch.
+    pub fn rows(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[0])
+    }
+
+    /// Keeps only `rows` (indices, in the order given): generation drops the rows that have
+    /// finished, so later steps compute only the rest.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        let Some((k, _)) = self.layers.first() else { return Ok(()) };
+        let device = k.device().clone();
+        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), rows.len(), &device)?;
+        for (k, v) in &mut self.layers {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        if let Some((pads, _)) = &self.pads {
+            let kept: Vec<usize> = rows.iter().map(|&r| pads[r]).collect();
+            let tensor = Tensor::from_vec(kept.iter().map(|&p| p as u32).collect(), kept.len(), &device)?;
+            self.pads = Some((kept, tensor));
+        }
+        Ok(())
+    }
 }
 
 pub struct Decoder {
@@ -359,6 +428,8 @@ pub struct Decoder {
     /// Attention scores formed at once, at most ([`SCORE_BLOCK_ELEMENTS`]).
     score_block: usize,
     heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
 }
 
 impl Decoder {
@@ -394,6 +465,8 @@ impl Decoder {
             device: vb.device().clone(),
             score_block: SCORE_BLOCK_ELEMENTS,
             heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
         })
     }
 
@@ -436,14 +509,14 @@ impl Decoder {
 
     fn hidden_rotated(&self, x: Tensor, rotation: Rotation<'_>) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let pass = self.batch_pass(b, t, 0)?;
+        let pass = self.batch_pass(b, t, 0, None)?;
         self.layers_then_norm(x, rotation, &pass)
     }
 
     fn layers_then_norm(&self, x: Tensor, rotation: Rotation<'_>, pass: &Pass) -> candle_core::Result<Tensor> {
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, rotation, None, pass, None)?.0;
+            x = layer.forward(&x, rotation, None, pass, None)?;
         }
         self.norm.forward(&x)
     }
@@ -486,10 +559,10 @@ impl Decoder {
         let (mut every, mut last, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         let (mut start, mut kept) = (0, 0);
         for (&len, &keep) in lens.iter().zip(keep) {
-            let blocks = QueryBlocks::new(self.heads, len, 0, self.score_block, &self.device)?;
+            let blocks = QueryBlocks::new(self.heads, len, 0, self.score_block, None, &self.device)?;
             every.push(PassSequence { queries_from: start, keys_from: start, blocks });
             if keep > 0 {
-                let blocks = QueryBlocks::new(self.heads, keep, len - keep, self.score_block, &self.device)?;
+                let blocks = QueryBlocks::new(self.heads, keep, len - keep, self.score_block, None, &self.device)?;
                 last.push(PassSequence { queries_from: kept, keys_from: start, blocks });
                 rows.extend((start + len - keep..start + len).map(|r| r as u32));
             }
@@ -510,21 +583,42 @@ impl Decoder {
         let (every, last) = (Pass { sequences: every }, Pass { sequences: last });
         let mut x = x.unsqueeze(0)?;
         for layer in layers {
-            x = layer.forward(&x, rotation, None, &every, None)?.0;
+            x = layer.forward(&x, rotation, None, &every, None)?;
         }
-        let x = final_layer.forward(&x, rotation, None, &last, Some((&rows, Rotation::Given(&cos_kept, &sin_kept))))?.0;
+        let x = final_layer.forward(&x, rotation, None, &last, Some((&rows, Rotation::Given(&cos_kept, &sin_kept))))?;
         self.norm.forward(&x)?.squeeze(0)
     }
 
-    /// The pass of `b` sequences of `t` positions after `past` cached ones, one per row.
-    fn batch_pass(&self, b: usize, t: usize, past: usize) -> candle_core::Result<Pass> {
-        let blocks = QueryBlocks::new(b * self.heads, t, past, self.score_block, &self.device)?;
+    /// The pass of `b` sequences of `t` positions after `past` cached ones, one per row, the
+    /// rows left-padded by `pads` [B] where given.
+    fn batch_pass(&self, b: usize, t: usize, past: usize, pads: Option<&Tensor>) -> candle_core::Result<Pass> {
+        let blocks = QueryBlocks::new(b * self.heads, t, past, self.score_block, pads, &self.device)?;
         Ok(Pass { sequences: vec![PassSequence { queries_from: 0, keys_from: 0, blocks }] })
     }
 
-    /// An empty key/value cache for [`Decoder::step`].
-    pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![None; self.layers.len()], len: 0 }
+    /// An empty key/value cache for [`Decoder::step`] of one sequence of up to `capacity`
+    /// positions.
+    pub fn new_cache(&self, capacity: usize) -> candle_core::Result<KvCache> {
+        self.new_batch_cache(&[0], capacity)
+    }
+
+    /// An empty key/value cache for rows of a batch, each of up to `capacity` positions, row
+    /// b's first `pads[b]` of them padding (prompts of unequal length, left-padded to end
+    /// together: their padding is never attended to). Its buffers are allocated here, once.
+    pub fn new_batch_cache(&self, pads: &[usize], capacity: usize) -> candle_core::Result<KvCache> {
+        let b = pads.len();
+        let shape = (b, self.kv_heads, capacity, self.head_dim);
+        let dtype = self.dtype();
+        let layers = (0..self.layers.len())
+            .map(|_| Ok((Tensor::zeros(shape, dtype, &self.device)?, Tensor::zeros(shape, dtype, &self.device)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pads = if pads.iter().any(|&p| p > 0) {
+            let tensor = Tensor::from_vec(pads.iter().map(|&p| p as u32).collect(), b, &self.device)?;
+            Some((pads.to_vec(), tensor))
+        } else {
+            None
+        };
+        Ok(KvCache { layers, capacity, pads, len: 0 })
     }
 
     /// Final hidden states [1, t, H] of new tokens `ids` [1, t] that follow those in `cache`,
@@ -534,7 +628,7 @@ impl Decoder {
     }
 
     /// [`Decoder::step`] from input embeddings [B, t, H] (a VLM's prompt, image features
-    /// spliced in), their rotary angles as `rotary` says.
+    /// spliced in; a batch's rows), their rotary angles as `rotary` says.
     pub fn step_embeddings(
         &self,
         x: Tensor,
@@ -542,8 +636,19 @@ impl Decoder {
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let rows = cache.layers.first().map_or(b, |(k, _)| k.dims()[0]);
+        if b != rows || cache.len + t > cache.capacity {
+            candle_core::bail!(
+                "{b} rows of {t} positions for a cache of {rows} rows holding {} of {}",
+                cache.len,
+                cache.capacity
+            );
+        }
         let rotation = match rotary {
             StepRotary::Given(cos, sin) => Rotation::Given(cos, sin),
+            StepRotary::Shifted(_) if cache.pads.is_some() => {
+                candle_core::bail!("left-padded rows take their rotary angles given, one table per row")
+            }
             StepRotary::Shifted(shift) => {
                 let positions = self.rope.cos.dim(0)?;
                 let start = cache.len as i64 + shift;
@@ -553,15 +658,36 @@ impl Decoder {
                 Rotation::From(&self.rope, start as usize)
             }
         };
-        let pass = self.batch_pass(b, t, cache.len)?;
+        let pass = self.batch_pass(b, t, cache.len, cache.pads.as_ref().map(|(_, p)| p))?;
         let mut x = x;
-        for (layer, past) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, kv) = layer.forward(&x, rotation, past.as_ref(), &pass, None)?;
-            *past = Some(kv);
-            x = y;
+        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+            x = layer.forward(&x, rotation, Some((kv, cache.len)), &pass, None)?;
         }
         cache.len += t;
         self.norm.forward(&x)
+    }
+
+    /// The model's rotary tables at `positions` (one per row): [B, 1, head_dim/2] each, for a
+    /// step of rows at different positions.
+    pub fn rotary_at(&self, positions: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let table = self.rope.cos.dim(0)?;
+        if let Some(p) = positions.iter().find(|&&p| p >= table) {
+            candle_core::bail!("position {p} passes the model's {table} positions");
+        }
+        let b = positions.len();
+        let idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect(), b, &self.device)?;
+        let (cos, sin) = (self.rope.cos.index_select(&idx, 0)?, self.rope.sin.index_select(&idx, 0)?);
+        let half = cos.dim(1)?;
+        Ok((cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?))
+    }
+
+    /// The model's rotary tables of positions 0..t: [t, head_dim/2] each.
+    pub fn rotary_from_start(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let table = self.rope.cos.dim(0)?;
+        if t > table {
+            candle_core::bail!("a sequence of {t} positions passes the model's {table}");
+        }
+        Ok((self.rope.cos.narrow(0, 0, t)?, self.rope.sin.narrow(0, 0, t)?))
     }
 
     /// Final hidden states [B, T, H] of token ids [B, T].
@@ -572,6 +698,11 @@ impl Decoder {
     /// Logits [N, V] for hidden states [N, H].
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         Linear { weight: self.lm_head.clone(), bias: None }.forward(hidden)
+    }
+
+    /// Positions the model's rotary table covers.
+    pub fn max_positions(&self) -> usize {
+        self.rope.cos.dims()[0]
     }
 
     pub fn dtype(&self) -> DType {
@@ -777,5 +908,86 @@ mod tests {
         // error, not a misread.
         assert!(decoder.hidden_packed(x.clone(), &[37, 5, 120], &[1, 1, 1], None).is_err());
         assert!(decoder.hidden_packed(x, &lens, &[38, 1, 1, 1], None).is_err());
+    }
+
+    /// Rows of unequal length, left-padded in one batch with a preallocated cache, give each
+    /// row's hidden states as it gives alone: the prompt pass (in one query block and in
+    /// several), then steps at each row's own position, then steps after rows leave the batch.
+    #[test]
+    fn padded_rows_in_a_batch_equal_each_alone() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/points-tiny/tiny-qwen2");
+        let cfg = LlmConfig::load(&dir).unwrap();
+        let vb = crate::llm::weights::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        let mut decoder = Decoder::new(&cfg, vb, "model").unwrap();
+        let dev = Device::Cpu;
+        let lens = [9usize, 3, 14, 1];
+        let steps = 4;
+        let ids: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &l)| (0..l + steps).map(|i| ((i * 7919 + s * 104_729 + 13) % cfg.vocab_size) as u32).collect())
+            .collect();
+        // Alone: each row's hidden states at its prompt's last position, then at each step.
+        let alone: Vec<Vec<Vec<f32>>> = ids
+            .iter()
+            .zip(&lens)
+            .map(|(ids, &l)| {
+                let all = decoder.hidden(&Tensor::from_slice(ids, (1, ids.len()), &dev).unwrap()).unwrap();
+                (l - 1..l + steps).map(|p| all.get(0).unwrap().get(p).unwrap().to_vec1::<f32>().unwrap()).collect()
+            })
+            .collect();
+        let longest = *lens.iter().max().unwrap();
+        let pads: Vec<usize> = lens.iter().map(|&l| longest - l).collect();
+        let close = |got: &Tensor, want: &[f32], what: &str| {
+            let got = got.to_vec1::<f32>().unwrap();
+            let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "{what}: batch and alone differ by {worst}");
+        };
+        for block in [SCORE_BLOCK_ELEMENTS, 300] {
+            decoder.set_score_block(block);
+            let mut cache = decoder.new_batch_cache(&pads, longest + steps).unwrap();
+            let (mut xs, mut coss, mut sins) = (Vec::new(), Vec::new(), Vec::new());
+            for (row, &l) in lens.iter().enumerate() {
+                let x = decoder.embed(&Tensor::from_slice(&ids[row][..l], l, &dev).unwrap()).unwrap();
+                let (cos, sin) = decoder.rotary_from_start(l).unwrap();
+                // Padding of nonsense, not zeros: nothing real may read it.
+                let pad = pads[row];
+                let junk = |w: usize| Tensor::full(3.5f32, (pad, w), &dev).unwrap();
+                xs.push(Tensor::cat(&[&junk(x.dim(1).unwrap()), &x], 0).unwrap());
+                coss.push(Tensor::cat(&[&junk(cos.dim(1).unwrap()), &cos], 0).unwrap());
+                sins.push(Tensor::cat(&[&junk(sin.dim(1).unwrap()), &sin], 0).unwrap());
+            }
+            let (cos, sin) = (Tensor::stack(&coss, 0).unwrap(), Tensor::stack(&sins, 0).unwrap());
+            let x = Tensor::stack(&xs, 0).unwrap();
+            let hidden = decoder.step_embeddings(x, StepRotary::Given(&cos, &sin), &mut cache).unwrap();
+            for row in 0..lens.len() {
+                close(
+                    &hidden.get(row).unwrap().get(longest - 1).unwrap(),
+                    &alone[row][0],
+                    &format!("row {row}, prompt"),
+                );
+            }
+            // Steps, every row at its own position; after the second, rows 1 and 3 leave.
+            let mut rows: Vec<usize> = (0..lens.len()).collect();
+            for step in 0..steps {
+                if step == 2 {
+                    cache.keep_rows(&[0, 2]).unwrap();
+                    rows = vec![0, 2];
+                }
+                let next: Vec<u32> = rows.iter().map(|&r| ids[r][lens[r] + step]).collect();
+                let x = decoder.embed(&Tensor::from_vec(next, (rows.len(), 1), &dev).unwrap()).unwrap();
+                let positions: Vec<usize> = rows.iter().map(|&r| lens[r] + step).collect();
+                let (cos, sin) = decoder.rotary_at(&positions).unwrap();
+                let hidden = decoder.step_embeddings(x, StepRotary::Given(&cos, &sin), &mut cache).unwrap();
+                for (b, &r) in rows.iter().enumerate() {
+                    let got = hidden.get(b).unwrap().get(0).unwrap();
+                    close(&got, &alone[r][step + 1], &format!("{block} scores a block, row {r}, step {step}"));
+                }
+            }
+            // The cache holds what it was sized for, no more.
+            let x = decoder.embed(&Tensor::from_vec(vec![1u32, 2], (2, 1), &dev).unwrap()).unwrap();
+            let (cos, sin) = decoder.rotary_at(&[0, 0]).unwrap();
+            assert!(decoder.step_embeddings(x, StepRotary::Given(&cos, &sin), &mut cache).is_err());
+        }
     }
 }

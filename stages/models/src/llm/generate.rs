@@ -1,10 +1,19 @@
 //! Text generation: greedy or seeded sampling (temperature, top-p) with a KV cache, stopping
 //! after an end-of-turn or end-of-sequence token or at `max_new_tokens`.
 //!
+//! Records go in batches ([`generate_batch`]): one token of every unfinished record per step, so
+//! the weights are read once per step for all of them rather than once per record (on a GPU, a
+//! step of one row leaves the device idle). Prompts of unequal length are left-padded to end
+//! together, their padding never attended to and each row's rotary positions its own; the
+//! cache is allocated once for the longest generation, and rows leave the batch as they finish.
+//!
 //! Sampling uses its own small generator (SplitMix64) seeded per record, so a sample depends only
 //! on the seed and the record — not on the shard, the worker or the version of a random crate.
+//! (In a batch a record's logits may differ from its own in the last bits of float rounding, as
+//! in any batched inference; a draw can only change where two tokens' cumulative probabilities
+//! meet within that rounding.)
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::{Decoder, ModelError, StepRotary};
 
@@ -21,6 +30,7 @@ impl Sampling {
 }
 
 /// SplitMix64.
+#[derive(Debug, Clone)]
 pub struct Rng(u64);
 
 impl Rng {
@@ -106,45 +116,132 @@ pub fn generate(
     sampling: &Sampling,
     rng: &mut Rng,
 ) -> Result<Vec<u32>, ModelError> {
-    let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), decoder.device())?;
-    let prompt = decoder.embed(&ids)?;
-    generate_from_embeddings(decoder, prompt, StepRotary::Shifted(0), 0, max_new, stop, sampling, rng)
+    let prompt = Prompt::of_ids(decoder, prompt)?;
+    let mut out = generate_batch(decoder, vec![prompt], &[max_new], stop, sampling, std::slice::from_mut(rng))?;
+    Ok(out.pop().unwrap_or_default())
 }
 
-/// New tokens after a prompt given as input embeddings [1, T, H] (a VLM's, image features
-/// spliced in) whose rotary angles `rotary` gives; the new tokens take rotary positions from
-/// their place in the sequence plus `shift` (Qwen2-VL's `rope_delta`).
-#[allow(clippy::too_many_arguments)]
-pub fn generate_from_embeddings(
+/// A prompt as the decoder takes it.
+pub struct Prompt {
+    /// Input embeddings [T, H] (a VLM's, image features spliced in).
+    pub embeddings: Tensor,
+    /// Rotary tables [T, head_dim/2] each, in the model's dtype (Qwen2-VL's M-RoPE); none for
+    /// the positions 0..T.
+    pub rotary: Option<(Tensor, Tensor)>,
+    /// The first new token takes rotary position T + `shift` (Qwen2-VL's `rope_delta`: text after
+    /// an image's block).
+    pub shift: i64,
+}
+
+impl Prompt {
+    /// A text prompt of token ids.
+    pub fn of_ids(decoder: &Decoder, ids: &[u32]) -> Result<Prompt, ModelError> {
+        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), decoder.device())?;
+        Ok(Prompt { embeddings: decoder.embed(&ids)?, rotary: None, shift: 0 })
+    }
+
+    fn len(&self) -> Result<usize, ModelError> {
+        Ok(self.embeddings.dim(0)?)
+    }
+}
+
+/// New tokens after each of `prompts` (the stop token included when one ends a generation), at
+/// most `max_new[i]` for prompt i, drawn with `rngs[i]`: all of them together, one step per
+/// token, each row leaving the batch when it finishes.
+pub fn generate_batch(
     decoder: &Decoder,
-    prompt: Tensor,
-    rotary: StepRotary<'_>,
-    shift: i64,
-    max_new: usize,
+    prompts: Vec<Prompt>,
+    max_new: &[usize],
     stop: &[u32],
     sampling: &Sampling,
-    rng: &mut Rng,
-) -> Result<Vec<u32>, ModelError> {
-    let device = decoder.device();
-    let mut cache = decoder.new_cache();
-    let mut out = Vec::new();
-    if max_new == 0 {
-        return Ok(out);
+    rngs: &mut [Rng],
+) -> Result<Vec<Vec<u32>>, ModelError> {
+    let n = prompts.len();
+    if max_new.len() != n || rngs.len() != n {
+        return Err(ModelError::Compute(format!(
+            "{n} prompts, {} limits and {} generators",
+            max_new.len(),
+            rngs.len()
+        )));
     }
-    let mut hidden = decoder.step_embeddings(prompt, rotary, &mut cache)?;
-    while out.len() < max_new {
-        let (_, t, h) = hidden.dims3()?;
-        let last = hidden.narrow(1, t - 1, 1)?.reshape((1, h))?;
-        let logits = decoder.logits(&last)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let next = pick(&logits, sampling, rng);
-        out.push(next);
-        if stop.contains(&next) || out.len() == max_new {
-            break;
+    let mut outs = vec![Vec::new(); n];
+    // Rows of the batch, by prompt; a prompt given no new tokens takes none.
+    let mut rows: Vec<usize> = (0..n).filter(|&i| max_new[i] > 0).collect();
+    if rows.is_empty() {
+        return Ok(outs);
+    }
+    let lens = prompts.iter().map(Prompt::len).collect::<Result<Vec<_>, _>>()?;
+    // The position of each prompt's first new token, and the last one a step feeds.
+    let mut next_position = Vec::with_capacity(n);
+    for (i, p) in prompts.iter().enumerate() {
+        let first = lens[i] as i64 + p.shift;
+        let last = first + max_new[i].saturating_sub(2) as i64;
+        if first < 0 || (max_new[i] > 1 && last as usize >= decoder.max_positions()) {
+            return Err(ModelError::Compute(format!(
+                "a prompt of {} positions and {} new tokens would pass the model's {} positions",
+                lens[i],
+                max_new[i],
+                decoder.max_positions()
+            )));
         }
-        let ids = Tensor::from_vec(vec![next], (1, 1), device)?;
-        hidden = decoder.step_embeddings(decoder.embed(&ids)?, StepRotary::Shifted(shift), &mut cache)?;
+        next_position.push(first as usize);
     }
-    Ok(out)
+    let longest = rows.iter().map(|&i| lens[i]).max().unwrap_or(0);
+    let pads: Vec<usize> = rows.iter().map(|&i| longest - lens[i]).collect();
+    let capacity = longest + rows.iter().map(|&i| max_new[i]).max().unwrap_or(1) - 1;
+    let mut cache = decoder.new_batch_cache(&pads, capacity)?;
+
+    // The prompts in one pass, left-padded (zero embeddings, zero angles) to end together.
+    let dtype = decoder.dtype();
+    let device = decoder.device();
+    let mut xs = Vec::with_capacity(rows.len());
+    let (mut coss, mut sins) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+    for (&i, &pad) in rows.iter().zip(&pads) {
+        let p = &prompts[i];
+        let (cos, sin) = match &p.rotary {
+            Some((cos, sin)) => (cos.clone(), sin.clone()),
+            None => decoder.rotary_from_start(lens[i])?,
+        };
+        let (mut x, mut cos, mut sin) = (p.embeddings.to_dtype(dtype)?, cos, sin);
+        if pad > 0 {
+            let half = cos.dim(1)?;
+            x = Tensor::cat(&[&Tensor::zeros((pad, x.dim(1)?), dtype, device)?, &x], 0)?;
+            cos = Tensor::cat(&[&Tensor::zeros((pad, half), dtype, device)?, &cos], 0)?;
+            sin = Tensor::cat(&[&Tensor::zeros((pad, half), dtype, device)?, &sin], 0)?;
+        }
+        xs.push(x);
+        coss.push(cos);
+        sins.push(sin);
+    }
+    let (cos, sin) = (Tensor::stack(&coss, 0)?, Tensor::stack(&sins, 0)?);
+    let hidden = decoder.step_embeddings(Tensor::stack(&xs, 0)?, StepRotary::Given(&cos, &sin), &mut cache)?;
+    let mut last = hidden.narrow(1, longest - 1, 1)?.squeeze(1)?;
+
+    loop {
+        let logits = decoder.logits(&last)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let (mut kept, mut ids, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, (&i, logits)) in rows.iter().zip(&logits).enumerate() {
+            let next = pick(logits, sampling, &mut rngs[i]);
+            outs[i].push(next);
+            if !stop.contains(&next) && outs[i].len() < max_new[i] {
+                kept.push(r);
+                ids.push(next);
+                positions.push(next_position[i]);
+                next_position[i] += 1;
+            }
+        }
+        if kept.is_empty() {
+            return Ok(outs);
+        }
+        if kept.len() < rows.len() {
+            cache.keep_rows(&kept)?;
+            rows = kept.iter().map(|&r| rows[r]).collect();
+        }
+        let b = ids.len();
+        let x = decoder.embed(&Tensor::from_vec(ids, (b, 1), device)?)?;
+        let (cos, sin) = decoder.rotary_at(&positions)?;
+        last = decoder.step_embeddings(x, StepRotary::Given(&cos, &sin), &mut cache)?.squeeze(1)?;
+    }
 }
 
 #[cfg(test)]

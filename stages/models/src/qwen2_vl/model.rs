@@ -12,9 +12,9 @@ use super::processor::{ImagePatches, ImageProcessor};
 use super::rope::{MropePositions, mrope_positions, mrope_tables};
 use super::vision::VisionTower;
 use crate::llm::config::{MODEL_FILES, read_json};
-use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
+use crate::llm::generate::{Prompt, Rng, Sampling, generate_batch};
 use crate::llm::scorer::{plan_batches, score_packed};
-use crate::llm::{LanguageModel, ModelError, Score, Sequence, StepRotary, weights};
+use crate::llm::{LanguageModel, ModelError, Score, Sequence, weights};
 
 /// The system turn Qwen2-VL's chat template adds when the messages have none.
 pub const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
@@ -259,23 +259,33 @@ impl Qwen2Vl {
         score_packed(decoder, x, &seqs, Some((cos, sin)))
     }
 
-    /// New tokens written after a prompt prepared with [`Qwen2Vl::prepare_prompt`]: the prompt in
-    /// one pass with M-RoPE, then one token at a time with the KV cache, each at the text
-    /// position after the image's block (`rope_delta`). Stops after a `stop` token (kept).
+    /// New tokens written after prompts prepared with [`Qwen2Vl::prepare_prompt`], all together
+    /// ([`generate_batch`]): one tower pass over their images, the prompts in one pass with
+    /// M-RoPE, then one token of every unfinished record per step, each at the text position
+    /// after its image's block (`rope_delta`). `max_new` and `rngs` are per prompt; a record
+    /// stops after a `stop` token (kept).
     pub fn generate(
         &self,
-        item: &PreparedImageRecord,
-        max_new: usize,
+        items: &[&PreparedImageRecord],
+        max_new: &[usize],
         stop: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        let image = self.tower.forward(&item.patches)?;
-        let x = self.spliced(item, image)?.unsqueeze(0)?;
-        let (cos, sin) = self.rotary(item)?;
-        let decoder = &self.lm.decoder;
-        let shift = item.positions.rope_delta;
-        generate_from_embeddings(decoder, x, StepRotary::Given(&cos, &sin), shift, max_new, stop, sampling, rng)
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let patches: Vec<&ImagePatches> = items.iter().map(|r| &r.patches).collect();
+        let mut prompts = Vec::with_capacity(items.len());
+        for (item, image) in items.iter().zip(self.tower.forward_many(&patches)?) {
+            let (cos, sin) = self.rotary(item)?;
+            prompts.push(Prompt {
+                embeddings: self.spliced(item, image)?,
+                rotary: Some((cos.squeeze(0)?, sin.squeeze(0)?)),
+                shift: item.positions.rope_delta,
+            });
+        }
+        generate_batch(&self.lm.decoder, prompts, max_new, stop, sampling, rngs)
     }
 
     /// POINTS' score of `caption` for `image` after `prompt`.

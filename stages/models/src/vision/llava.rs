@@ -15,9 +15,9 @@ use serde_json::Value;
 
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::preprocess::ClipPreprocessor;
-use crate::llm::generate::{Rng, Sampling, generate_from_embeddings};
+use crate::llm::generate::{Prompt, Rng, Sampling, generate_batch};
 use crate::llm::scorer::{plan_batches, score_packed};
-use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, StepRotary, weights};
+use crate::llm::{LanguageModel, LlmConfig, ModelError, Score, Sequence, weights};
 
 /// A record ready to score: see [`Llava::prepare`].
 pub struct PreparedRecord {
@@ -205,19 +205,24 @@ impl Llava {
         Ok(PreparedRecord { pixels, seq: Sequence { ids, score_from }, at, truncated: false })
     }
 
-    /// New tokens written after a prompt prepared with [`Llava::prepare_prompt`]: the prompt in
-    /// one pass (the image's features in its slots), then one token at a time with the KV cache.
-    /// Stops after a `stop` token (kept).
+    /// New tokens written after prompts prepared with [`Llava::prepare_prompt`], all together
+    /// ([`generate_batch`]): one tower pass over their images, each image's features in its
+    /// slots, then the prompts in one pass and one token of every unfinished record per step.
+    /// `max_new` and `rngs` are per prompt; a record stops after a `stop` token (kept).
     pub fn generate(
         &self,
-        item: &PreparedRecord,
-        max_new: usize,
+        items: &[&PreparedRecord],
+        max_new: &[usize],
         stop: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-    ) -> Result<Vec<u32>, ModelError> {
-        let x = self.inputs(&[item])?.remove(0).unsqueeze(0)?;
-        generate_from_embeddings(&self.lm.decoder, x, StepRotary::Shifted(0), 0, max_new, stop, sampling, rng)
+        rngs: &mut [Rng],
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prompts =
+            self.inputs(items)?.into_iter().map(|x| Prompt { embeddings: x, rotary: None, shift: 0 }).collect();
+        generate_batch(&self.lm.decoder, prompts, max_new, stop, sampling, rngs)
     }
 
     /// The decoder's input embeddings of prepared records, each [t, H]: one tower pass over

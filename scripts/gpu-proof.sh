@@ -18,7 +18,10 @@
 #   4. one record of about 6k tokens (the length is drawn, seeded) through Qwen2-7B's shape
 #      (2 layers on the CPU): it must score;
 #   5. `ladle bench soup` on synthetic checkpoints: GB/s against plain reads;
-#   6. compute-sanitizer (memcheck, then racecheck) over a 2-layer `ladle bench score`, where
+#   6. `ladle bench generate`: new tokens/s of the same prompts one at a time and in batches of
+#      16, 64 and 128 at Qwen2-7B's shape in bf16 (2 layers, 1 and 8, on the CPU): the
+#      `generate` stage's default batch on a GPU (64) checked against its neighbours;
+#   7. compute-sanitizer (memcheck, then racecheck) over a 2-layer `ladle bench score`, where
 #      installed (GPU only; last: the slowest, and its figures matter least).
 # Image-conditioned scoring at LLaVA-1.5-7B's shape against transformers is not here yet (see
 # docs/cuda.md, "Status").
@@ -26,7 +29,7 @@ set -uo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 device=cuda
-steps=1,2,3,4,5,6
+steps=1,2,3,4,5,6,7
 out="${OUT:-$repo/gpu-proof-out}"
 ladle=""
 while [ $# -gt 0 ]; do
@@ -150,6 +153,14 @@ soup() {
 export -f soup
 step 5 "bench soup" 120 soup
 
+if [ "$device" = cpu ]; then
+    step 6 "bench generate (2 layers, batch 1 and 8)" 120 "$ladle" bench generate --shape qwen2-0.5b --layers 2 \
+        --device cpu --prompts 16 --new-tokens 8 --batch 1,8
+else
+    step 6 "bench generate, Qwen2-7B shape, batches" 120 "$ladle" bench generate --shape qwen2-7b \
+        --device "$device" --dtype bf16 --prompts 128 --new-tokens 16 --batch 1,16,64,128
+fi
+
 sanitize() {
     if ! command -v compute-sanitizer >/dev/null; then
         echo "compute-sanitizer is not installed here: nothing checked"
@@ -162,7 +173,7 @@ sanitize() {
 }
 export -f sanitize
 if [ "$device" != cpu ]; then
-    step 6 "compute-sanitizer memcheck+racecheck" 150 sanitize
+    step 7 "compute-sanitizer memcheck+racecheck" 150 sanitize
 fi
 
 {

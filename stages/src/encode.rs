@@ -30,7 +30,7 @@
 //!
 //! Images are decoded and preprocessed as [`ladle_models::vision::preprocess`] says (bit-exact with
 //! transformers' CLIPImageProcessor), then run through the tower `batch_images` at a time (default
-//! 16; it does not change results, so it is not part of the key). The tower runs only up to
+//! 16 on the CPU, 64 on a GPU; it does not change results, so it is not part of the key). The tower runs only up to
 //! `layer`. Image contents are part of each shard's key, as for `perplexity`. Embeddings are
 //! written as f32 whatever the dtype the tower computes in.
 
@@ -95,11 +95,12 @@ impl StageKind for EncodeKind {
         }
         let drop_bad_images = params.choice("on_bad_image", &["fail", "drop"])?.as_deref() == Some("drop");
         params.record("on_bad_image", if drop_bad_images { "drop" } else { "fail" }.into());
-        let batch_images = params.positive("batch_images")?.unwrap_or(16) as usize;
+        let batch_images = params.positive("batch_images")?;
         params.exclude_from_key("batch_images");
         let pixels = PixelBounds::configure(params)?;
         let replicas = crate::placement::configure_replicas(params)?;
         let placement = replicas.first();
+        let batch_images = batch_images.map_or(placement.default_batch_images(), |n| n as usize);
         Ok(Arc::new(Encode {
             image,
             layer,

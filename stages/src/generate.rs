@@ -17,7 +17,7 @@
 //! on_bad_image = "fail"  # or "drop"
 //! min_pixels = 3136      # Qwen2-VL/Qwen2.5-VL: the image processor's bounds (see crate::vlm)
 //! max_pixels = 1003520
-//! batch = 8              # records written together (default: 8 on the CPU, 64 on a GPU)
+//! batch = 16             # records written together (default: 16 on the CPU, 64 on a GPU)
 //! ```
 //!
 //! Generation stops after the chat template's end-of-turn token or the model's EOS, or at

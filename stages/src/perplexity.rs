@@ -37,7 +37,7 @@
 //! `{column}` is the perplexity exp(mean NLL), `{column}_nll` the mean NLL, `{column}_tokens` the
 //! number of scored tokens. A record longer than `max_tokens` (default: the model's maximum
 //! positions) is cut from the end and gets `{column}_truncated = true`. Records are batched by
-//! length under `batch_tokens` (default 4096 on the CPU, 16384 on a GPU; image-conditioned
+//! length under `batch_tokens` (default 512 on the CPU, 16384 on a GPU; image-conditioned
 //! records too, image slots counted); a record's score does not depend on its batch.
 //! The model is loaded once per stage run, and only if some shard is not cached.
 

@@ -640,8 +640,7 @@ impl ScoredBy {
         let ws: Vec<f64> = members.iter().map(|&(_, w)| w).collect();
         let score = match &self.metric {
             Metric::ImagePerplexity { records, dir, device, dtype, batch_tokens } => {
-                let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
-                    .map_err(|e| StageError::input(e.to_string()))?;
+                let tensors = average::soup_tensors(&cks, &ws, device).map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
                 let vlm = ladle_models::vision::llava::Llava::from_weights(dir, vb).map_err(model_error)?;
                 // Batched as the perplexity stage batches them.
@@ -654,8 +653,7 @@ impl ScoredBy {
                     .perplexity()
             }
             Metric::Perplexity { sequences, config, tokenizer_dir, device, dtype, batch_tokens } => {
-                let tensors = average::soup_tensors(&cks, &ws, &candle_core::Device::Cpu)
-                    .map_err(|e| StageError::input(e.to_string()))?;
+                let tensors = average::soup_tensors(&cks, &ws, device).map_err(|e| StageError::input(e.to_string()))?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, *dtype, device);
                 let model =
                     LanguageModel::from_parts(tokenizer_dir, config.clone(), &vb, "model").map_err(model_error)?;

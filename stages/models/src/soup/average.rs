@@ -389,9 +389,14 @@ pub fn write_soup(
     Ok(written)
 }
 
-/// The soup as f32 tensors in memory (values cast to the ingredients' dtype first, so a
-/// candidate is scored exactly as it would be written), for evaluating candidates without
-/// writing them.
+/// The soup's tensors on `device`, each in the ingredients' dtype and equal, bit for bit, to
+/// what [`write_soup`] writes, for evaluating a candidate without writing it. They stay in the
+/// checkpoints' dtype: a 7B bf16 soup holds 15 GB, not the 30 of f32.
+///
+/// On the CPU the streaming averager computes each tensor. On a GPU each ingredient's tensor
+/// goes up as it is stored and the sum is taken there ([`average_on_device`]), so only the
+/// ingredients' bytes cross the bus, once, and the CPU does not average. Integer buffers are
+/// left out: they are not weights a decoder reads.
 pub fn soup_tensors(
     ingredients: &[&Checkpoint],
     weights: &[f64],
@@ -399,24 +404,88 @@ pub fn soup_tensors(
 ) -> Result<HashMap<String, candle_core::Tensor>, CheckpointError> {
     let mut out = HashMap::new();
     for (name, t) in &ingredients[0].tensors {
-        let mut bytes = Vec::with_capacity(t.end - t.start);
-        average_tensor(ingredients, weights, name, &mut bytes)?;
-        let values: Vec<f32> = match t.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            Dtype::F16 => {
-                bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect()
+        let Some(dtype) = candle_dtype(t.dtype) else { continue };
+        let on_device = if device.is_cpu() { None } else { average_on_device(ingredients, weights, name, device)? };
+        let tensor = match on_device {
+            Some(tensor) => tensor,
+            None => {
+                let mut bytes = Vec::with_capacity(t.end - t.start);
+                average_tensor(ingredients, weights, name, &mut bytes)?;
+                candle_core::Tensor::from_raw_buffer(&bytes, dtype, &t.shape, device)
+                    .map_err(|e| candle_error(name, e))?
             }
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect()
-            }
-            _ => continue, // integer buffers are not weights the decoder reads
         };
-        let tensor = candle_core::Tensor::from_vec(values, t.shape.as_slice(), device)
-            .map_err(|e| CheckpointError { path: PathBuf::from(name), message: crate::llm::candle_message(&e) })?;
         out.insert(name.clone(), tensor);
     }
     Ok(out)
+}
+
+/// The candle dtype of a float safetensors dtype.
+fn candle_dtype(d: Dtype) -> Option<candle_core::DType> {
+    match d {
+        Dtype::BF16 => Some(candle_core::DType::BF16),
+        Dtype::F16 => Some(candle_core::DType::F16),
+        Dtype::F32 => Some(candle_core::DType::F32),
+        Dtype::F64 => Some(candle_core::DType::F64),
+        _ => None,
+    }
+}
+
+fn candle_error(name: &str, e: candle_core::Error) -> CheckpointError {
+    CheckpointError { path: PathBuf::from(name), message: crate::llm::candle_message(&e) }
+}
+
+/// Float tensor `name`'s weighted mean computed on `device` in the averager's arithmetic, so
+/// its bits are the averager's: each ingredient widened to f64 and multiplied by its weight,
+/// the products summed in ingredient order (the first sets the sum where the averager's does,
+/// `0 + w·x` otherwise, which keeps the sign of a zero as it does), divided by Σ w, rounded to
+/// f32 and from there to the dtype. `None` when a value is not finite: the averager, which
+/// names the element and the file, reports it.
+pub fn average_on_device(
+    ingredients: &[&Checkpoint],
+    weights: &[f64],
+    name: &str,
+    device: &candle_core::Device,
+) -> Result<Option<candle_core::Tensor>, CheckpointError> {
+    use candle_core::{DType, Tensor};
+    let err = |e| candle_error(name, e);
+    let mut sum: Option<Tensor> = None;
+    let mut out_dtype = None;
+    for (c, &w) in ingredients.iter().zip(weights) {
+        let info = c
+            .tensors
+            .get(name)
+            .ok_or_else(|| CheckpointError { path: c.dir.clone(), message: format!("has no tensor `{name}`") })?;
+        let Some(dtype) = candle_dtype(info.dtype) else {
+            return Err(CheckpointError {
+                path: c.file_of(name).to_path_buf(),
+                message: format!("tensor `{name}` is not a float tensor here"),
+            });
+        };
+        let x = Tensor::from_raw_buffer(c.bytes(info), dtype, &info.shape, device).map_err(err)?;
+        c.release(info);
+        let w = Tensor::new(w, device).map_err(err)?;
+        let term = x.to_dtype(DType::F64).and_then(|x| x.broadcast_mul(&w)).map_err(err)?;
+        sum = Some(match sum {
+            Some(sum) => (sum + term).map_err(err)?,
+            None if info.dtype == Dtype::BF16 => term,
+            None => term.broadcast_add(&Tensor::new(0f64, device).map_err(err)?).map_err(err)?,
+        });
+        out_dtype.get_or_insert(dtype);
+    }
+    let (Some(sum), Some(dtype)) = (sum, out_dtype) else { return Ok(None) };
+    let finite = sum.sum_all().and_then(|s| s.to_scalar::<f64>()).map_err(err)?.is_finite();
+    if !finite {
+        return Ok(None);
+    }
+    let total = Tensor::new(weights.iter().sum::<f64>(), device).map_err(err)?;
+    let mean = sum.broadcast_div(&total).map_err(err)?;
+    let mean = match dtype {
+        DType::F64 => mean,
+        DType::F32 => mean.to_dtype(DType::F32).map_err(err)?,
+        other => mean.to_dtype(DType::F32).and_then(|m| m.to_dtype(other)).map_err(err)?,
+    };
+    Ok(Some(mean))
 }
 
 #[cfg(test)]
@@ -507,5 +576,66 @@ mod tests {
         let err = average_tensor(&[&a, &b], &[1.0, 1.0], "w", &mut Vec::new()).unwrap_err();
         assert_eq!(err.path, tmp.path().join("b").join("model.safetensors"));
         assert!(err.message.contains(&format!("element {bad})")), "{}", err.message);
+    }
+
+    /// The bytes of a 1-D tensor as it would be written.
+    fn tensor_bytes(t: &candle_core::Tensor) -> Vec<u8> {
+        match t.dtype() {
+            candle_core::DType::BF16 => {
+                t.to_vec1::<half::bf16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            candle_core::DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            candle_core::DType::F32 => t.to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The sum taken with tensor ops (as on a GPU, here on the CPU device) and the soup handed
+    /// to an evaluation are the averager's bits: every dtype, uniform and uneven weights, signed
+    /// zeros (`-0 · w` first, then added to) included; a non-finite value goes back to the
+    /// averager, which names it.
+    #[test]
+    fn the_sum_on_a_device_is_the_averagers_to_the_bit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = 10_007;
+        let cpu = candle_core::Device::Cpu;
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            for weights in [vec![1.0; 4], vec![0.5, 1.25, 3.0, 0.1], vec![1.0, 2.0, 0.0, 0.3]] {
+                let cks: Vec<Checkpoint> = (0..4)
+                    .map(|k| {
+                        let values: Vec<f64> = (0..n)
+                            .map(|i| match i % 97 {
+                                0 => -0.0,
+                                1 => 0.0,
+                                2 if k % 2 == 0 => -0.0,
+                                _ => value(i, k),
+                            })
+                            .collect();
+                        checkpoint(&tmp.path().join(format!("d-{dtype:?}-{k}")), dtype, &values)
+                    })
+                    .collect();
+                let refs: Vec<&Checkpoint> = cks.iter().collect();
+                let mut want = Vec::new();
+                average_tensor(&refs, &weights, "w", &mut want).unwrap();
+                let got = average_on_device(&refs, &weights, "w", &cpu).unwrap().unwrap();
+                assert_eq!(got.dims(), &[n]);
+                let got = tensor_bytes(&got);
+                let size = dtype.bitsize() / 8;
+                for i in 0..n {
+                    let (g, w) = (&got[i * size..(i + 1) * size], &want[i * size..(i + 1) * size]);
+                    assert_eq!(g, w, "{dtype:?} {weights:?} element {i}");
+                }
+                let soup = soup_tensors(&refs, &weights, &cpu).unwrap();
+                assert_eq!(tensor_bytes(&soup["w"]), want, "{dtype:?} {weights:?}: the soup's tensor");
+            }
+        }
+        let good: Vec<f64> = (0..n).map(|i| value(i, 0)).collect();
+        let mut poisoned = good.clone();
+        poisoned[n / 2] = f64::NAN;
+        let a = checkpoint(&tmp.path().join("good"), Dtype::BF16, &good);
+        let b = checkpoint(&tmp.path().join("poisoned"), Dtype::BF16, &poisoned);
+        assert!(average_on_device(&[&a, &b], &[1.0, 1.0], "w", &cpu).unwrap().is_none());
+        let err = soup_tensors(&[&a, &b], &[1.0, 1.0], &cpu).unwrap_err();
+        assert!(err.message.contains(&format!("element {})", n / 2)), "{}", err.message);
     }
 }

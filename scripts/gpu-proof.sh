@@ -18,18 +18,21 @@
 #   4. one record of about 6k tokens (the length is drawn, seeded) through Qwen2-7B's shape
 #      (2 layers on the CPU): it must score;
 #   5. `ladle bench soup` on synthetic checkpoints: GB/s against plain reads;
-#   6. `ladle bench generate`: new tokens/s of the same prompts one at a time and in batches of
+#   6. benches/llava_vs_transformers.py: image-conditioned scoring at LLaVA-1.5-7B's shape (CLIP
+#      ViT-L/14-336 + a 7B LLaMA) in bf16 against transformers' LLaVA (sdpa), the same weights,
+#      pixels and ids (2 text and 2 vision layers, f32, on the CPU), needs torch;
+#   7. `ladle bench generate`: new tokens/s of the same prompts one at a time and in batches of
 #      16, 64 and 128 at Qwen2-7B's shape in bf16 (2 layers, 1 and 8, on the CPU): the
 #      `generate` stage's default batch on a GPU (64) checked against its neighbours;
-#   7. compute-sanitizer (memcheck, then racecheck) over a 2-layer `ladle bench score`, where
+#   8. compute-sanitizer (memcheck, then racecheck) over a 2-layer `ladle bench score`, where
 #      installed (GPU only; last: the slowest, and its figures matter least).
-# Image-conditioned scoring at LLaVA-1.5-7B's shape against transformers is not here yet (see
-# docs/cuda.md, "Status").
+# The limits add up past one 10-minute call: on a lent device, run --steps 1,2,3,4,5 and then
+# --steps 6,7,8, each in its own call.
 set -uo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 device=cuda
-steps=1,2,3,4,5,6,7
+steps=1,2,3,4,5,6,7,8
 out="${OUT:-$repo/gpu-proof-out}"
 ladle=""
 while [ $# -gt 0 ]; do
@@ -153,11 +156,30 @@ soup() {
 export -f soup
 step 5 "bench soup" 120 soup
 
+llava() {
+    if ! python3 -c 'import torch, transformers' 2>/dev/null; then
+        echo "python3 here has no torch/transformers: the comparison needs both"
+        return 3
+    fi
+    if [ "$device" = cpu ]; then
+        python3 benches/llava_vs_transformers.py --ladle "$ladle" --device cpu --dtype f32 --layers 2 \
+            --vision-layers 2 --records 8 --batch-tokens 2048 --work /tmp/ladle-proof-llava
+    else
+        python3 benches/llava_vs_transformers.py --ladle "$ladle" --device "$device" --dtype bf16 \
+            --records 256 --batch-tokens 16384 --work /tmp/ladle-proof-llava
+    fi
+    local rc=$?
+    rm -rf /tmp/ladle-proof-llava
+    return $rc
+}
+export -f llava
+step 6 "image-conditioned scoring vs transformers" 300 llava
+
 if [ "$device" = cpu ]; then
-    step 6 "bench generate (2 layers, batch 1 and 8)" 120 "$ladle" bench generate --shape qwen2-0.5b --layers 2 \
+    step 7 "bench generate (2 layers, batch 1 and 8)" 120 "$ladle" bench generate --shape qwen2-0.5b --layers 2 \
         --device cpu --prompts 16 --new-tokens 8 --batch 1,8
 else
-    step 6 "bench generate, Qwen2-7B shape, batches" 120 "$ladle" bench generate --shape qwen2-7b \
+    step 7 "bench generate, Qwen2-7B shape, batches" 120 "$ladle" bench generate --shape qwen2-7b \
         --device "$device" --dtype bf16 --prompts 128 --new-tokens 16 --batch 1,16,64,128
 fi
 
@@ -173,7 +195,7 @@ sanitize() {
 }
 export -f sanitize
 if [ "$device" != cpu ]; then
-    step 7 "compute-sanitizer memcheck+racecheck" 150 sanitize
+    step 8 "compute-sanitizer memcheck+racecheck" 150 sanitize
 fi
 
 {
@@ -183,6 +205,6 @@ fi
     echo "figures (last JSON line of each step):"
     for f in "$out"/step*.log; do
         echo "$(basename "$f" .log): $(grep -E '^\{' "$f" | tail -n 1 | cut -c1-600)"
-        grep -E '^ladle .* tok/s' "$f"
+        grep -E '^ladle .* (tok|records)/s' "$f"
     done
 } | tee "$out/summary.txt"

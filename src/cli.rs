@@ -248,6 +248,45 @@ enum BenchCmd {
         #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
         batch: Vec<usize>,
     },
+    /// Image-conditioned scoring (records/s) at LLaVA-1.5-7B's shape with random weights, as the
+    /// `perplexity` stage scores with `image`
+    Llava {
+        /// A LLaVA shape (llava-1.5-7b) or a LLaVA config.json
+        #[arg(long, default_value = "llava-1.5-7b")]
+        shape: String,
+        /// Keep only this many language-model layers
+        #[arg(long, value_name = "N")]
+        layers: Option<u64>,
+        /// Keep only this many vision-tower layers
+        #[arg(long, value_name = "N")]
+        vision_layers: Option<u64>,
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, bf16 or f16 [default: f32 on the CPU, bf16 on a GPU]
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Random records (a noise image and a caption each)
+        #[arg(long, default_value_t = 64)]
+        records: usize,
+        /// The captions' mean length in tokens
+        #[arg(long, default_value_t = 60)]
+        length: usize,
+        /// Positions per batch, image slots included (the `perplexity` stage's `batch_tokens`)
+        /// [default: the stage's on the device]
+        #[arg(long)]
+        batch_tokens: Option<usize>,
+        /// A LLaVA folder whose tokenizer and chat template make the records
+        #[arg(long, default_value = "tests/fixtures/points-tiny/tiny-llava")]
+        tokenizer: PathBuf,
+        /// Where the random model's folder is made
+        #[arg(long, default_value = "/tmp/ladle-llava-bench")]
+        work: PathBuf,
+        /// Also write its weights and the inputs there (inputs.safetensors, records.json), for
+        /// benches/llava_vs_transformers.py to score the very same thing
+        #[arg(long)]
+        save: bool,
+    },
     /// Soup averaging (GB/s of input) against plain reads of the same checkpoints
     Soup {
         /// Ingredient model folders (or --make synthetic ones)
@@ -652,6 +691,33 @@ fn bench(cmd: BenchCmd, out: &mut dyn Write) -> Result<()> {
             })?;
             let _ = std::fs::remove_dir_all(&out);
             json
+        }
+        BenchCmd::Llava {
+            shape,
+            layers,
+            vision_layers,
+            device,
+            dtype,
+            records,
+            length,
+            batch_tokens,
+            tokenizer,
+            work,
+            save,
+        } => {
+            let placement = place(&device, dtype.as_deref())?;
+            ladle_stages::bench_llava::run_llava(&ladle_stages::bench_llava::LlavaOptions {
+                shape,
+                layers,
+                vision_layers,
+                placement,
+                records,
+                length,
+                batch_tokens: batch_tokens.unwrap_or_else(|| placement.default_batch_tokens()),
+                tokenizer,
+                work,
+                save,
+            })?
         }
         BenchCmd::Generate { shape, layers, device, dtype, prompts, length, new_tokens, batch } => {
             bench::run_generate(&bench::GenerateOptions {

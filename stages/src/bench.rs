@@ -54,13 +54,13 @@ pub fn llm_shape(name: &str) -> Option<Value> {
 pub const LLM_SHAPES: &[&str] = &["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b"];
 
 /// The tensors a random model was made of, by name, when it is to be saved.
-type Kept = Arc<Mutex<Vec<(String, Tensor)>>>;
+pub(crate) type Kept = Arc<Mutex<Vec<(String, Tensor)>>>;
 
 /// Makes tensors as they are asked for: normal(0, 0.02) weights, ones for norms, zeros for
 /// biases; keeps them when the model is to be saved.
-struct RandomWeights {
-    tied: bool,
-    keep: Option<Kept>,
+pub(crate) struct RandomWeights {
+    pub(crate) tied: bool,
+    pub(crate) keep: Option<Kept>,
 }
 
 impl candle_nn::var_builder::SimpleBackend for RandomWeights {
@@ -72,7 +72,8 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = if name.ends_with("norm.weight") {
+        // Norms' scales (`input_layernorm`, CLIP's `layer_norm1`, `pre_layrnorm`) are ones.
+        let t = if name.contains("norm") && name.ends_with(".weight") {
             Tensor::ones(shape, dtype, dev)?
         } else if name.ends_with(".bias") {
             Tensor::zeros(shape, dtype, dev)?
@@ -128,7 +129,7 @@ pub fn matmul_params(cfg: &LlmConfig) -> u64 {
     layer * cfg.num_layers as u64 + cfg.vocab_size as u64 * h
 }
 
-fn save_model(tensors: HashMap<String, Tensor>, config: &Value, dir: &Path) -> Result<(), ModelError> {
+pub(crate) fn save_model(tensors: HashMap<String, Tensor>, config: &Value, dir: &Path) -> Result<(), ModelError> {
     let io = |e: std::io::Error| ModelError::Weights { path: dir.to_path_buf(), message: e.to_string() };
     std::fs::create_dir_all(dir).map_err(io)?;
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
@@ -232,22 +233,31 @@ pub struct ScoreOptions {
 
 /// A shape's config.json by name ([`LLM_SHAPES`]) or path, cut to `layers` when given.
 fn shape_config_json(shape: &str, layers: Option<u64>) -> Result<Value, ModelError> {
-    let mut config = match llm_shape(shape) {
+    let mut config = config_by_name_or_path(shape, llm_shape, LLM_SHAPES)?;
+    if let Some(n) = layers {
+        config["num_hidden_layers"] = n.into();
+    }
+    Ok(config)
+}
+
+/// A config by name (`known` looks it up among `names`) or from a config.json at that path.
+pub(crate) fn config_by_name_or_path(
+    shape: &str,
+    known: fn(&str) -> Option<Value>,
+    names: &[&str],
+) -> Result<Value, ModelError> {
+    Ok(match known(shape) {
         Some(c) => c,
         None => {
             let path = PathBuf::from(shape);
             let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Config {
                 path: path.clone(),
-                message: format!("not one of {} and not a readable config.json: {e}", LLM_SHAPES.join(", ")),
+                message: format!("not one of {} and not a readable config.json: {e}", names.join(", ")),
             })?;
             serde_json::from_str(&text)
                 .map_err(|e| ModelError::Config { path, message: format!("invalid JSON: {e}") })?
         }
-    };
-    if let Some(n) = layers {
-        config["num_hidden_layers"] = n.into();
-    }
-    Ok(config)
+    })
 }
 
 /// `ladle bench score`: one JSON object with the report, the roofline and the setting.
@@ -332,7 +342,7 @@ pub fn run_generate(o: &GenerateOptions) -> Result<Value, ModelError> {
     }))
 }
 
-fn default_matmul_size(p: &Placement) -> usize {
+pub(crate) fn default_matmul_size(p: &Placement) -> usize {
     if p.processor == Processor::Cpu { 2048 } else { 8192 }
 }
 

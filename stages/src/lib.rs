@@ -11,6 +11,7 @@
 //! The dependency rule: stages → engine and stages → models; the models never see the engine.
 
 pub mod bench;
+pub mod bench_llava;
 pub mod choose;
 pub mod column;
 pub mod concat;

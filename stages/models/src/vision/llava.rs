@@ -31,6 +31,13 @@ pub struct PreparedRecord {
     pub truncated: bool,
 }
 
+impl PreparedRecord {
+    /// The preprocessed image [3, S, S], as the tower takes it.
+    pub fn pixels(&self) -> &[f32] {
+        &self.pixels
+    }
+}
+
 pub struct Llava {
     /// The language model: tokenizer and decoder (weights under `language_model.`).
     pub lm: LanguageModel,

@@ -50,6 +50,26 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def timed(run, batches, device):
+    """One untimed warm-up batch, as ladle's benches do, then every batch timed: (seconds, the
+    sum of what `run` returns)."""
+    with torch.inference_mode():
+        run(batches[0])
+        sync(device)
+        t = time.perf_counter()
+        total = sum(run(b) for b in batches)
+        sync(device)
+    return time.perf_counter() - t, total
+
+
+def run_ladle(cmd):
+    """Runs a `ladle bench` command; its last line of output, as JSON."""
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"ladle bench failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def hf_score(model, seqs, batches, device):
     def run(batch):
         width = max(len(seqs[i]) for i in batch)
@@ -63,13 +83,7 @@ def hf_score(model, seqs, batches, device):
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return float(-(logp * mask[:, 1:]).sum())
 
-    with torch.inference_mode():
-        run(batches[0])  # warm-up, as ladle's bench does
-        sync(device)
-        t = time.perf_counter()
-        nll = sum(run(b) for b in batches)
-        sync(device)
-    return time.perf_counter() - t, nll
+    return timed(run, batches, device)
 
 
 def main():
@@ -90,10 +104,7 @@ def main():
            "--save", a.work]
     if a.layers:
         cmd += ["--layers", str(a.layers)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        sys.exit(f"ladle bench failed:\n{run.stderr}")
-    ladle = json.loads(run.stdout.strip().splitlines()[-1])
+    ladle = run_ladle(cmd)
     r = ladle["report"]
 
     seqs = json.load(open(os.path.join(a.work, "tokens.json")))

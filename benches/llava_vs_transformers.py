@@ -21,16 +21,14 @@ Prints records/s for both, the ratio, and how far apart the two NLL sums are.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import torch
 import transformers
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_vs_transformers import plan_batches, sync  # noqa: E402
+from gpu_vs_transformers import plan_batches, run_ladle, timed  # noqa: E402
 
 
 def hf_score(model, records, pixels, batches, device, dtype):
@@ -52,13 +50,7 @@ def hf_score(model, records, pixels, batches, device, dtype):
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return float(-(logp * scored).sum())
 
-    with torch.inference_mode():
-        run(batches[0])  # warm-up, as ladle's bench does
-        sync(device)
-        t = time.perf_counter()
-        nll = sum(run(b) for b in batches)
-        sync(device)
-    return time.perf_counter() - t, nll
+    return timed(run, batches, device)
 
 
 def main():
@@ -82,10 +74,7 @@ def main():
         cmd += ["--layers", str(a.layers)]
     if a.vision_layers:
         cmd += ["--vision-layers", str(a.vision_layers)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        sys.exit(f"ladle bench failed:\n{run.stderr}")
-    ladle = json.loads(run.stdout.strip().splitlines()[-1])
+    ladle = run_ladle(cmd)
     r = ladle["report"]
 
     records = json.load(open(os.path.join(a.work, "records.json")))

@@ -116,11 +116,17 @@ else
     step 2 "bench matmul ($half, 8192)" 60 "$ladle" bench matmul --device "$device" --dtype "$half"
 fi
 
+# The comparisons with transformers need torch and transformers in python3; a step without them
+# is NOT RUN (exit 3), not failed.
+has_torch() {
+    python3 -c 'import torch, transformers' 2>/dev/null && return
+    echo "python3 here has no torch/transformers: the comparison needs both"
+    return 3
+}
+export -f has_torch
+
 versus() {
-    if ! python3 -c 'import torch, transformers' 2>/dev/null; then
-        echo "python3 here has no torch/transformers: the comparison needs both"
-        return 3
-    fi
+    has_torch || return
     if [ "$device" = cpu ]; then
         python3 benches/gpu_vs_transformers.py --ladle "$ladle" --shape qwen2-0.5b --layers 2 --device cpu \
             --dtype f32 --sequences 32 --length 60 --batch-tokens 1024 --work /tmp/ladle-proof-model
@@ -157,10 +163,7 @@ export -f soup
 step 5 "bench soup" 120 soup
 
 llava() {
-    if ! python3 -c 'import torch, transformers' 2>/dev/null; then
-        echo "python3 here has no torch/transformers: the comparison needs both"
-        return 3
-    fi
+    has_torch || return
     if [ "$device" = cpu ]; then
         python3 benches/llava_vs_transformers.py --ladle "$ladle" --device cpu --dtype f32 --layers 2 \
             --vision-layers 2 --records 8 --batch-tokens 2048 --work /tmp/ladle-proof-llava

@@ -217,6 +217,12 @@ impl QueryBlocks {
         for start in (0..t).step_by(per_block) {
             let len = per_block.min(t - start);
             let keys = past + start + len;
+            if len == 1 && pads.is_none() {
+                // A single query of unpadded rows sees every key: no mask to make (every
+                // generation step of an unpadded batch).
+                blocks.push(QueryBlock { start, len, keys, bias: None });
+                continue;
+            }
             let query_pos = Tensor::arange((past + start) as u32, keys as u32, device)?;
             let key_pos = Tensor::arange(0u32, keys as u32, device)?;
             let causal = if len == 1 {

@@ -202,16 +202,9 @@ pub fn generate_batch(
             Some((cos, sin)) => (cos.clone(), sin.clone()),
             None => decoder.rotary_from_start(lens[i])?,
         };
-        let (mut x, mut cos, mut sin) = (p.embeddings.to_dtype(dtype)?, cos, sin);
-        if pad > 0 {
-            let half = cos.dim(1)?;
-            x = Tensor::cat(&[&Tensor::zeros((pad, x.dim(1)?), dtype, device)?, &x], 0)?;
-            cos = Tensor::cat(&[&Tensor::zeros((pad, half), dtype, device)?, &cos], 0)?;
-            sin = Tensor::cat(&[&Tensor::zeros((pad, half), dtype, device)?, &sin], 0)?;
-        }
-        xs.push(x);
-        coss.push(cos);
-        sins.push(sin);
+        xs.push(p.embeddings.to_dtype(dtype)?.pad_with_zeros(0, pad, 0)?);
+        coss.push(cos.pad_with_zeros(0, pad, 0)?);
+        sins.push(sin.pad_with_zeros(0, pad, 0)?);
     }
     let (cos, sin) = (Tensor::stack(&coss, 0)?, Tensor::stack(&sins, 0)?);
     let hidden = decoder.step_embeddings(Tensor::stack(&xs, 0)?, StepRotary::Given(&cos, &sin), &mut cache)?;

@@ -239,7 +239,7 @@ mod tests {
         c
     }
 
-    /// Random records score to about ln(vocab) per token (weights of std 0.02 make near-uniform
+    /// Random records score near ln(vocab) per token (weights of std 0.02 make near-uniform
     /// predictions); the saved folder, reloaded as any LLaVA is, scores the saved inputs the
     /// same; the inputs hold each record's image slots.
     #[test]
@@ -264,8 +264,10 @@ mod tests {
         assert_eq!(r["vision_layers"], 2);
         let report = &r["report"];
         assert_eq!(report["records"], 6);
+        // The weights are drawn unseeded and only ~80 tokens are scored, so the mean is held
+        // loosely (one CI run saw ln 500 + 0.13); the reload below is the exact check.
         let per_token = report["nll_sum"].as_f64().unwrap() / report["scored_tokens"].as_f64().unwrap();
-        assert!((per_token - 500f64.ln()).abs() < 0.05, "{per_token} per token against ln 500");
+        assert!((per_token - 500f64.ln()).abs() < 0.5, "{per_token} per token against ln 500");
 
         let records: Vec<Value> =
             serde_json::from_str(&std::fs::read_to_string(dir.join("records.json")).unwrap()).unwrap();
